@@ -1,0 +1,175 @@
+"""Shared helpers for the test suite: drive the real CLI against a temp root.
+
+Every test case that starts jobs should derive from ``CLITestCase``: it gives
+each test its own jobs root, and on tear-down kills whatever the test left
+running (supervisors, workloads, their process groups), so no test leaves a
+process behind.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "agent_exec.py")
+PY = sys.executable
+# One bound for every CLI call: nothing in the suite may hang.
+CALL_TIMEOUT = 60
+
+
+class Result:
+    """What one CLI invocation gave back."""
+
+    def __init__(self, proc, argv):
+        self.argv = argv
+        self.code = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        try:
+            self.json = json.loads(proc.stdout)
+        except ValueError:
+            self.json = None
+
+    def __repr__(self):
+        return "Result(argv=%r, code=%r, stdout=%r, stderr=%r)" % (
+            self.argv,
+            self.code,
+            self.stdout[-2000:],
+            self.stderr[-2000:],
+        )
+
+
+def pid_alive(pid):
+    """True when ``pid`` exists and is not a zombie (zombies count as dead)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
+        if sys.platform.startswith("linux"):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def wait_until(pred, timeout=10.0, interval=0.02):
+    """Poll ``pred`` until it is truthy or ``timeout`` passes; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def _kill_everything_in(root):
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        path = os.path.join(root, name, "state.json")
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            continue
+        pids = []
+        for key in ("pid", "supervisor_pid"):
+            if isinstance(state.get(key), int):
+                pids.append(state[key])
+        for pid in state.get("descendants") or []:
+            if isinstance(pid, int):
+                pids.append(pid)
+        for pid in pids:
+            if pid <= 1:
+                continue
+            for fn in (os.killpg, os.kill):
+                try:
+                    fn(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+class CLITestCase(unittest.TestCase):
+    """A test case with a private jobs root and a ``cli()`` runner."""
+
+    maxDiff = None
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="agent-exec-test-")
+        os.chmod(self.tmp, 0o700)
+        self.root = os.path.join(self.tmp, "root")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(_kill_everything_in, self.root)
+
+    def env(self, **extra):
+        env = dict(os.environ)
+        env.pop("AGENT_EXEC_ROOT", None)
+        env.pop("AGENT_EXEC_LOG", None)
+        env.pop("RUST_LOG", None)
+        env["AGENT_EXEC_ROOT"] = self.root
+        env.update(extra)
+        return env
+
+    def cli(self, *args, env=None, cwd=None, stdin=None, timeout=CALL_TIMEOUT, root=True):
+        """Run ``agent_exec.py <args>`` and return a Result.
+
+        The root comes from $AGENT_EXEC_ROOT (set to this test's root) unless
+        the test passes its own ``env``.
+        """
+        argv = [PY, SCRIPT] + [str(a) for a in args]
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env() if env is None else env,
+            cwd=cwd or self.tmp,
+            timeout=timeout,
+            universal_newlines=True,
+        )
+        return Result(proc, argv)
+
+    def ok(self, *args, **kw):
+        """Run the CLI and assert exit 0, ``ok: true``; return the JSON."""
+        r = self.cli(*args, **kw)
+        self.assertEqual(r.code, 0, r)
+        self.assertIsInstance(r.json, dict, r)
+        self.assertTrue(r.json.get("ok"), r)
+        return r.json
+
+    def fail_with(self, code, *args, exit_code=1, **kw):
+        """Run the CLI, assert a JSON error with ``code``; return the JSON."""
+        r = self.cli(*args, **kw)
+        self.assertEqual(r.code, exit_code, r)
+        self.assertIsInstance(r.json, dict, r)
+        self.assertIs(r.json.get("ok"), False, r)
+        self.assertEqual(r.json.get("type"), "error", r)
+        self.assertEqual(r.json["error"]["code"], code, r)
+        return r.json
+
+    def start(self, *cmd, opts=()):
+        """``run --snapshot-after 0 [opts] -- cmd``; return the job id."""
+        j = self.ok("run", "--snapshot-after", "0", *opts, "--", *cmd)
+        return j["job_id"]
+
+    def job_dir(self, job_id):
+        return os.path.join(self.root, job_id)
+
+    def read_state(self, job_id):
+        with open(os.path.join(self.job_dir(job_id), "state.json")) as f:
+            return json.load(f)
+
+    def wait_job(self, job_id, timeout_ms=30000):
+        return self.ok("wait", "--timeout-ms", str(timeout_ms), job_id)
