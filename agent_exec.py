@@ -1,0 +1,2405 @@
+#!/usr/bin/env python3
+"""agent-exec: a job runner for AI agents, in one stdlib-only Python file.
+
+An agent calls ``agent-exec run -- make test`` and gets a ``job_id`` back at
+once; later it asks ``status``, ``tail``, ``wait`` or ``kill``.  Every answer is
+exactly one JSON object on stdout.  The job keeps running after the caller is
+gone, under a detached supervisor (this same file, re-executed as the hidden
+``_supervise`` subcommand) that owns the workload's output, timeout, final
+state and completion events.
+
+What is stable (see ``CONTRACT.md`` and ``README.md``): the command line, the
+JSON fields of every response, the layout of a job directory, the states and
+the events.  What is not: the ``_supervise`` subcommand, the private helpers
+(names starting with ``_``) and the internal files of a job directory that the
+README does not list.
+
+The file runs on CPython 3.8+ on Linux and macOS, with nothing but the
+standard library, so it can be dropped into any container, or piped in:
+``curl -fsSL URL | python3 - run -- make test``.
+"""
+
+# ==== Compatibility ==========================================================
+#
+# Only cheap modules are imported at the top: the read-only commands must cost
+# little more than the interpreter's own start-up.  subprocess, threading,
+# select, ctypes and friends are imported where they are used.
+
+import json
+import os
+import sys
+import time
+
+try:  # POSIX only; on Windows every command answers unsupported_platform.
+    import fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    fcntl = None  # type: ignore
+
+__version__ = "0.1.0"
+
+_IS_POSIX = os.name == "posix" and fcntl is not None
+_IS_LINUX = sys.platform.startswith("linux")
+
+
+# ==== Constants ==============================================================
+
+SCHEMA_VERSION = "0.1"
+PROG = "agent-exec"
+
+STATES = ("running", "exited", "killed", "failed", "unknown")
+TERMINAL_STATES = ("exited", "killed", "failed")
+
+DEFAULT_SNAPSHOT_AFTER_MS = 10000
+MAX_SNAPSHOT_AFTER_MS = 10000
+DEFAULT_TAIL_LINES = 50
+DEFAULT_MAX_BYTES = 65536
+DEFAULT_WAIT_POLL_MS = 200
+DEFAULT_LIST_LIMIT = 50
+DEFAULT_NOTIFY_TIMEOUT_MS = 30000
+# How long `kill` waits for the job to become terminal before it answers.
+KILL_SETTLE_S = 1.0
+
+# The supervisor reads the workload's pipes in chunks this large, and asks
+# Linux for pipes this large, so that bulk output costs few system calls.
+READ_CHUNK = 1 << 20
+PIPE_SIZE = 1 << 20
+# A full.log row carries at most this much text; a longer line is split into
+# continuation rows with the same prefix.
+FULL_LOG_ROW_MAX = 64 * 1024
+# A partial line (no newline yet) is written to full.log after this much quiet.
+PARTIAL_FLUSH_S = 0.25
+# After the main process ends, read what is already in the pipes, at most this
+# much, before the terminal state is written (descendants may write forever).
+FINAL_DRAIN_MAX = 64 << 20
+
+# File names inside a job directory.
+META = "meta.json"
+STATE = "state.json"
+STDOUT_LOG = "stdout.log"
+STDERR_LOG = "stderr.log"
+FULL_LOG = "full.log"
+EVENT_FILE = "completion_event.json"
+CONTROL = "control"  # FIFO: `kill` asks the live supervisor to signal
+
+# Job ids are ULIDs: 48 bits of milliseconds, 80 random bits, Crockford base32.
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ULID_CHARS = frozenset(_CROCKFORD)
+MIN_PREFIX = 4
+
+_SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2")
+_LOG_LEVELS = {"error": 0, "warn": 1, "warning": 1, "info": 2, "debug": 3, "trace": 3}
+
+
+# ==== Errors =================================================================
+
+
+class AgentExecError(Exception):
+    """An expected failure: becomes the JSON error envelope in main()."""
+
+    exit_code = 1
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+class UsageError(AgentExecError):
+    """A bad flag, value or combination: exit 2, usage text on stderr."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__("usage_error", message)
+
+
+# ==== Small helpers ==========================================================
+
+_log_level = 1
+
+
+def _log(level: int, message: str) -> None:
+    """Log to stderr (never stdout) when the level is enabled."""
+    if level <= _log_level:
+        name = {0: "error", 1: "warn", 2: "info", 3: "debug"}[level]
+        try:
+            sys.stderr.write("agent-exec: %s: %s\n" % (name, message))
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _level_from_env() -> int:
+    raw = os.environ.get("AGENT_EXEC_LOG")
+    if raw is None:
+        raw = os.environ.get("RUST_LOG")
+    if not raw:
+        return 1
+    # RUST_LOG may look like "agent_exec=debug,info": take the first level word.
+    for token in raw.replace("=", ",").split(","):
+        token = token.strip().lower()
+        if token in _LOG_LEVELS:
+            return _LOG_LEVELS[token]
+        if token == "off":
+            return 0
+    return 1
+
+
+def _rfc3339(t: float) -> str:
+    """RFC 3339 UTC with milliseconds: 2026-03-15T12:00:00.123Z."""
+    total_ms = int(t * 1000)
+    secs, ms = divmod(total_ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%03dZ" % ms
+
+
+def _now() -> str:
+    return _rfc3339(time.time())
+
+
+def _parse_rfc3339(text: str) -> float:
+    """Inverse of _rfc3339 (for durations between stored timestamps)."""
+    import calendar
+
+    base, _, frac = text.rstrip("Z").partition(".")
+    secs = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
+    return secs + (int(frac) / 1000.0 if frac else 0.0)
+
+
+_DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60000, "h": 3600000, "d": 86400000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """Parse a duration: a bare integer is milliseconds; or 250ms, 5s, 2m, 1h.
+
+    Raises ValueError for negative or malformed values.
+    """
+    s = str(text).strip().lower()
+    unit = ""
+    for suffix in ("ms", "s", "m", "h", "d"):
+        if s.endswith(suffix):
+            unit, s = suffix, s[: -len(suffix)]
+            break
+    if not s or not all(c.isdigit() or c == "." for c in s) or s.count(".") > 1:
+        raise ValueError("invalid duration %r (use e.g. 500, 250ms, 5s, 2m, 1h)" % text)
+    if not unit:
+        if "." in s:
+            raise ValueError("invalid duration %r: a bare number is whole milliseconds" % text)
+        return int(s)
+    if s == ".":
+        raise ValueError("invalid duration %r" % text)
+    return int(round(float(s) * _DURATION_UNITS[unit]))
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+}
+
+
+def parse_size(text: str) -> int:
+    """Parse a size: bytes, or a binary suffix (64k, 1M, 1MiB, 2G)."""
+    s = str(text).strip().lower()
+    i = 0
+    while i < len(s) and s[i].isdigit():
+        i += 1
+    digits, unit = s[:i], s[i:].strip()
+    if not digits or unit not in _SIZE_UNITS:
+        raise ValueError("invalid size %r (use e.g. 65536, 64k, 1M, 1MiB, 2G)" % text)
+    return int(digits) * _SIZE_UNITS[unit]
+
+
+def new_ulid(now: "float | None" = None) -> str:
+    """A new ULID: 26 Crockford base32 characters that sort by creation time."""
+    ms = int((time.time() if now is None else now) * 1000)
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    out = []
+    for _ in range(26):
+        value, r = divmod(value, 32)
+        out.append(_CROCKFORD[r])
+    return "".join(reversed(out))
+
+
+def is_job_id(name: str) -> bool:
+    """True when ``name`` has the exact shape of a job id (an upper-case ULID)."""
+    return len(name) == 26 and name[0] <= "7" and all(c in _ULID_CHARS for c in name)
+
+
+_SIGNUMS = {}  # type: dict
+
+
+def _signal_table() -> dict:
+    if not _SIGNUMS:
+        import signal
+
+        for name in dir(signal):
+            if name.startswith("SIG") and not name.startswith("SIG_"):
+                num = getattr(signal, name)
+                if isinstance(num, int):
+                    _SIGNUMS.setdefault(name, int(num))
+    return _SIGNUMS
+
+
+def signal_name(num: int) -> str:
+    """SIGTERM for 15, and so on; SIG<n> for numbers without a name."""
+    import signal
+
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return "SIG%d" % num
+
+
+def parse_signal(text: str) -> int:
+    """TERM, SIGTERM, term or 15 -> 15.  Raises ValueError otherwise."""
+    import signal
+
+    s = str(text).strip()
+    if s.isdigit():
+        num = int(s)
+        if 1 <= num < getattr(signal, "NSIG", 65):
+            return num
+        raise ValueError("invalid signal number %r" % text)
+    name = s.upper()
+    if name.startswith("SIG"):
+        name = name[3:]
+    if name not in _SIGNAL_NAMES:
+        raise ValueError(
+            "invalid signal %r (use one of %s, with or without SIG, or a number)"
+            % (text, ", ".join(_SIGNAL_NAMES))
+        )
+    return int(getattr(signal, "SIG" + name))
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def _read_boot_id() -> "str | None":
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _proc_start_time(pid: int) -> "str | None":
+    """An identity token for a live process: its start time.
+
+    Linux: field 22 of /proc/<pid>/stat (clock ticks since boot).  Elsewhere:
+    ``ps -o lstart=``.  None when the process does not exist (or is a zombie,
+    which can no longer be signalled usefully anyway).
+    """
+    if pid is None or pid <= 1:
+        return None
+    if _IS_LINUX:
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        fields = stat.rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        # fields[0] is field 3 (state), so field 22 is fields[19].
+        return fields[19].decode()
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(pid)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, ValueError, Exception):
+        return None
+    return out.decode() or None
+
+
+def _process_table() -> "dict":
+    """pid -> ppid for every live, non-zombie process (best effort)."""
+    table = {}
+    if _IS_LINUX:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] in (b"Z", b"X"):
+                continue
+            table[int(name)] = int(fields[1])
+        return table
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "stat="],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+        ).stdout
+    except Exception:
+        return table
+    for line in out.decode(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
+            if not parts[2].startswith("Z"):
+                table[int(parts[0])] = int(parts[1])
+    return table
+
+
+def _descendants_of(root_pid: int, exclude: "set | None" = None) -> "list":
+    """Live descendants of ``root_pid`` (not itself), in tree order."""
+    table = _process_table()
+    children = {}  # type: dict
+    for pid, ppid in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out = []
+    queue = list(children.get(root_pid, ()))
+    exclude = exclude or set()
+    while queue:
+        pid = queue.pop(0)
+        if pid in exclude or pid <= 1 or pid == os.getpid():
+            continue
+        out.append(pid)
+        queue.extend(children.get(pid, ()))
+    return out
+
+
+# ==== Job store ==============================================================
+#
+# A job is a directory <root>/<ULID>/.  meta.json is written once, by `run`,
+# and doubles as the job's liveness lock: `run` creates it already holding an
+# exclusive flock(2) and hands that lock to the supervisor, which keeps it
+# until the terminal state is on disk.  So "is the job still running?" and
+# "wait until it is not" are both questions about one lock, which the kernel
+# releases at once if the supervisor dies: "running, but the lock is free"
+# means the supervisor was lost.  state.json is replaced atomically (temp
+# file + rename), never edited in place.
+
+
+def resolve_root(explicit: "str | None") -> str:
+    """--root, else $AGENT_EXEC_ROOT, else $XDG_DATA_HOME/..., else ~/.local/share/..."""
+    root = explicit or os.environ.get("AGENT_EXEC_ROOT")
+    if not root:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "share"
+        )
+        root = os.path.join(data, "agent-exec", "jobs")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def _check_root(root: str) -> None:
+    """Refuse a root that another user could tamper with."""
+    import stat
+
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot inspect jobs root %s: %s" % (root, e.strerror))
+    if stat.S_ISLNK(st.st_mode):
+        raise AgentExecError(
+            "insecure_root",
+            "jobs root %s is a symlink; point --root at the real directory (%s)"
+            % (root, os.path.realpath(root)),
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise AgentExecError("insecure_root", "jobs root %s is not a directory" % root)
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise AgentExecError(
+            "insecure_root",
+            "jobs root %s is owned by uid %d, not by you (uid %d); use a root you own"
+            % (root, st.st_uid, os.geteuid()),
+        )
+    if st.st_mode & 0o022:
+        raise AgentExecError(
+            "insecure_root",
+            "jobs root %s is group- or world-writable (mode %o); fix it with: chmod 700 %s"
+            % (root, st.st_mode & 0o7777, root),
+        )
+
+
+def _ensure_root(root: str) -> None:
+    _check_root(root)
+    if os.path.isdir(root):
+        return
+    try:
+        parent = os.path.dirname(root)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        os.mkdir(root, 0o700)
+        os.chmod(root, 0o700)  # exactly 0700, whatever the umask
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot create jobs root %s: %s" % (root, e.strerror))
+    _check_root(root)
+
+
+def resolve_job(root: str, ident: str) -> str:
+    """Map a job id or an unambiguous prefix (>= 4 chars) to the full id.
+
+    Anything that is not shaped like (a prefix of) a ULID names no job, so an
+    argument can never become a path outside the root.
+    """
+    text = str(ident).upper()
+    if not (MIN_PREFIX <= len(text) <= 26) or not all(c in _ULID_CHARS for c in text):
+        raise AgentExecError("job_not_found", "no job %r" % _short(ident))
+    if len(text) == 26:
+        if is_job_id(text) and _is_job_dir(os.path.join(root, text)):
+            return text
+        raise AgentExecError("job_not_found", "no job %s in %s" % (text, root))
+    try:
+        names = os.listdir(root)
+    except OSError:
+        names = []
+    hits = sorted(n for n in names if n.startswith(text) and is_job_id(n))
+    hits = [n for n in hits if _is_job_dir(os.path.join(root, n))]
+    if not hits:
+        raise AgentExecError("job_not_found", "no job matches %r in %s" % (text, root))
+    if len(hits) > 1:
+        raise AgentExecError(
+            "ambiguous_job_id",
+            "prefix %r matches %d jobs (%s); give more characters"
+            % (text, len(hits), ", ".join(hits[:5]) + (", ..." if len(hits) > 5 else "")),
+        )
+    return hits[0]
+
+
+def _short(value: str, limit: int = 80) -> str:
+    value = str(value)
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def _is_job_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _write_json_atomic(path: str, obj: dict, durable: bool = False) -> None:
+    """Replace ``path`` with ``obj`` so that no reader ever sees a torn file."""
+    data = (json.dumps(obj, ensure_ascii=True, sort_keys=False) + "\n").encode()
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            _write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_json(path: str) -> dict:
+    with open(path, "rb") as f:
+        obj = json.loads(f.read().decode("utf-8"))
+    if not isinstance(obj, dict):
+        raise ValueError("%s is not a JSON object" % path)
+    return obj
+
+
+def _lock_is_free(fd: int) -> bool:
+    """True when no supervisor holds the job's lock (try a shared lock)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _wait_lock(meta_path: str, timeout: "float | None") -> bool:
+    """Block until the job's lock is free (terminal, or supervisor gone).
+
+    Returns False when ``timeout`` seconds passed first.  This is event
+    driven: flock(2) wakes the waiter the moment the supervisor closes the
+    lock, so there is no polling delay.  A timed wait parks a daemon thread
+    in the blocking flock; if it outlives us it takes the lock for an instant
+    once the job ends and lets it go.
+    """
+    try:
+        fd = os.open(meta_path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        free = _lock_is_free(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if free or (timeout is not None and timeout <= 0):
+        os.close(fd)
+        return free
+    if timeout is None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
+        return True
+    import threading
+
+    done = threading.Event()
+
+    def _waiter() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+            done.set()
+
+    threading.Thread(target=_waiter, name="agent-exec-wait", daemon=True).start()
+    return done.wait(timeout)
+
+
+def load_job(root: str, job_id: str) -> dict:
+    """Read a job's meta and state, and say what its state truly is.
+
+    Returns {"id", "dir", "meta", "state" (raw state.json or None), "status",
+    "failure"}.  A state.json that says running while nobody holds the lock
+    (or that was written before the last boot) is reported as failed with
+    failure.code supervisor_lost: the supervisor died without a word.
+    """
+    job_dir = os.path.join(root, job_id)
+    meta_path = os.path.join(job_dir, META)
+    try:
+        fd = os.open(meta_path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise AgentExecError("job_not_found", "job %s has no %s" % (job_id, META))
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot read %s: %s" % (meta_path, e.strerror))
+    try:
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                meta = json.loads(f.read().decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError) as e:
+            raise AgentExecError("io_error", "cannot read %s: %s" % (meta_path, e))
+        state, status = _read_state(job_dir)
+        failure = state.get("failure") if state else None
+        if status == "running" and _lock_is_free(fd):
+            # The supervisor writes the terminal state and only then lets go
+            # of the lock, so read once more before calling it lost.
+            state, status = _read_state(job_dir)
+            failure = state.get("failure") if state else None
+            if status == "running" or state is None:
+                status = "failed"
+                failure = _lost_failure(state)
+        elif status == "running" and state is not None:
+            boot = state.get("boot_id")
+            current = _read_boot_id()
+            if boot and current and boot != current:
+                status = "failed"
+                failure = _lost_failure(state, rebooted=True)
+    finally:
+        os.close(fd)
+    return {
+        "id": job_id,
+        "dir": job_dir,
+        "meta": meta,
+        "state": state,
+        "status": status,
+        "failure": failure,
+    }
+
+
+def _read_state(job_dir: str) -> "tuple":
+    """(state dict or None, status string)."""
+    try:
+        state = _read_json(os.path.join(job_dir, STATE))
+    except FileNotFoundError:
+        # Created but not started yet: the lock tells whether anyone is on it.
+        return None, "running"
+    except (OSError, ValueError):
+        return None, "unknown"
+    status = (state.get("job") or {}).get("status")
+    if status not in STATES:
+        status = "unknown"
+    return state, status
+
+
+def _lost_failure(state: "dict | None", rebooted: bool = False) -> dict:
+    pid = (state or {}).get("supervisor_pid")
+    if rebooted:
+        msg = "the machine rebooted while the job was running; its supervisor is gone"
+    elif state is None:
+        msg = "the job's supervisor exited before the job started"
+    else:
+        msg = "the job's supervisor (pid %s) died while the job was running; " % pid
+        msg += "the workload's end was not recorded"
+    return {"code": "supervisor_lost", "message": msg}
+
+
+def job_paths(job: dict) -> dict:
+    return {
+        "stdout_log_path": os.path.join(job["dir"], STDOUT_LOG),
+        "stderr_log_path": os.path.join(job["dir"], STDERR_LOG),
+    }
+
+
+def job_result_fields(job: dict) -> dict:
+    """exit_code / signal / finished_at / duration_ms / failure, when known."""
+    state = job["state"] or {}
+    result = state.get("result") or {}
+    out = {}
+    if job["status"] in TERMINAL_STATES:
+        for key in ("exit_code", "signal", "duration_ms"):
+            if result.get(key) is not None:
+                out[key] = result[key]
+        if state.get("finished_at"):
+            out["finished_at"] = state["finished_at"]
+    if job["failure"]:
+        out["failure"] = job["failure"]
+    return out
+
+
+def job_started_at(job: dict) -> str:
+    state = job["state"] or {}
+    return (state.get("job") or {}).get("started_at") or job["meta"].get("created_at") or ""
+
+
+# ---- Reading the logs -------------------------------------------------------
+
+
+def tail_bytes(path: str, max_lines: int, max_bytes: int) -> "tuple":
+    """The last ``max_lines`` lines, at most ``max_bytes`` bytes, of a file.
+
+    Reads backwards from the end in growing blocks and never before
+    ``size - max_bytes``, so the cost depends on what is returned, never on
+    the size of the file.  Returns (data, observed_size, truncated).  A final
+    line without a newline counts as a line.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return b"", 0, False
+    try:
+        size = os.fstat(fd).st_size
+        if max_lines <= 0 or max_bytes <= 0 or size == 0:
+            return b"", size, size > 0
+        floor = size - min(size, max_bytes)
+        buf = b""
+        pos = size
+        block = 65536
+        while pos > floor:
+            step = min(block, pos - floor)
+            pos -= step
+            buf = os.pread(fd, step, pos) + buf
+            # Enough once a newline precedes the last max_lines lines.
+            if buf.count(b"\n", 0, len(buf) - 1) >= max_lines:
+                break
+            block = min(block * 2, 1 << 22)
+    finally:
+        os.close(fd)
+    data = _last_lines(buf, max_lines)
+    if len(data) < size:
+        data = _skip_partial_utf8(data)
+    return data, size, len(data) < size
+
+
+def _last_lines(buf: bytes, n: int) -> bytes:
+    """The last n lines of buf (a trailing newline ends the last line)."""
+    end = len(buf) - 1 if buf.endswith(b"\n") else len(buf)
+    pos = end
+    for _ in range(n):
+        pos = buf.rfind(b"\n", 0, pos)
+        if pos < 0:
+            return buf
+    return buf[pos + 1 :]
+
+
+def _skip_partial_utf8(data: bytes) -> bytes:
+    """Drop continuation bytes cut off at the start of a slice (at most 3)."""
+    i = 0
+    while i < 3 and i < len(data) and 0x80 <= data[i] <= 0xBF:
+        i += 1
+    return data[i:]
+
+
+def snapshot(job: dict, tail_lines: int, max_bytes: int) -> dict:
+    """The snapshot object of the contract: both tails and their byte counts."""
+    out = {}
+    truncated = False
+    for stream, name in (("stdout", STDOUT_LOG), ("stderr", STDERR_LOG)):
+        data, observed, cut = tail_bytes(os.path.join(job["dir"], name), tail_lines, max_bytes)
+        text = _decode(data)
+        out[stream + "_tail"] = text
+        out[stream + "_observed_bytes"] = observed
+        out[stream + "_included_bytes"] = len(text.encode("utf-8"))
+        truncated = truncated or cut
+    out["truncated"] = truncated
+    out["encoding"] = "utf-8-lossy"
+    return out
+
+
+# ==== Supervisor =============================================================
+#
+# The supervisor is the workload's direct parent.  It runs in a session of its
+# own, with stdio on /dev/null and no descriptor of the caller.  It drains the
+# workload's two pipes continuously into stdout.log, stderr.log and full.log,
+# enforces the timeout on the whole process tree, listens on the control FIFO
+# for `kill`, reaps every child (on Linux it is a child subreaper, so orphaned
+# descendants come back to it), writes the terminal state exactly once, lets
+# go of the job lock (waking every waiter), delivers the completion events and
+# then lives on only while descendants still hold the pipes or still run.
+
+
+class _Stream:
+    """One of the workload's output pipes and where its bytes go."""
+
+    def __init__(self, name: str, fd: int, log_fd: "int | None") -> None:
+        self.name = name
+        self.fd = fd
+        self.log_fd = log_fd
+        self.tag = b" [STDOUT] " if name == "stdout" else b" [STDERR] "
+        self.partial = b""  # full.log: text after the last newline
+        self.partial_at = 0.0  # monotonic time the partial line was last extended
+        self.carry = b""  # --mask: a possible start of a secret, held back
+        self.eof = False
+        self.total = 0
+
+
+class _Supervisor:
+    def __init__(self, job_dir: str, lock_fd: int, cfg: dict) -> None:
+        self.job_dir = job_dir
+        self.lock_fd = lock_fd  # type: int | None
+        self.cfg = cfg
+        self.job_id = os.path.basename(job_dir)
+        self.secrets = sorted(
+            (s.encode("utf-8", "surrogateescape") for s in cfg.get("secrets") or () if s),
+            key=len,
+            reverse=True,
+        )
+        self.pid = None  # type: int | None
+        self.pid_start = None  # type: str | None
+        self.status = None  # type: int | None  (raw wait status)
+        self.rusage = None
+        self.started_mono = 0.0
+        self.ended_mono = 0.0
+        self.started_at = None  # type: str | None
+        self.kill_signal = None  # type: int | None  (last signal asked for)
+        self.timed_out = False
+        self.log_error = None  # type: str | None
+        self.terminal = False
+        self.notify_pid = None  # type: int | None
+        self.streams = []  # type: list
+        self.full_fd = None  # type: int | None
+        self.control_fd = None  # type: int | None
+        self.boot_id = _read_boot_id()
+        # Lets readers tell our pid from a recycled one.
+        self.start_token = _proc_start_time(os.getpid())
+
+    # -- start -------------------------------------------------------------
+
+    def run(self, ready_fd: int) -> int:
+        import signal
+
+        # A full disk or RLIMIT_FSIZE must give EFBIG, not kill us.
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self._become_subreaper()
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        # SIGCHLD must have a Python handler for the wakeup fd to be written;
+        # the poll loop below does the reaping.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(wake_w)
+        self.wake_r = wake_r
+        self._make_control()
+        try:
+            self._spawn()
+        except OSError as e:
+            msg = "cannot start %s: %s" % (_short(self.cfg["argv"][0]), e.strerror or e)
+            self._finish_failed("spawn_failed", msg)
+            _send_ready(ready_fd, {"ok": True})
+            self._after_terminal()
+            return 0
+        self._write_state(durable=False)
+        _send_ready(ready_fd, {"ok": True})
+        self._loop()
+        return 0
+
+    def _become_subreaper(self) -> None:
+        """On Linux, adopt orphaned descendants so a whole-tree kill finds them."""
+        if not _IS_LINUX:
+            return
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_CHILD_SUBREAPER = 36
+            libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except Exception as e:  # best effort: without it, double-forks escape
+            _log(3, "prctl(PR_SET_CHILD_SUBREAPER) failed: %s" % e)
+
+    def _make_control(self) -> None:
+        path = os.path.join(self.job_dir, CONTROL)
+        try:
+            os.mkfifo(path, 0o600)
+            # O_RDWR keeps a writer open ourselves, so the FIFO never reads as
+            # EOF between two `kill` calls; O_NONBLOCK so opening never waits.
+            self.control_fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        except OSError as e:
+            _log(1, "cannot create control FIFO: %s" % e)
+            self.control_fd = None
+
+    def _open_log(self, path: str) -> "int | None":
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        except OSError as e:
+            self._note_log_error("cannot open %s: %s" % (path, e.strerror))
+            return None
+
+    def _spawn(self) -> None:
+        import subprocess
+
+        cfg = self.cfg
+        out_log = self._open_log(os.path.join(self.job_dir, STDOUT_LOG))
+        err_log = self._open_log(os.path.join(self.job_dir, STDERR_LOG))
+        full_path = cfg.get("log_path") or os.path.join(self.job_dir, FULL_LOG)
+        self.full_fd = self._open_log(full_path)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        for fd in (out_r, err_r):
+            if _IS_LINUX:
+                try:
+                    fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
+                except OSError:
+                    pass
+            os.set_blocking(fd, False)
+        try:
+            proc = subprocess.Popen(
+                cfg["argv"],
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=cfg["cwd"],
+                env=cfg["env"],
+                close_fds=True,
+                # A session of its own gives the workload its own process
+                # group (pgid == pid), which is what timeouts and kills target.
+                start_new_session=True,
+                restore_signals=True,
+            )
+        except BaseException:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        finally:
+            self.started_mono = time.monotonic()
+            self.started_at = _now()
+        os.close(out_w)
+        os.close(err_w)
+        # We reap with wait4(-1) ourselves; keep Popen from trying later.
+        proc.returncode = 0
+        self.pid = proc.pid
+        self.pid_start = _proc_start_time(proc.pid)
+        self.streams = [_Stream("stdout", out_r, out_log), _Stream("stderr", err_r, err_log)]
+        timeout_ms = cfg.get("timeout_ms") or 0
+        self.deadline = self.started_mono + timeout_ms / 1000.0 if timeout_ms > 0 else None
+        self.kill_deadline = None  # type: float | None
+
+    # -- the loop ----------------------------------------------------------
+
+    def _loop(self) -> None:
+        import select
+
+        poller = select.poll()
+        by_fd = {}
+        for s in self.streams:
+            poller.register(s.fd, select.POLLIN)
+            by_fd[s.fd] = s
+        poller.register(self.wake_r, select.POLLIN)
+        if self.control_fd is not None:
+            poller.register(self.control_fd, select.POLLIN)
+        progress_ms = self.cfg.get("progress_every_ms") or 0
+        next_progress = time.monotonic() + progress_ms / 1000.0 if progress_ms else None
+        children_left = True
+        while True:
+            now = time.monotonic()
+            timeout = None  # type: float | None
+            for t in (self.deadline, self.kill_deadline, next_progress, self._flush_due()):
+                if t is not None:
+                    timeout = t - now if timeout is None else min(timeout, t - now)
+            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+            for fd, _ev in events:
+                if fd == self.wake_r:
+                    _drain_fd(self.wake_r)
+                    children_left = self._reap()
+                elif fd == self.control_fd:
+                    self._read_control()
+                else:
+                    s = by_fd[fd]
+                    if not self._read_stream(s):
+                        poller.unregister(fd)
+            now = time.monotonic()
+            self._flush_partials(now)
+            if self.deadline is not None and now >= self.deadline and self.status is None:
+                self.deadline = None
+                self._on_timeout()
+            if self.kill_deadline is not None and now >= self.kill_deadline:
+                self.kill_deadline = None
+                self._kill_tree(9)
+            if next_progress is not None and now >= next_progress and not self.terminal:
+                self._write_state(durable=False, quiet=True)
+                next_progress = now + progress_ms / 1000.0
+            if self.status is not None and not self.terminal:
+                self._final_drain()
+                self._finish()
+                next_progress = None
+            if self.terminal and all(s.eof for s in self.streams):
+                children_left = self._reap()
+                if not children_left:
+                    break
+        self._flush_partials(None)
+
+    def _read_stream(self, s: _Stream) -> bool:
+        """Read what one pipe has; False at EOF."""
+        try:
+            data = os.read(s.fd, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            self._note_log_error("read error on %s: %s" % (s.name, e.strerror))
+            data = b""
+        if not data:
+            s.eof = True
+            self._emit(s, b"", final=True)
+            os.close(s.fd)
+            return False
+        self._emit(s, data)
+        return True
+
+    def _final_drain(self) -> None:
+        """After the main process ended: take what is already in the pipes."""
+        budget = FINAL_DRAIN_MAX
+        for s in self.streams:
+            while not s.eof and budget > 0:
+                try:
+                    data = os.read(s.fd, READ_CHUNK)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    # Keep the fd registered: the loop sees EOF and closes it.
+                    break
+                budget -= len(data)
+                self._emit(s, data)
+            if not s.eof:
+                self._flush_partial(s)
+
+    def _emit(self, s: _Stream, data: bytes, final: bool = False) -> None:
+        """Write a chunk of one stream to its log and to full.log."""
+        if self.secrets:
+            data = self._redact(s, data, final)
+        if data:
+            s.total += len(data)
+            if s.log_fd is not None:
+                self._write(s.log_fd, data, s.name + ".log")
+        if self.full_fd is None:
+            return
+        rows = _full_log_rows(s, data, final)
+        if rows:
+            self._write(self.full_fd, rows, "full.log")
+        if s.partial:
+            s.partial_at = time.monotonic()
+
+    def _redact(self, s: _Stream, data: bytes, final: bool) -> bytes:
+        data = s.carry + data
+        s.carry = b""
+        for secret in self.secrets:
+            data = data.replace(secret, b"***")
+        if not final:
+            # Hold back the longest tail that could begin a secret.
+            hold = 0
+            for secret in self.secrets:
+                for k in range(min(len(secret) - 1, len(data)), hold, -1):
+                    if data.endswith(secret[:k]):
+                        hold = k
+                        break
+            if hold:
+                data, s.carry = data[:-hold], data[-hold:]
+        return data
+
+    def _flush_due(self) -> "float | None":
+        due = None
+        for s in self.streams:
+            if s.partial and not s.eof:
+                t = s.partial_at + PARTIAL_FLUSH_S
+                due = t if due is None else min(due, t)
+        return due
+
+    def _flush_partials(self, now: "float | None") -> None:
+        for s in self.streams:
+            if s.partial and (now is None or now - s.partial_at >= PARTIAL_FLUSH_S):
+                self._flush_partial(s)
+
+    def _flush_partial(self, s: _Stream) -> None:
+        if s.carry and self.secrets:
+            data, s.carry = s.carry, b""
+            if s.log_fd is not None:
+                self._write(s.log_fd, data, s.name + ".log")
+            s.partial += data
+        if s.partial and self.full_fd is not None:
+            row = _timestamp_prefix(s) + s.partial + b"\n"
+            s.partial = b""
+            self._write(self.full_fd, row, "full.log")
+
+    def _write(self, fd: int, data: bytes, what: str) -> None:
+        try:
+            _write_all(fd, data)
+        except OSError as e:
+            # Disk full, EFBIG, EIO: drop the bytes, never block the workload.
+            self._note_log_error("cannot write %s: %s" % (what, e.strerror or e))
+
+    def _note_log_error(self, message: str) -> None:
+        if self.log_error is None:
+            self.log_error = message
+            _log(1, message)
+            if self.pid is not None and not self.terminal:
+                self._write_state(durable=False, quiet=True)
+
+    # -- children, signals, kills -------------------------------------------
+
+    def _reap(self) -> bool:
+        """Reap every child that has ended; True while any child remains."""
+        while True:
+            try:
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return True
+            if pid == self.pid and self.status is None:
+                self.status = status
+                self.rusage = rusage
+                self.ended_mono = time.monotonic()
+
+    def _read_control(self) -> None:
+        try:
+            data = os.read(self.control_fd, 4096)
+        except (BlockingIOError, OSError):
+            return
+        for line in data.decode("ascii", "replace").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "kill" and parts[1].isdigit():
+                sig = int(parts[1])
+                if self.status is None and not self.terminal:
+                    self.kill_signal = sig
+                self._kill_tree(sig)
+
+    def _on_timeout(self) -> None:
+        self.timed_out = True
+        self.kill_signal = 15
+        self._kill_tree(15)
+        kill_after = self.cfg.get("kill_after_ms") or 0
+        if kill_after <= 0:
+            self._kill_tree(9)
+        else:
+            self.kill_deadline = time.monotonic() + kill_after / 1000.0
+
+    def _kill_tree(self, sig: int) -> None:
+        """Send ``sig`` to the workload's group and to every live descendant.
+
+        Safe against pid reuse: the workload is our child, so its pid (and so
+        its process group id) cannot be recycled until we reap it; the other
+        targets are found as live descendants of this very process.
+        """
+        rounds = 20 if sig == 9 else 1
+        for i in range(rounds):
+            if self.pid and self.status is None:
+                try:
+                    os.killpg(self.pid, sig)
+                except OSError:
+                    pass
+            exclude = {self.notify_pid} if self.notify_pid else set()
+            targets = _descendants_of(os.getpid(), exclude)
+            for pid in targets:
+                if pid > 1 and pid != os.getpid():
+                    try:
+                        os.kill(pid, sig)
+                    except OSError:
+                        pass
+            if sig != 9:
+                return
+            if not targets and (self.status is not None or i > 0):
+                return
+            time.sleep(0.01)
+            self._reap()
+
+    # -- state ---------------------------------------------------------------
+
+    def _state_doc(self, status: str, failure: "dict | None" = None) -> dict:
+        result = {"exit_code": None, "signal": None, "duration_ms": None}
+        finished_at = None
+        if self.status is not None:
+            if os.WIFSIGNALED(self.status):
+                result["signal"] = signal_name(os.WTERMSIG(self.status))
+            else:
+                result["exit_code"] = os.WEXITSTATUS(self.status)
+                if self.kill_signal is not None:
+                    result["signal"] = signal_name(self.kill_signal)
+            result["duration_ms"] = int(round((self.ended_mono - self.started_mono) * 1000))
+            finished_at = _now()
+        elif status == "failed":
+            result["duration_ms"] = 0
+            finished_at = _now()
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "job": {"id": self.job_id, "status": status, "started_at": self.started_at or _now()},
+            "result": result,
+            "pid": self.pid,
+            "pgid": self.pid,
+            "pid_start_time": self.pid_start,
+            "supervisor_pid": os.getpid(),
+            "supervisor_start_time": self.start_token,
+            "boot_id": self.boot_id,
+            "finished_at": finished_at,
+            "updated_at": _now(),
+            "failure": failure,
+            "timed_out": self.timed_out,
+            "log_error": self.log_error,
+            "stdout_bytes": self.streams[0].total if self.streams else 0,
+            "stderr_bytes": self.streams[1].total if self.streams else 0,
+        }
+        if self.rusage is not None:
+            ru = self.rusage
+            rss = ru.ru_maxrss if _IS_LINUX else ru.ru_maxrss // 1024
+            doc["rusage"] = {
+                "max_rss_kb": int(rss),
+                "user_ms": int(ru.ru_utime * 1000),
+                "sys_ms": int(ru.ru_stime * 1000),
+            }
+        return doc
+
+    def _write_state(self, durable: bool, quiet: bool = False, doc: "dict | None" = None) -> None:
+        """Replace state.json; a durable (terminal) write is retried."""
+        if doc is None:
+            doc = self._state_doc("running")
+        path = os.path.join(self.job_dir, STATE)
+        attempts = 20 if durable else 1
+        for i in range(attempts):
+            try:
+                _write_json_atomic(path, doc, durable=durable)
+                return
+            except OSError as e:
+                if i == attempts - 1:
+                    if not quiet:
+                        _log(0, "cannot write %s: %s" % (path, e))
+                    return
+                time.sleep(min(0.05 * (i + 1), 0.5))
+
+    def _finish(self) -> None:
+        """Write the one terminal state, then wake the waiters."""
+        self._flush_partials(None)
+        status = self.status
+        assert status is not None
+        if os.WIFSIGNALED(status) or self.kill_signal is not None:
+            state = "killed"
+        else:
+            state = "exited"
+        doc = self._state_doc(state)
+        self._write_state(durable=True, doc=doc)
+        self.final_doc = doc
+        self._after_terminal()
+
+    def _finish_failed(self, code: str, message: str) -> None:
+        doc = self._state_doc("failed", {"code": code, "message": message})
+        self._write_state(durable=True, doc=doc)
+        self.final_doc = doc
+
+    def _after_terminal(self) -> None:
+        self.terminal = True
+        # Closing our only copy of the lock wakes every `wait` at once.
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+        try:
+            self._deliver_events()
+        except Exception as e:  # best effort: a sink never changes the job
+            _log(0, "event delivery failed: %s" % e)
+
+    # -- completion events -----------------------------------------------------
+
+    def _deliver_events(self) -> None:
+        cfg = self.cfg
+        command = cfg.get("notify_command")
+        nfile = cfg.get("notify_file")
+        if not command and not nfile:
+            return
+        doc = self.final_doc
+        result = doc["result"]
+        event = {
+            "schema_version": SCHEMA_VERSION,
+            "event_type": "job.finished",
+            "job_id": self.job_id,
+            "state": doc["job"]["status"],
+            "command": cfg["argv"],
+            "cwd": cfg["cwd"],
+            "started_at": doc["job"]["started_at"],
+            "finished_at": doc["finished_at"],
+            "duration_ms": result["duration_ms"],
+            "stdout_log_path": os.path.join(self.job_dir, STDOUT_LOG),
+            "stderr_log_path": os.path.join(self.job_dir, STDERR_LOG),
+        }
+        if result["exit_code"] is not None:
+            event["exit_code"] = result["exit_code"]
+        if result["signal"] is not None:
+            event["signal"] = result["signal"]
+        if doc.get("failure"):
+            event["failure"] = doc["failure"]
+        event_path = os.path.join(self.job_dir, EVENT_FILE)
+        payload = json.dumps(event, ensure_ascii=True)
+        results = []
+        # Write the event once before the sinks run, so a command sink can
+        # read AGENT_EXEC_EVENT_PATH; it is rewritten with the results after.
+        try:
+            _write_json_atomic(event_path, dict(event, delivery_results=[]))
+        except OSError as e:
+            _log(1, "cannot write %s: %s" % (event_path, e))
+        if command:
+            results.append(self._deliver_command(command, payload, event_path))
+        if nfile:
+            results.append(_deliver_file(nfile, payload))
+        try:
+            _write_json_atomic(event_path, dict(event, delivery_results=results), durable=True)
+        except OSError as e:
+            _log(1, "cannot write %s: %s" % (event_path, e))
+
+    def _deliver_command(self, argv: list, payload: str, event_path: str) -> dict:
+        import subprocess
+
+        res = {"sink_type": "command", "target": json.dumps(argv), "success": False}
+        res["attempted_at"] = _now()
+        env = dict(os.environ)
+        env["AGENT_EXEC_EVENT_PATH"] = event_path
+        env["AGENT_EXEC_JOB_ID"] = self.job_id
+        env["AGENT_EXEC_EVENT_TYPE"] = "job.finished"
+        timeout = (self.cfg.get("notify_timeout_ms") or DEFAULT_NOTIFY_TIMEOUT_MS) / 1000.0
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=self.cfg["cwd"] if os.path.isdir(self.cfg["cwd"]) else "/",
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except (OSError, ValueError) as e:
+            res["error"] = "cannot start notify command: %s" % (getattr(e, "strerror", None) or e)
+            return res
+        self.notify_pid = proc.pid
+        try:
+            proc.communicate(payload.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, 9)
+            except OSError:
+                pass
+            proc.wait()
+            res["error"] = "notify command timed out after %d ms and was killed" % (timeout * 1000)
+            res["timed_out"] = True
+            return res
+        except OSError as e:
+            # EPIPE: the hook did not read its stdin; still judge by its exit.
+            proc.wait()
+            _log(2, "notify command stdin: %s" % e)
+        finally:
+            self.notify_pid = None
+        if proc.returncode == 0:
+            res["success"] = True
+        elif proc.returncode < 0:
+            res["error"] = "notify command killed by %s" % signal_name(-proc.returncode)
+        else:
+            res["error"] = "notify command exited with %d" % proc.returncode
+        return res
+
+
+def _deliver_file(path: str, payload: str) -> dict:
+    res = {"sink_type": "file", "target": path, "success": False, "attempted_at": _now()}
+    line = (payload + "\n").encode()
+    try:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            # One write(2) with O_APPEND: concurrent jobs never interleave
+            # inside a line.  A short write is an error, not something to
+            # complete with a second write that could land elsewhere.
+            n = os.write(fd, line)
+        finally:
+            os.close(fd)
+        if n != len(line):
+            res["error"] = "short write to notify file (%d of %d bytes)" % (n, len(line))
+        else:
+            res["success"] = True
+    except OSError as e:
+        res["error"] = "cannot append to notify file: %s" % (e.strerror or e)
+    return res
+
+
+def _timestamp_prefix(s: _Stream) -> bytes:
+    return _now().encode() + s.tag
+
+
+def _full_log_rows(s: _Stream, data: bytes, final: bool) -> bytes:
+    """Turn a chunk of one stream into full.log rows, with whole-chunk work.
+
+    Complete lines are prefixed with one bytes.replace over the chunk, never a
+    Python step per line; a line longer than FULL_LOG_ROW_MAX is split into
+    continuation rows.  Text after the last newline waits in ``s.partial``
+    (written at the next newline, after PARTIAL_FLUSH_S of quiet, or at EOF).
+    """
+    buf = s.partial + data if s.partial else data
+    s.partial = b""
+    if not buf:
+        return b""
+    prefix = _timestamp_prefix(s)
+    out = []
+    n = len(buf)
+    pos = 0
+    limit = FULL_LOG_ROW_MAX
+    while pos < n:
+        end = min(pos + limit + 1, n)
+        nl = buf.rfind(b"\n", pos, end)
+        if nl >= 0:
+            out.append(prefix + buf[pos:nl].replace(b"\n", b"\n" + prefix) + b"\n")
+            pos = nl + 1
+        elif n - pos >= limit or final:
+            take = min(limit, n - pos)
+            out.append(prefix + buf[pos : pos + take] + b"\n")
+            pos += take
+        else:
+            s.partial = buf[pos:]
+            break
+    return b"".join(out)
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _send_ready(fd: "int | None", msg: dict) -> None:
+    if fd is None:
+        return
+    try:
+        _write_all(fd, (json.dumps(msg) + "\n").encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_all_fd(fd: int) -> bytes:
+    chunks = []
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def supervise_main(job_dir: str, lock_fd: int, config_fd: int, ready_fd: int) -> int:
+    """Body of the supervisor, in a re-executed interpreter or a forked child."""
+    try:
+        cfg = json.loads(_read_all_fd(config_fd).decode("utf-8", "surrogatepass"))
+        os.close(config_fd)
+    except (OSError, ValueError) as e:
+        _log(0, "supervisor: bad configuration: %s" % e)
+        os.close(ready_fd)
+        return 1
+    sup = _Supervisor(job_dir, lock_fd, cfg)
+    try:
+        return sup.run(ready_fd)
+    except BaseException as e:  # record, never leave a job "running" silently
+        if not sup.terminal:
+            try:
+                sup._finish_failed("supervisor_error", "supervisor crashed: %r" % (e,))
+                sup._after_terminal()
+            except BaseException:
+                pass
+        raise
+
+
+def _script_path() -> "str | None":
+    """The file to re-execute as the supervisor, or None (stdin, zipapp, ...)."""
+    path = globals().get("__file__")
+    if not path or not path.endswith(".py"):
+        return None
+    path = os.path.abspath(path)
+    return path if os.path.isfile(path) else None
+
+
+def _fds_to_close(keep: "set") -> "list":
+    """Open fds of this process, other than 0-2 and ``keep``."""
+    for d in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        fds = []
+        for name in names:
+            if name.isdigit():
+                fd = int(name)
+                if fd > 2 and fd not in keep:
+                    fds.append(fd)
+        return fds
+    return [fd for fd in range(3, 1024) if fd not in keep]
+
+
+def _launch_supervisor(job_dir: str, lock_fd: int, cfg: dict) -> dict:
+    """Start the detached supervisor; return its ready message.
+
+    run --fork--> child: setsid, fork --> grandchild: the supervisor
+                  child: _exit(0) at once, reaped here
+
+    The double fork means the supervisor is never our child, so a program
+    that calls main() in-process collects no zombie, and the setsid puts it
+    in a session of its own, out of reach of the caller's terminal signals.
+    The grandchild re-executes this file (``python -I -S agent_exec.py
+    _supervise``) when it can; when the code came from stdin it simply runs
+    the supervisor in the forked interpreter.  Configuration, including
+    --env values, travels through a pipe, never through argv.
+    """
+    cfg_r, cfg_w = os.pipe()
+    rdy_r, rdy_w = os.pipe()
+    script = _script_path()
+    keep = {lock_fd, cfg_r, rdy_w}
+    argv = [sys.executable, "-I", "-S", script or "", "_supervise", job_dir]
+    argv += ["--fds", "%d,%d,%d" % (lock_fd, cfg_r, rdy_w)]
+    for stream in (sys.stdout, sys.stderr):
+        try:  # nothing buffered may be written twice, by parent and child
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)  # the intermediate child: done, our parent reaps it
+            # Grandchild: stdio on /dev/null, nothing of the caller's left.
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            if null > 2:
+                os.close(null)
+            for fd in _fds_to_close(keep):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            os.chdir("/")
+            if script is not None:
+                for fd in keep:
+                    os.set_inheritable(fd, True)
+                try:
+                    os.execv(sys.executable, argv)
+                except OSError:
+                    pass  # fall through: supervise in this process instead
+                for fd in keep:
+                    os.set_inheritable(fd, False)
+            global _log_level
+            _log_level = 0
+            code = supervise_main(job_dir, lock_fd, cfg_r, rdy_w)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    # Parent.
+    os.close(cfg_r)
+    os.close(rdy_w)
+    try:
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+        try:
+            _write_all(cfg_w, json.dumps(cfg, ensure_ascii=True).encode())
+        except OSError as e:
+            _log(1, "cannot hand the job to its supervisor: %s" % e)
+        finally:
+            os.close(cfg_w)
+        raw = _read_all_fd(rdy_r)
+    finally:
+        os.close(rdy_r)
+    try:
+        return json.loads(raw.decode()) if raw.strip() else {}
+    except ValueError:
+        return {}
+
+
+# ==== Commands ===============================================================
+#
+# Each cmd_<name>(args) returns the response dict (without the envelope keys
+# schema_version/ok/type, which main() adds) and never prints.
+
+
+def _root(args) -> str:
+    return resolve_root(getattr(args, "root", None))
+
+
+def _find_job(args, ident: str) -> "tuple":
+    root = _root(args)
+    _check_root(root)
+    job_id = resolve_job(root, ident)
+    return root, job_id
+
+
+def _parse_env_file(path: str) -> "list":
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise AgentExecError(
+            "invalid_argument", "cannot read env file %s: %s" % (path, e.strerror or e)
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AgentExecError("invalid_argument", "env file %s is not UTF-8" % path)
+    pairs = []
+    for num, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if s.startswith("export ") or s.startswith("export\t"):
+            s = s[7:].lstrip()
+        key, eq, value = s.partition("=")
+        key = key.strip()
+        if not eq or not _valid_env_key(key):
+            raise AgentExecError(
+                "invalid_argument",
+                "env file %s line %d: expected KEY=VALUE, got %r" % (path, num, _short(line, 40)),
+            )
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        pairs.append((key, value))
+    return pairs
+
+
+def _valid_env_key(key: str) -> bool:
+    return bool(key) and not key[0].isdigit() and all(c.isalnum() or c == "_" for c in key)
+
+
+def _resolve_command(argv0: str, cwd: str, env: dict) -> str:
+    """Check the command the way exec will resolve it; return the path."""
+    if "/" in argv0:
+        path = os.path.join(cwd, argv0)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+        raise AgentExecError(
+            "command_not_found", "%s is not an executable file (from %s)" % (argv0, cwd)
+        )
+    search = env.get("PATH")
+    if search is None:
+        search = os.defpath
+    for d in search.split(os.pathsep):
+        d = os.path.join(cwd, d or ".")
+        path = os.path.join(d, argv0)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise AgentExecError(
+        "command_not_found", "command %r not found on the job's PATH (%s)" % (argv0, search)
+    )
+
+
+def cmd_run(args) -> dict:
+    t0 = args._t0
+    cmd = list(args.command or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("run needs a command: agent-exec run [options] -- <command> [args...]")
+    if args.no_inherit_env and args.inherit_env:
+        raise UsageError("--no-inherit-env and --inherit-env conflict")
+    notify_command = None
+    if args.notify_command is not None:
+        try:
+            notify_command = json.loads(args.notify_command)
+        except ValueError:
+            notify_command = None
+        if (
+            not isinstance(notify_command, list)
+            or not notify_command
+            or not all(isinstance(a, str) for a in notify_command)
+        ):
+            raise UsageError("--notify-command must be a non-empty JSON array of strings")
+    # The working directory.
+    try:
+        cwd = os.path.realpath(args.cwd) if args.cwd else os.path.realpath(os.getcwd())
+    except OSError as e:
+        raise AgentExecError("cwd_not_found", "the current directory is gone: %s" % e.strerror)
+    if not os.path.isdir(cwd):
+        raise AgentExecError("cwd_not_found", "working directory %s does not exist" % cwd)
+    # The environment: inherited (or not), then env files in order, then --env.
+    env = {} if args.no_inherit_env else dict(os.environ)
+    env_keys = []  # type: list
+    for path in args.env_file or ():
+        for key, value in _parse_env_file(path):
+            env[key] = value
+            env_keys.append(key)
+    explicit = []
+    for item in args.env or ():
+        key, _, value = item.partition("=")
+        env[key] = value
+        env_keys.append(key)
+        explicit.append((key, value))
+    env_keys = list(dict.fromkeys(env_keys))
+    masks = list(dict.fromkeys(args.mask or ()))
+    _resolve_command(cmd[0], cwd, env)
+    log_path = None
+    if args.log:
+        log_path = os.path.abspath(args.log)
+        parent = os.path.dirname(log_path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise AgentExecError("invalid_argument", "cannot use --log %s: %s" % (log_path, e))
+        if os.path.isdir(log_path):
+            raise AgentExecError("invalid_argument", "--log %s is a directory" % log_path)
+    notify_file = os.path.abspath(args.notify_file) if args.notify_file else None
+    # Create the job: directory, then meta.json born locked.
+    root = _root(args)
+    _ensure_root(root)
+    while True:
+        job_id = new_ulid()
+        job_dir = os.path.join(root, job_id)
+        try:
+            os.mkdir(job_dir, 0o700)
+            os.chmod(job_dir, 0o700)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise AgentExecError("io_error", "cannot create job directory: %s" % e.strerror)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "job": {"id": job_id},
+        "command": cmd,
+        "created_at": _now(),
+        "root": root,
+        "cwd": cwd,
+        "env_keys": env_keys,
+        "mask": masks,
+        "inherit_env": not args.no_inherit_env,
+        "timeout_ms": args.timeout,
+        "kill_after_ms": args.kill_after,
+        "log_path": log_path or os.path.join(job_dir, FULL_LOG),
+        "agent_exec_version": __version__,
+    }
+    if notify_command or notify_file:
+        meta["notification"] = {"notify_command": notify_command, "notify_file": notify_file}
+    lock_fd = _create_locked_meta(job_dir, meta)
+    cfg = {
+        "argv": cmd,
+        "cwd": cwd,
+        "env": env,
+        "secrets": [env[k] for k in masks if env.get(k)],
+        "timeout_ms": args.timeout,
+        "kill_after_ms": args.kill_after,
+        "progress_every_ms": args.progress_every,
+        "log_path": log_path,
+        "notify_command": notify_command,
+        "notify_file": notify_file,
+        "notify_timeout_ms": args.notify_timeout,
+    }
+    try:
+        ready = _launch_supervisor(job_dir, lock_fd, cfg)
+    finally:
+        os.close(lock_fd)  # the supervisor holds its own copy now
+    if not ready.get("ok"):
+        # The supervisor never came up: no one else will write this job's
+        # state, so record the failure here.
+        _write_json_atomic(
+            os.path.join(job_dir, STATE),
+            _bare_state(job_id, "failed", "supervisor_failed", "the supervisor did not start"),
+            durable=True,
+        )
+    t_start = time.monotonic()
+    meta_path = os.path.join(job_dir, META)
+    snapshot_after = min(args.snapshot_after, MAX_SNAPSHOT_AFTER_MS)
+    if args.wait:
+        _wait_lock(meta_path, None)
+    elif snapshot_after > 0:
+        _wait_lock(meta_path, snapshot_after / 1000.0)
+    waited_ms = int(round((time.monotonic() - t_start) * 1000))
+    job = load_job(root, job_id)
+    out = {"job_id": job_id, "state": job["status"]}
+    out.update(job_paths(job))
+    out["waited_ms"] = waited_ms
+    if explicit:
+        masked = set(masks)
+        out["env_vars"] = ["%s=%s" % (k, "***" if k in masked else v) for k, v in explicit]
+    if snapshot_after > 0 or args.wait:
+        snap = snapshot(job, args.tail_lines, args.max_bytes)
+        if snapshot_after > 0:
+            out["snapshot"] = snap
+        if args.wait:
+            out["final_snapshot"] = snap
+    out.update(job_result_fields(job))
+    out.pop("duration_ms", None)
+    out["elapsed_ms"] = int(round((time.monotonic() - t0) * 1000))
+    return out
+
+
+def _bare_state(job_id: str, status: str, code: str, message: str) -> dict:
+    now = _now()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "job": {"id": job_id, "status": status, "started_at": now},
+        "result": {"exit_code": None, "signal": None, "duration_ms": 0},
+        "pid": None,
+        "supervisor_pid": None,
+        "finished_at": now,
+        "updated_at": now,
+        "failure": {"code": code, "message": message},
+    }
+
+
+def _create_locked_meta(job_dir: str, meta: dict) -> int:
+    """Write meta.json so that it appears already locked; return the lock fd."""
+    path = os.path.join(job_dir, META)
+    tmp = path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_all(fd, (json.dumps(meta, ensure_ascii=True) + "\n").encode())
+        os.rename(tmp, path)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot write %s: %s" % (path, e.strerror or e))
+    return fd
+
+
+def cmd_status(args) -> dict:
+    root, job_id = _find_job(args, args.job_id)
+    job = load_job(root, job_id)
+    state = job["state"] or {}
+    out = {"job_id": job_id, "state": job["status"], "started_at": job_started_at(job)}
+    out.update(job_result_fields(job))
+    if state.get("pid") is not None:
+        out["pid"] = state["pid"]
+    out["log_error"] = state.get("log_error")
+    if job["status"] == "running" and state.get("updated_at"):
+        out["updated_at"] = state["updated_at"]
+    descendants = _live_descendants(job)
+    if descendants is not None:
+        out["descendants"] = descendants
+    return out
+
+
+def _live_descendants(job: dict) -> "list | None":
+    """Pids still alive in the job's tree, via its live supervisor, or None."""
+    state = job["state"] or {}
+    sup = state.get("supervisor_pid")
+    if not isinstance(sup, int) or sup <= 1:
+        return None
+    token = state.get("supervisor_start_time")
+    if token is None or _proc_start_time(sup) != token:
+        return [] if job["status"] in TERMINAL_STATES else None
+    main_pid = state.get("pid")
+    return [p for p in _descendants_of(sup) if p != main_pid]
+
+
+def cmd_tail(args) -> dict:
+    root, job_id = _find_job(args, args.job_id)
+    job = load_job(root, job_id)
+    out = {"job_id": job_id, "state": job["status"]}
+    out.update(snapshot(job, args.tail_lines, args.max_bytes))
+    out.update(job_paths(job))
+    return out
+
+
+def cmd_wait(args) -> dict:
+    root, job_id = _find_job(args, args.job_id)
+    meta_path = os.path.join(root, job_id, META)
+    timeout = args.timeout_ms / 1000.0 if args.timeout_ms > 0 else None
+    _wait_lock(meta_path, timeout)
+    job = load_job(root, job_id)
+    out = {"job_id": job_id, "state": job["status"]}
+    out.update(job_result_fields(job))
+    out["timed_out"] = job["status"] == "running"
+    return out
+
+
+def cmd_kill(args) -> dict:
+    root, job_id = _find_job(args, args.job_id)
+    sig = args.signal
+    job = load_job(root, job_id)
+    sent = _ask_supervisor_to_signal(job, sig)
+    if not sent:
+        sent = _signal_without_supervisor(job, sig)
+    if sent and job["status"] == "running":
+        # Give the job a moment to end, so the answer is usually final.
+        _wait_lock(os.path.join(job["dir"], META), KILL_SETTLE_S)
+        job = load_job(root, job_id)
+    out = {"job_id": job_id, "signal": signal_name(sig), "state": job["status"], "sent": sent}
+    out.update(job_result_fields(job))
+    return out
+
+
+def _ask_supervisor_to_signal(job: dict, sig: int) -> bool:
+    """Write a kill request to the live supervisor's control FIFO."""
+    state = job["state"] or {}
+    if job["status"] != "running":
+        # Terminal: only descendants can be alive, and only a live supervisor
+        # knows them; skip the FIFO unless it provably still runs.
+        sup = state.get("supervisor_pid")
+        token = state.get("supervisor_start_time")
+        if not isinstance(sup, int) or token is None or _proc_start_time(sup) != token:
+            return False
+        if not _descendants_of(sup):
+            return False
+    path = os.path.join(job["dir"], CONTROL)
+    try:
+        # O_NONBLOCK: fails with ENXIO at once when no supervisor reads it.
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        os.write(fd, b"kill %d\n" % sig)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _signal_without_supervisor(job: dict, sig: int) -> bool:
+    """The supervisor is gone: signal the workload's group only if provably ours."""
+    state = job["state"] or {}
+    pid = state.get("pid")
+    token = state.get("pid_start_time")
+    if job["status"] in ("exited", "killed") or not isinstance(pid, int) or pid <= 1:
+        return False
+    if token is None or _proc_start_time(pid) != token:
+        return False
+    try:
+        os.killpg(pid, sig)
+        return True
+    except OSError:
+        try:
+            os.kill(pid, sig)
+            return True
+        except OSError:
+            return False
+
+
+def cmd_list(args) -> dict:
+    if args.cwd and args.all:
+        raise UsageError("--cwd and --all conflict")
+    root = _root(args)
+    out = {"root": root, "jobs": [], "truncated": False, "skipped": 0}
+    if not os.path.isdir(root):
+        return out
+    _check_root(root)
+    want_cwd = None
+    if not args.all:
+        try:
+            want_cwd = os.path.realpath(args.cwd or os.getcwd())
+        except OSError:
+            want_cwd = os.path.abspath(args.cwd or ".")
+    limit = args.limit
+    try:
+        names = sorted((n for n in os.listdir(root) if is_job_id(n)), reverse=True)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
+    for name in names:
+        try:
+            job = load_job(root, name)
+        except AgentExecError:
+            out["skipped"] += 1
+            continue
+        meta = job["meta"]
+        if want_cwd is not None and meta.get("cwd") != want_cwd:
+            continue
+        if args.state and job["status"] != args.state:
+            continue
+        if limit and len(out["jobs"]) >= limit:
+            out["truncated"] = True
+            break
+        state = job["state"] or {}
+        entry = {
+            "job_id": name,
+            "state": job["status"],
+            "started_at": job_started_at(job),
+            "command": meta.get("command"),
+            "cwd": meta.get("cwd"),
+        }
+        result = job_result_fields(job)
+        for key in ("exit_code", "signal", "finished_at", "failure"):
+            if key in result:
+                entry[key] = result[key]
+        if state.get("updated_at"):
+            entry["updated_at"] = state["updated_at"]
+        out["jobs"].append(entry)
+    return out
+
+
+def cmd_schema(args) -> dict:
+    return {
+        "schema_format": "json-schema-draft-07",
+        "schema": response_schema(),
+        "generated_at": _now(),
+    }
+
+
+def cmd_supervise(args) -> None:
+    lock_fd, cfg_fd, ready_fd = (int(x) for x in args.fds.split(","))
+    for fd in (lock_fd, cfg_fd, ready_fd):
+        os.set_inheritable(fd, False)
+    code = supervise_main(args.job_dir, lock_fd, cfg_fd, ready_fd)
+    raise SystemExit(code)
+
+
+# ---- The response schema ------------------------------------------------------
+
+
+def response_schema() -> dict:
+    """One draft-07 JSON Schema that every response of every command matches."""
+    S = {"type": "string"}
+    I = {"type": "integer"}
+    NS = {"type": ["string", "null"]}
+    B = {"type": "boolean"}
+    state = {"enum": list(STATES)}
+    failure = {
+        "type": ["object", "null"],
+        "required": ["code", "message"],
+        "properties": {"code": S, "message": S},
+    }
+    snap = {
+        "type": "object",
+        "required": [
+            "stdout_tail",
+            "stderr_tail",
+            "truncated",
+            "encoding",
+            "stdout_observed_bytes",
+            "stderr_observed_bytes",
+            "stdout_included_bytes",
+            "stderr_included_bytes",
+        ],
+        "properties": {
+            "stdout_tail": S,
+            "stderr_tail": S,
+            "truncated": B,
+            "encoding": {"const": "utf-8-lossy"},
+            "stdout_observed_bytes": I,
+            "stderr_observed_bytes": I,
+            "stdout_included_bytes": I,
+            "stderr_included_bytes": I,
+        },
+    }
+    result = {"exit_code": I, "signal": S, "finished_at": S, "duration_ms": I, "failure": failure}
+
+    def resp(name: str, required: list, props: dict) -> dict:
+        p = {
+            "schema_version": {"const": SCHEMA_VERSION},
+            "ok": {"const": True},
+            "type": {"const": name},
+        }
+        p.update(props)
+        return {
+            "type": "object",
+            "required": ["schema_version", "ok", "type"] + required,
+            "properties": p,
+        }
+
+    job_entry = {
+        "type": "object",
+        "required": ["job_id", "state", "started_at", "command", "cwd"],
+        "properties": dict(
+            {
+                "job_id": S,
+                "state": state,
+                "started_at": S,
+                "command": {"type": "array", "items": S},
+                "cwd": S,
+                "updated_at": S,
+            },
+            **result
+        ),
+    }
+    defs = {
+        "snapshot": snap,
+        "error": {
+            "type": "object",
+            "required": ["schema_version", "ok", "type", "error"],
+            "properties": {
+                "schema_version": {"const": SCHEMA_VERSION},
+                "ok": {"const": False},
+                "type": {"const": "error"},
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message", "retryable"],
+                    "properties": {"code": S, "message": S, "retryable": B},
+                },
+            },
+        },
+        "run": resp(
+            "run",
+            [
+                "job_id",
+                "state",
+                "stdout_log_path",
+                "stderr_log_path",
+                "waited_ms",
+                "elapsed_ms",
+            ],
+            dict(
+                {
+                    "job_id": S,
+                    "state": state,
+                    "stdout_log_path": S,
+                    "stderr_log_path": S,
+                    "waited_ms": I,
+                    "elapsed_ms": I,
+                    "env_vars": {"type": "array", "items": S},
+                    "snapshot": {"$ref": "#/definitions/snapshot"},
+                    "final_snapshot": {"$ref": "#/definitions/snapshot"},
+                },
+                **result
+            ),
+        ),
+        "status": resp(
+            "status",
+            ["job_id", "state", "started_at"],
+            dict(
+                {
+                    "job_id": S,
+                    "state": state,
+                    "started_at": S,
+                    "pid": I,
+                    "updated_at": S,
+                    "log_error": NS,
+                    "descendants": {"type": "array", "items": I},
+                },
+                **result
+            ),
+        ),
+        "tail": resp(
+            "tail",
+            ["job_id", "stdout_log_path", "stderr_log_path"] + snap["required"],
+            dict(
+                snap["properties"],
+                job_id=S,
+                state=state,
+                stdout_log_path=S,
+                stderr_log_path=S,
+            ),
+        ),
+        "wait": resp(
+            "wait",
+            ["job_id", "state", "timed_out"],
+            dict({"job_id": S, "state": state, "timed_out": B}, **result),
+        ),
+        "kill": resp(
+            "kill",
+            ["job_id", "signal", "state"],
+            dict(result, job_id=S, signal=S, state=state, sent=B),
+        ),
+        "list": resp(
+            "list",
+            ["root", "jobs", "truncated", "skipped"],
+            {
+                "root": S,
+                "jobs": {"type": "array", "items": job_entry},
+                "truncated": B,
+                "skipped": I,
+            },
+        ),
+        "schema": resp(
+            "schema",
+            ["schema_format", "schema", "generated_at"],
+            {"schema_format": {"const": "json-schema-draft-07"}, "schema": {"type": "object"}, "generated_at": S},
+        ),
+    }
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "agent-exec response",
+        "definitions": defs,
+        "oneOf": [{"$ref": "#/definitions/%s" % name} for name in sorted(defs) if name != "snapshot"],
+    }
+
+
+# ==== CLI ====================================================================
+
+
+def _arg_type(parse, what: str):
+    """Wrap a parser so argparse reports its ValueError as a usage error."""
+    import argparse
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e))
+
+    convert.__name__ = what
+    return convert
+
+
+def _nonneg_int(text: str) -> int:
+    s = str(text).strip()
+    if not s.isdigit():
+        raise ValueError("expected a whole number >= 0, got %r" % text)
+    return int(s)
+
+
+def _env_pair(text: str) -> str:
+    key, eq, _ = text.partition("=")
+    if not eq or not _valid_env_key(key):
+        raise ValueError("expected KEY=VALUE, got %r" % _short(text.partition("=")[0] + "=..."))
+    return text
+
+
+def _env_key(text: str) -> str:
+    if not _valid_env_key(text):
+        raise ValueError("expected an environment variable name, got %r" % _short(text))
+    return text
+
+
+def build_parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # argparse's usage errors take the JSON path
+            raise UsageError("%s: %s" % (self.prog, message))
+
+    duration = _arg_type(parse_duration_ms, "duration")
+    size = _arg_type(parse_size, "size")
+    count = _arg_type(_nonneg_int, "count")
+    sig = _arg_type(parse_signal, "signal")
+
+    parser = Parser(
+        prog=PROG,
+        description="Run commands as detached background jobs and answer in JSON.",
+        epilog="Every command prints exactly one JSON object on stdout. "
+        "See README.md for the fields.",
+    )
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    parser.add_argument("--root", metavar="DIR", help="jobs root directory")
+
+    common = Parser(add_help=False)
+    common.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help="jobs root")
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="-v info, -vv debug"
+    )
+
+    sub = parser.add_subparsers(dest="command_name", metavar="<command>", parser_class=Parser)
+    sub.required = True
+
+    def add(name: str, help_text: "str | None"):
+        kw = {"parents": [common], "description": help_text}
+        if help_text:
+            kw["help"] = help_text
+        return sub.add_parser(name, **kw)
+
+    p = add("run", "start a background job")
+    p.add_argument("--snapshot-after", type=duration, default=DEFAULT_SNAPSHOT_AFTER_MS,
+                   metavar="MS", help="observe the job this long before answering (max 10000; 0 = at once)")
+    p.add_argument("--timeout", type=duration, default=0, metavar="MS",
+                   help="SIGTERM the job's process group at this deadline (0 = none)")
+    p.add_argument("--kill-after", type=duration, default=0, metavar="MS",
+                   help="SIGKILL this long after the timeout's SIGTERM")
+    p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
+    p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
+    p.add_argument("--cwd", metavar="DIR", help="working directory (default: the caller's)")
+    p.add_argument("--env", action="append", type=_arg_type(_env_pair, "env"), metavar="KEY=VALUE")
+    p.add_argument("--env-file", action="append", metavar="FILE")
+    p.add_argument("--no-inherit-env", action="store_true", help="start from an empty environment")
+    p.add_argument("--inherit-env", action="store_true", help="inherit the environment (default)")
+    p.add_argument("--mask", action="append", type=_arg_type(_env_key, "key"), metavar="KEY",
+                   help="never show KEY's value in any output or file")
+    p.add_argument("--log", metavar="PATH", help="where full.log goes")
+    p.add_argument("--progress-every", type=duration, default=0, metavar="MS")
+    p.add_argument("--wait", action="store_true", help="block until the job is terminal")
+    p.add_argument("--wait-poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
+    p.add_argument("--notify-command", metavar="JSON_ARGV")
+    p.add_argument("--notify-file", metavar="PATH")
+    p.add_argument("--notify-timeout", type=duration, default=DEFAULT_NOTIFY_TIMEOUT_MS,
+                   metavar="MS", help="kill a notify command after this long")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    p.set_defaults(func=cmd_run)
+
+    p = add("status", "show a job's state")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_status)
+
+    p = add("tail", "show the end of a job's output")
+    p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
+    p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_tail)
+
+    p = add("wait", "block until a job is terminal")
+    p.add_argument("--timeout-ms", type=duration, default=0, metavar="MS", help="0 = no limit")
+    p.add_argument("--poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_wait)
+
+    p = add("kill", "signal every live process of a job")
+    p.add_argument("--signal", type=sig, default=15, metavar="NAME")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_kill)
+
+    p = add("list", "list jobs, newest first")
+    p.add_argument("--state", choices=STATES)
+    p.add_argument("--limit", type=count, default=DEFAULT_LIST_LIMIT, metavar="N",
+                   help="at most N jobs (0 = all; default %d)" % DEFAULT_LIST_LIMIT)
+    p.add_argument("--cwd", metavar="DIR", help="jobs started in DIR (default: here)")
+    p.add_argument("--all", action="store_true", help="jobs from every directory")
+    p.set_defaults(func=cmd_list)
+
+    p = add("schema", "print the JSON Schema of every response")
+    p.set_defaults(func=cmd_schema)
+
+    p = add("_supervise", None)  # internal, not a stable interface
+    p.add_argument("job_dir")
+    p.add_argument("--fds", required=True)
+    p.set_defaults(func=cmd_supervise)
+    return parser
+
+
+# ==== Entry point ============================================================
+
+
+def _emit(obj: dict) -> None:
+    data = json.dumps(obj, ensure_ascii=True) + "\n"
+    try:
+        sys.stdout.write(data)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _envelope_error(code: str, message: str, retryable: bool = False) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "ok": False,
+        "type": "error",
+        "error": {"code": code, "message": message, "retryable": retryable},
+    }
+
+
+def main(argv: "list | None" = None) -> int:
+    """Run one command; print one JSON object; return the exit code."""
+    global _log_level
+    t0 = time.monotonic()
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    _log_level = _level_from_env()
+    if not _IS_POSIX:
+        _emit(_envelope_error("unsupported_platform", "agent-exec runs on Linux and macOS only"))
+        return 1
+    parser = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.verbose:
+            _log_level = max(_log_level, 1 + min(args.verbose, 2))
+        args._t0 = t0
+        result = args.func(args)
+        if result is None:
+            return 0
+        out = {"schema_version": SCHEMA_VERSION, "ok": True, "type": args.command_name}
+        out.update(result)
+        _emit(out)
+        return 0
+    except UsageError as e:
+        try:
+            usage = parser.format_usage() if parser is not None else ""
+            sys.stderr.write(usage + "%s: error: %s\n" % (PROG, e.message))
+        except (OSError, ValueError):
+            pass
+        _emit(_envelope_error(e.code, e.message))
+        return e.exit_code
+    except AgentExecError as e:
+        _log(2, "%s: %s" % (e.code, e.message))
+        _emit(_envelope_error(e.code, e.message, e.retryable))
+        return e.exit_code
+    except SystemExit as e:  # --help, --version, and the supervisor's exit
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        _emit(_envelope_error("interrupted", "interrupted by the user", retryable=True))
+        return 1
+    except Exception as e:
+        if _log_level >= 3:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        else:
+            _log(0, "internal error: %r (run with -vv for the traceback)" % (e,))
+        _emit(_envelope_error("internal_error", "%s: %s" % (type(e).__name__, e)))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
