@@ -1898,7 +1898,9 @@ def cmd_kill(args) -> dict:
         _wait_lock(os.path.join(job["dir"], META), KILL_SETTLE_S)
         job = load_job(root, job_id)
     out = {"job_id": job_id, "signal": signal_name(sig), "state": job["status"], "sent": sent}
-    out.update(job_result_fields(job))
+    for key, value in job_result_fields(job).items():
+        if key != "signal":  # the job's own end signal is in `status`
+            out[key] = value
     return out
 
 
@@ -2081,7 +2083,7 @@ def response_schema() -> dict:
                 "cwd": S,
                 "updated_at": S,
             },
-            **result
+            **result,
         ),
     }
     defs = {
@@ -2122,7 +2124,7 @@ def response_schema() -> dict:
                     "snapshot": {"$ref": "#/definitions/snapshot"},
                     "final_snapshot": {"$ref": "#/definitions/snapshot"},
                 },
-                **result
+                **result,
             ),
         ),
         "status": resp(
@@ -2138,7 +2140,7 @@ def response_schema() -> dict:
                     "log_error": NS,
                     "descendants": {"type": "array", "items": I},
                 },
-                **result
+                **result,
             ),
         ),
         "tail": resp(
@@ -2175,14 +2177,20 @@ def response_schema() -> dict:
         "schema": resp(
             "schema",
             ["schema_format", "schema", "generated_at"],
-            {"schema_format": {"const": "json-schema-draft-07"}, "schema": {"type": "object"}, "generated_at": S},
+            {
+                "schema_format": {"const": "json-schema-draft-07"},
+                "schema": {"type": "object"},
+                "generated_at": S,
+            },
         ),
     }
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "agent-exec response",
         "definitions": defs,
-        "oneOf": [{"$ref": "#/definitions/%s" % name} for name in sorted(defs) if name != "snapshot"],
+        "oneOf": [
+            {"$ref": "#/definitions/%s" % name} for name in sorted(defs) if name != "snapshot"
+        ],
     }
 
 
@@ -2261,12 +2269,27 @@ def build_parser():
         return sub.add_parser(name, **kw)
 
     p = add("run", "start a background job")
-    p.add_argument("--snapshot-after", type=duration, default=DEFAULT_SNAPSHOT_AFTER_MS,
-                   metavar="MS", help="observe the job this long before answering (max 10000; 0 = at once)")
-    p.add_argument("--timeout", type=duration, default=0, metavar="MS",
-                   help="SIGTERM the job's process group at this deadline (0 = none)")
-    p.add_argument("--kill-after", type=duration, default=0, metavar="MS",
-                   help="SIGKILL this long after the timeout's SIGTERM")
+    p.add_argument(
+        "--snapshot-after",
+        type=duration,
+        default=DEFAULT_SNAPSHOT_AFTER_MS,
+        metavar="MS",
+        help="observe the job this long before answering (max 10000; 0 = at once)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=duration,
+        default=0,
+        metavar="MS",
+        help="SIGTERM the job's process group at this deadline (0 = none)",
+    )
+    p.add_argument(
+        "--kill-after",
+        type=duration,
+        default=0,
+        metavar="MS",
+        help="SIGKILL this long after the timeout's SIGTERM",
+    )
     p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
     p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
     p.add_argument("--cwd", metavar="DIR", help="working directory (default: the caller's)")
@@ -2274,16 +2297,26 @@ def build_parser():
     p.add_argument("--env-file", action="append", metavar="FILE")
     p.add_argument("--no-inherit-env", action="store_true", help="start from an empty environment")
     p.add_argument("--inherit-env", action="store_true", help="inherit the environment (default)")
-    p.add_argument("--mask", action="append", type=_arg_type(_env_key, "key"), metavar="KEY",
-                   help="never show KEY's value in any output or file")
+    p.add_argument(
+        "--mask",
+        action="append",
+        type=_arg_type(_env_key, "key"),
+        metavar="KEY",
+        help="never show KEY's value in any output or file",
+    )
     p.add_argument("--log", metavar="PATH", help="where full.log goes")
     p.add_argument("--progress-every", type=duration, default=0, metavar="MS")
     p.add_argument("--wait", action="store_true", help="block until the job is terminal")
     p.add_argument("--wait-poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
     p.add_argument("--notify-command", metavar="JSON_ARGV")
     p.add_argument("--notify-file", metavar="PATH")
-    p.add_argument("--notify-timeout", type=duration, default=DEFAULT_NOTIFY_TIMEOUT_MS,
-                   metavar="MS", help="kill a notify command after this long")
+    p.add_argument(
+        "--notify-timeout",
+        type=duration,
+        default=DEFAULT_NOTIFY_TIMEOUT_MS,
+        metavar="MS",
+        help="kill a notify command after this long",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     p.set_defaults(func=cmd_run)
 
@@ -2310,8 +2343,13 @@ def build_parser():
 
     p = add("list", "list jobs, newest first")
     p.add_argument("--state", choices=STATES)
-    p.add_argument("--limit", type=count, default=DEFAULT_LIST_LIMIT, metavar="N",
-                   help="at most N jobs (0 = all; default %d)" % DEFAULT_LIST_LIMIT)
+    p.add_argument(
+        "--limit",
+        type=count,
+        default=DEFAULT_LIST_LIMIT,
+        metavar="N",
+        help="at most N jobs (0 = all; default %d)" % DEFAULT_LIST_LIMIT,
+    )
     p.add_argument("--cwd", metavar="DIR", help="jobs started in DIR (default: here)")
     p.add_argument("--all", action="store_true", help="jobs from every directory")
     p.set_defaults(func=cmd_list)
