@@ -167,6 +167,10 @@ def _parse_rfc3339(text: str) -> float:
 
 
 _DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60000, "h": 3600000, "d": 86400000}
+# Longer than any job should wait, and small enough for every timer API.
+MAX_DURATION_MS = 100 * 365 * 86400000
+_DIGITS = frozenset("0123456789")
+_ENV_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 
 
 def parse_duration_ms(text: str) -> int:
@@ -180,15 +184,16 @@ def parse_duration_ms(text: str) -> int:
         if s.endswith(suffix):
             unit, s = suffix, s[: -len(suffix)]
             break
-    if not s or not all(c.isdigit() or c == "." for c in s) or s.count(".") > 1:
+    if not s or not all(c in _DIGITS or c == "." for c in s) or s.count(".") > 1 or s == ".":
         raise ValueError("invalid duration %r (use e.g. 500, 250ms, 5s, 2m, 1h)" % text)
-    if not unit:
-        if "." in s:
-            raise ValueError("invalid duration %r: a bare number is whole milliseconds" % text)
-        return int(s)
-    if s == ".":
-        raise ValueError("invalid duration %r" % text)
-    return int(round(float(s) * _DURATION_UNITS[unit]))
+    if not unit and "." in s:
+        raise ValueError("invalid duration %r: a bare number is whole milliseconds" % text)
+    if len(s) > 20:
+        raise ValueError("duration %r is too large (at most 100 years)" % text)
+    ms = int(s) if not unit else int(round(float(s) * _DURATION_UNITS[unit]))
+    if ms > MAX_DURATION_MS:
+        raise ValueError("duration %r is too large (at most 100 years)" % text)
+    return ms
 
 
 _SIZE_UNITS = {
@@ -210,11 +215,13 @@ def parse_size(text: str) -> int:
     """Parse a size: bytes, or a binary suffix (64k, 1M, 1MiB, 2G)."""
     s = str(text).strip().lower()
     i = 0
-    while i < len(s) and s[i].isdigit():
+    while i < len(s) and s[i] in _DIGITS:
         i += 1
     digits, unit = s[:i], s[i:].strip()
     if not digits or unit not in _SIZE_UNITS:
         raise ValueError("invalid size %r (use e.g. 65536, 64k, 1M, 1MiB, 2G)" % text)
+    if len(digits) > 30:
+        raise ValueError("size %r is too large" % text)
     return int(digits) * _SIZE_UNITS[unit]
 
 
@@ -264,7 +271,7 @@ def parse_signal(text: str) -> int:
     import signal
 
     s = str(text).strip()
-    if s.isdigit():
+    if s and all(c in _DIGITS for c in s) and len(s) < 6:
         num = int(s)
         if 1 <= num < getattr(signal, "NSIG", 65):
             return num
@@ -658,7 +665,12 @@ def _read_state(job_dir: str) -> "tuple":
         return None, "running"
     except (OSError, ValueError):
         return None, "unknown"
-    status = (state.get("job") or {}).get("status")
+    job = state.get("job")
+    if not isinstance(job, dict) or not all(
+        isinstance(state.get(k), (dict, type(None))) for k in ("result", "failure")
+    ):
+        return None, "unknown"  # not a state.json we wrote: say so, use none of it
+    status = job.get("status")
     if status not in STATES:
         status = "unknown"
     return state, status
@@ -790,13 +802,86 @@ def snapshot(job: dict, tail_lines: int, max_bytes: int) -> dict:
 # then lives on only while descendants still hold the pipes or still run.
 
 
+class _LogFile:
+    """An append-only log that never blocks and, with a cap, stays bounded.
+
+    Write errors (a full disk, EFBIG under RLIMIT_FSIZE, EIO) drop the bytes
+    and are reported once through ``on_error``: the workload is never blocked
+    and its result never changed by them.  With ``cap`` (--max-output), the
+    file is compacted when a write would pass the cap: its newest half is
+    copied to a new file that atomically replaces it (so a reader sees the
+    old file or the new one, never a torn one), and the bytes given up are
+    counted in ``dropped``.  The *end* of the output is what stays.
+    """
+
+    def __init__(self, path: str, cap: int, on_error) -> None:
+        self.path = path
+        self.cap = cap
+        self.on_error = on_error
+        self.size = 0
+        self.dropped = 0
+        self.fd = self._open(path, truncate=True)
+
+    def _open(self, path: str, truncate: bool) -> "int | None":
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        try:
+            return os.open(path, flags, 0o600)
+        except OSError as e:
+            self.on_error("cannot open %s: %s" % (path, e.strerror or e))
+            return None
+
+    def append(self, data: bytes) -> None:
+        if self.fd is None or not data:
+            return
+        if self.cap and self.size + len(data) > self.cap:
+            data = self._compact(data)
+        try:
+            _write_all(self.fd, data)
+            self.size += len(data)
+        except OSError as e:
+            self.on_error("cannot write %s: %s" % (self.path, e.strerror or e))
+            try:
+                self.size = os.fstat(self.fd).st_size
+            except OSError:
+                pass
+
+    def _compact(self, data: bytes) -> bytes:
+        cap = self.cap
+        if len(data) >= cap:
+            kept = b""
+            self.dropped += self.size + len(data) - cap
+            data = data[len(data) - cap :]
+        else:
+            keep = min(self.size, cap // 2, cap - len(data))
+            try:
+                kept = os.pread(self.fd, keep, self.size - keep) if keep else b""
+            except OSError:
+                kept = b""
+            self.dropped += self.size - len(kept)
+        tmp = "%s.%d.compact.tmp" % (self.path, os.getpid())
+        fd = self._open(tmp, truncate=True)
+        if fd is None:
+            return data
+        try:
+            _write_all(fd, kept)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            os.close(fd)
+            self.on_error("cannot compact %s: %s" % (self.path, e.strerror or e))
+            return data
+        os.close(self.fd)
+        self.fd = fd
+        self.size = len(kept)
+        return data
+
+
 class _Stream:
     """One of the workload's output pipes and where its bytes go."""
 
-    def __init__(self, name: str, fd: int, log_fd: "int | None") -> None:
+    def __init__(self, name: str, fd: int, log: _LogFile) -> None:
         self.name = name
         self.fd = fd
-        self.log_fd = log_fd
+        self.log = log
         self.tag = b" [STDOUT] " if name == "stdout" else b" [STDERR] "
         self.partial = b""  # full.log: text after the last newline
         self.partial_at = 0.0  # monotonic time the partial line was last extended
@@ -829,7 +914,7 @@ class _Supervisor:
         self.terminal = False
         self.notify_pid = None  # type: int | None
         self.streams = []  # type: list
-        self.full_fd = None  # type: int | None
+        self.full = None  # type: _LogFile | None
         self.control_fd = None  # type: int | None
         self.boot_id = _read_boot_id()
         # Lets readers tell our pid from a recycled one.
@@ -891,21 +976,16 @@ class _Supervisor:
             _log(1, "cannot create control FIFO: %s" % e)
             self.control_fd = None
 
-    def _open_log(self, path: str) -> "int | None":
-        try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        except OSError as e:
-            self._note_log_error("cannot open %s: %s" % (path, e.strerror))
-            return None
-
     def _spawn(self) -> None:
         import subprocess
 
         cfg = self.cfg
-        out_log = self._open_log(os.path.join(self.job_dir, STDOUT_LOG))
-        err_log = self._open_log(os.path.join(self.job_dir, STDERR_LOG))
+        cap = cfg.get("max_output") or 0
+        out_log = _LogFile(os.path.join(self.job_dir, STDOUT_LOG), cap, self._note_log_error)
+        err_log = _LogFile(os.path.join(self.job_dir, STDERR_LOG), cap, self._note_log_error)
         full_path = cfg.get("log_path") or os.path.join(self.job_dir, FULL_LOG)
-        self.full_fd = self._open_log(full_path)
+        # full.log carries both streams plus a prefix per row.
+        self.full = _LogFile(full_path, 3 * cap, self._note_log_error)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         for fd in (out_r, err_r):
@@ -969,7 +1049,9 @@ class _Supervisor:
             for t in (self.deadline, self.kill_deadline, next_progress, self._flush_due()):
                 if t is not None:
                     timeout = t - now if timeout is None else min(timeout, t - now)
-            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+            if timeout is not None:  # poll() takes a C int of milliseconds
+                timeout = min(max(0.0, timeout), 86400.0)
+            events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
             for fd, _ev in events:
                 if fd == self.wake_r:
                     _drain_fd(self.wake_r)
@@ -1043,13 +1125,13 @@ class _Supervisor:
             data = self._redact(s, data, final)
         if data:
             s.total += len(data)
-            if s.log_fd is not None:
-                self._write(s.log_fd, data, s.name + ".log")
-        if self.full_fd is None:
-            return
+            dropped = s.log.dropped
+            s.log.append(data)
+            if s.log.dropped != dropped and not self.terminal:
+                self._write_state(durable=False, quiet=True)
         rows = _full_log_rows(s, data, final)
-        if rows:
-            self._write(self.full_fd, rows, "full.log")
+        if rows and self.full is not None:
+            self.full.append(rows)
         if s.partial:
             s.partial_at = time.monotonic()
 
@@ -1084,22 +1166,16 @@ class _Supervisor:
                 self._flush_partial(s)
 
     def _flush_partial(self, s: _Stream) -> None:
-        if s.carry and self.secrets:
-            data, s.carry = s.carry, b""
-            if s.log_fd is not None:
-                self._write(s.log_fd, data, s.name + ".log")
-            s.partial += data
-        if s.partial and self.full_fd is not None:
+        """Write out a pending partial line as a full.log row.
+
+        A --mask carry is never flushed here: bytes that may begin a secret
+        wait for the bytes that follow them, or for the end of the stream.
+        """
+        if s.partial:
             row = _timestamp_prefix(s) + s.partial + b"\n"
             s.partial = b""
-            self._write(self.full_fd, row, "full.log")
-
-    def _write(self, fd: int, data: bytes, what: str) -> None:
-        try:
-            _write_all(fd, data)
-        except OSError as e:
-            # Disk full, EFBIG, EIO: drop the bytes, never block the workload.
-            self._note_log_error("cannot write %s: %s" % (what, e.strerror or e))
+            if self.full is not None:
+                self.full.append(row)
 
     def _note_log_error(self, message: str) -> None:
         if self.log_error is None:
@@ -1212,6 +1288,8 @@ class _Supervisor:
             "log_error": self.log_error,
             "stdout_bytes": self.streams[0].total if self.streams else 0,
             "stderr_bytes": self.streams[1].total if self.streams else 0,
+            "stdout_dropped_bytes": self.streams[0].log.dropped if self.streams else 0,
+            "stderr_dropped_bytes": self.streams[1].log.dropped if self.streams else 0,
         }
         if self.rusage is not None:
             ru = self.rusage
@@ -1523,7 +1601,16 @@ def _launch_supervisor(job_dir: str, lock_fd: int, cfg: dict) -> dict:
     rdy_r, rdy_w = os.pipe()
     script = _script_path()
     keep = {lock_fd, cfg_r, rdy_w}
-    argv = [sys.executable, "-I", "-S", script or "", "_supervise", job_dir]
+    # Load the file through the import system rather than as a script, so its
+    # cached bytecode is used and the supervisor does not recompile it.
+    # -I -S: no environment variables, user site or site-packages: the
+    # supervisor needs nothing but the standard library.
+    boot = (
+        "import sys,importlib.util as u;"
+        "s=u.spec_from_file_location('agent_exec_supervisor',sys.argv[1]);"
+        "m=u.module_from_spec(s);s.loader.exec_module(m);sys.exit(m.main(sys.argv[2:]))"
+    )
+    argv = [sys.executable, "-I", "-S", "-c", boot, script or "", "_supervise", job_dir]
     argv += ["--fds", "%d,%d,%d" % (lock_fd, cfg_r, rdy_w)]
     for stream in (sys.stdout, sys.stderr):
         try:  # nothing buffered may be written twice, by parent and child
@@ -1643,7 +1730,7 @@ def _parse_env_file(path: str) -> "list":
 
 
 def _valid_env_key(key: str) -> bool:
-    return bool(key) and not key[0].isdigit() and all(c.isalnum() or c == "_" for c in key)
+    return bool(key) and key[0] not in _DIGITS and all(c in _ENV_KEY_CHARS for c in key)
 
 
 def _resolve_command(argv0: str, cwd: str, env: dict) -> str:
@@ -1749,6 +1836,7 @@ def cmd_run(args) -> dict:
         "inherit_env": not args.no_inherit_env,
         "timeout_ms": args.timeout,
         "kill_after_ms": args.kill_after,
+        "max_output": args.max_output or None,
         "log_path": log_path or os.path.join(job_dir, FULL_LOG),
         "agent_exec_version": __version__,
     }
@@ -1767,6 +1855,7 @@ def cmd_run(args) -> dict:
         "notify_command": notify_command,
         "notify_file": notify_file,
         "notify_timeout_ms": args.notify_timeout,
+        "max_output": args.max_output,
     }
     try:
         ready = _launch_supervisor(job_dir, lock_fd, cfg)
@@ -1844,6 +1933,7 @@ def cmd_status(args) -> dict:
     if state.get("pid") is not None:
         out["pid"] = state["pid"]
     out["log_error"] = state.get("log_error")
+    out.update(_dropped(state))
     if job["status"] == "running" and state.get("updated_at"):
         out["updated_at"] = state["updated_at"]
     descendants = _live_descendants(job)
@@ -1871,7 +1961,16 @@ def cmd_tail(args) -> dict:
     out = {"job_id": job_id, "state": job["status"]}
     out.update(snapshot(job, args.tail_lines, args.max_bytes))
     out.update(job_paths(job))
+    out.update(_dropped(job["state"] or {}))
     return out
+
+
+def _dropped(state: dict) -> dict:
+    """Bytes that --max-output gave up, per stream (0 without a cap)."""
+    return {
+        "stdout_dropped_bytes": state.get("stdout_dropped_bytes") or 0,
+        "stderr_dropped_bytes": state.get("stderr_dropped_bytes") or 0,
+    }
 
 
 def cmd_wait(args) -> dict:
@@ -1968,6 +2067,7 @@ def cmd_list(args) -> dict:
     limit = args.limit
     try:
         names = sorted((n for n in os.listdir(root) if is_job_id(n)), reverse=True)
+        names = [n for n in names if _is_job_dir(os.path.join(root, n))]
     except OSError as e:
         raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
     for name in names:
@@ -2213,8 +2313,8 @@ def _arg_type(parse, what: str):
 
 def _nonneg_int(text: str) -> int:
     s = str(text).strip()
-    if not s.isdigit():
-        raise ValueError("expected a whole number >= 0, got %r" % text)
+    if not s or not all(c in _DIGITS for c in s) or len(s) > 18:
+        raise ValueError("expected a whole number >= 0, got %r" % _short(text))
     return int(s)
 
 
@@ -2316,6 +2416,13 @@ def build_parser():
         default=DEFAULT_NOTIFY_TIMEOUT_MS,
         metavar="MS",
         help="kill a notify command after this long",
+    )
+    p.add_argument(
+        "--max-output",
+        type=size,
+        default=0,
+        metavar="SIZE",
+        help="keep at most SIZE bytes per stream on disk, the newest (0 = no limit)",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     p.set_defaults(func=cmd_run)

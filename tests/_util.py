@@ -84,6 +84,8 @@ def _kill_everything_in(root):
                 state = json.load(f)
         except (OSError, ValueError):
             continue
+        if not isinstance(state, dict):
+            continue
         pids = []
         for key in ("pid", "supervisor_pid"):
             if isinstance(state.get(key), int):

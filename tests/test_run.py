@@ -1,0 +1,1010 @@
+"""Tests for `run`: the response, the job directory, env handling, snapshots,
+pre-flight errors, secrets and the stdin (`python3 -`) fallback.
+
+Every test drives the real CLI as a subprocess against a private jobs root
+(see tests/_util.py).
+"""
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+import unittest
+import uuid
+
+from tests._util import CALL_TIMEOUT, PY, SCRIPT, CLITestCase, wait_until
+
+ULID_RE = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
+TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+FULL_ROW_RE = re.compile(
+    r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z) \[(STDOUT|STDERR)\] (.*)$"
+)
+TERMINAL = ("exited", "killed", "failed")
+SH = "/bin/sh"
+ENV_BIN = shutil.which("env") or "/usr/bin/env"
+SNAPSHOT_KEYS = (
+    "stdout_tail",
+    "stderr_tail",
+    "truncated",
+    "encoding",
+    "stdout_observed_bytes",
+    "stderr_observed_bytes",
+    "stdout_included_bytes",
+    "stderr_included_bytes",
+)
+
+
+def job_entries(root):
+    """Names in the root that look like job ids ([] when the root is absent)."""
+    if not os.path.isdir(root):
+        return []
+    return [n for n in os.listdir(root) if ULID_RE.match(n)]
+
+
+class RunTestCase(CLITestCase):
+    def assertTimestamp(self, value, what=""):
+        self.assertIsInstance(value, str, what)
+        self.assertRegex(value, TS_RE, what)
+
+    def read_json(self, path):
+        with open(path) as f:
+            return json.load(f)
+
+    def read_meta(self, job_id):
+        return self.read_json(os.path.join(self.job_dir(job_id), "meta.json"))
+
+    def read_bytes(self, path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    def wait_terminal(self, job_id, timeout_ms=30000):
+        w = self.wait_job(job_id, timeout_ms)
+        self.assertIn(w["state"], TERMINAL, w)
+        return w
+
+    def kill_job(self, job_id):
+        """Best effort: stop a job this test started."""
+        try:
+            self.cli("kill", "--signal", "KILL", job_id, timeout=20)
+            self.cli("wait", "--timeout-ms", "5000", job_id, timeout=20)
+        except Exception:
+            pass
+
+    def make_dir(self, name):
+        path = os.path.join(self.tmp, name)
+        os.makedirs(path)
+        return path
+
+    def write_file(self, path, text, mode=None):
+        with open(path, "w") as f:
+            f.write(text)
+        if mode is not None:
+            os.chmod(path, mode)
+        return path
+
+    def assertNoJobCreated(self):
+        self.assertEqual(job_entries(self.root), [], "a job directory was created")
+
+
+# --------------------------------------------------------------------------
+# The response
+# --------------------------------------------------------------------------
+
+
+class TestRunResponse(RunTestCase):
+    def test_response_fields_running_job_without_snapshot(self):
+        t0 = time.monotonic()
+        j = self.ok("run", "--snapshot-after", "0", "--", "sleep", "30")
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.assertLess(time.monotonic() - t0, 10.0)
+        self.assertEqual(j["schema_version"], "0.1")
+        self.assertEqual(j["type"], "run")
+        self.assertRegex(j["job_id"], ULID_RE)
+        self.assertEqual(len(j["job_id"]), 26)
+        self.assertEqual(j["state"], "running")
+        jd = self.job_dir(j["job_id"])
+        self.assertEqual(j["stdout_log_path"], os.path.join(jd, "stdout.log"))
+        self.assertEqual(j["stderr_log_path"], os.path.join(jd, "stderr.log"))
+        self.assertIsInstance(j["waited_ms"], int)
+        self.assertIsInstance(j["elapsed_ms"], int)
+        self.assertGreaterEqual(j["waited_ms"], 0)
+        self.assertGreaterEqual(j["elapsed_ms"], 0)
+        self.assertNotIn("snapshot", j)
+        self.assertNotIn("final_snapshot", j)
+        self.assertNotIn("exit_code", j)
+        self.assertNotIn("finished_at", j)
+        self.assertNotIn("env_vars", j)
+        # run answers only once meta.json and state.json exist
+        self.assertTrue(os.path.isfile(os.path.join(jd, "meta.json")))
+        self.assertTrue(os.path.isfile(os.path.join(jd, "state.json")))
+        self.assertEqual(self.read_state(j["job_id"])["job"]["status"], "running")
+
+    def test_response_fields_terminal_job_with_snapshot(self):
+        j = self.ok("run", "--snapshot-after", "5000", "--", SH, "-c", "echo hello; echo oops >&2")
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j["exit_code"], 0)
+        self.assertTimestamp(j["finished_at"])
+        self.assertIn("snapshot", j)
+        snap = j["snapshot"]
+        for key in SNAPSHOT_KEYS:
+            self.assertIn(key, snap)
+        self.assertEqual(snap["stdout_tail"].rstrip("\n"), "hello")
+        self.assertEqual(snap["stderr_tail"].rstrip("\n"), "oops")
+        self.assertEqual(snap["encoding"], "utf-8-lossy")
+        self.assertIs(snap["truncated"], False)
+        self.assertLessEqual(j["waited_ms"], j["elapsed_ms"] + 1)
+        self.assertNotIn("final_snapshot", j)  # only with --wait
+
+    def test_job_ids_are_ulids_sorted_by_creation(self):
+        ids = []
+        for _ in range(3):
+            ids.append(self.ok("run", "--snapshot-after", "0", "--", "true")["job_id"])
+            time.sleep(0.01)
+        for i in ids:
+            self.assertRegex(i, ULID_RE)
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 3)
+        for i in ids:
+            self.wait_terminal(i)
+
+    def test_snapshot_after_early_return_when_job_ends(self):
+        t0 = time.monotonic()
+        j = self.ok("run", "--snapshot-after", "30000", "--", "true")
+        took = time.monotonic() - t0
+        self.assertLess(took, 5.0, "run did not return early when the job ended")
+        self.assertEqual(j["state"], "exited")
+        self.assertEqual(j["exit_code"], 0)
+        self.assertIn("snapshot", j)
+        self.assertLess(j["waited_ms"], 5000)
+
+    def test_snapshot_after_is_clamped_to_10s(self):
+        t0 = time.monotonic()
+        j = self.ok("run", "--snapshot-after", "60000", "--", "sleep", "30", timeout=40)
+        took = time.monotonic() - t0
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.assertEqual(j["state"], "running")
+        self.assertIn("snapshot", j)
+        self.assertGreaterEqual(took, 9.0)
+        self.assertLess(took, 20.0, "snapshot-after was not clamped to 10000 ms")
+        self.assertGreaterEqual(j["waited_ms"], 9000)
+        self.assertLessEqual(j["waited_ms"], 12000)
+
+    def test_wait_blocks_until_terminal(self):
+        t0 = time.monotonic()
+        j = self.ok(
+            "run", "--snapshot-after", "100", "--wait", "--", SH, "-c", "sleep 1; echo done"
+        )
+        took = time.monotonic() - t0
+        self.assertGreaterEqual(took, 0.9)
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j["exit_code"], 0)
+        self.assertTimestamp(j["finished_at"])
+        self.assertIn("final_snapshot", j)
+        for key in SNAPSHOT_KEYS:
+            self.assertIn(key, j["final_snapshot"])
+        self.assertEqual(j["final_snapshot"]["stdout_tail"].rstrip("\n"), "done")
+        self.assertGreaterEqual(j["waited_ms"], 900)
+
+    def test_wait_poll_ms_accepted(self):
+        j = self.ok("run", "--wait", "--wait-poll-ms", "50", "--", SH, "-c", "sleep 0.3")
+        self.assertEqual(j["state"], "exited", j)
+
+    def test_wait_with_snapshot_after_zero_still_blocks(self):
+        j = self.ok("run", "--snapshot-after", "0", "--wait", "--", SH, "-c", "sleep 0.5; exit 3")
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j["exit_code"], 3)
+        self.assertIn("final_snapshot", j)
+
+    def test_exit_code_recorded_in_response(self):
+        j = self.ok("run", "--snapshot-after", "5000", "--", SH, "-c", "exit 5")
+        self.assertEqual(j["state"], "exited")
+        self.assertEqual(j["exit_code"], 5)
+
+
+# --------------------------------------------------------------------------
+# The job directory
+# --------------------------------------------------------------------------
+
+
+class TestJobDirectory(RunTestCase):
+    def run_with_umask_000(self, *args):
+        argv = [SH, "-c", 'umask 000; exec "$0" "$@"', PY, SCRIPT] + list(args)
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env(),
+            cwd=self.tmp,
+            timeout=CALL_TIMEOUT,
+            universal_newlines=True,
+        )
+        self.assertEqual(proc.returncode, 0, proc)
+        return json.loads(proc.stdout)
+
+    def test_modes_under_umask_000(self):
+        notify = os.path.join(self.tmp, "ev.ndjson")
+        j = self.run_with_umask_000(
+            "run",
+            "--snapshot-after",
+            "0",
+            "--wait",
+            "--notify-file",
+            notify,
+            "--",
+            SH,
+            "-c",
+            "echo out; echo err >&2",
+        )
+        self.assertEqual(j["state"], "exited", j)
+        jd = self.job_dir(j["job_id"])
+        # the completion event is written after the terminal state
+        wait_until(lambda: os.path.exists(os.path.join(jd, "completion_event.json")), 10)
+        time.sleep(0.2)
+        self.assertEqual(stat.S_IMODE(os.stat(self.root).st_mode), 0o700, "root mode")
+        self.assertEqual(stat.S_IMODE(os.stat(jd).st_mode), 0o700, "job dir mode")
+        names = sorted(os.listdir(jd))
+        for expected in (
+            "meta.json",
+            "state.json",
+            "stdout.log",
+            "stderr.log",
+            "full.log",
+            "completion_event.json",
+        ):
+            self.assertIn(expected, names)
+        for name in names:
+            path = os.path.join(jd, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                self.assertEqual(stat.S_IMODE(st.st_mode), 0o600, "mode of %s" % name)
+
+    def test_meta_json(self):
+        real = self.make_dir("realcwd")
+        link = os.path.join(self.tmp, "linkcwd")
+        os.symlink(real, link)
+        j = self.ok(
+            "run",
+            "--snapshot-after",
+            "0",
+            "--cwd",
+            link,
+            "--env",
+            "FOO=barvalue-123",
+            "--",
+            "echo",
+            "a b",
+            "c",
+        )
+        jid = j["job_id"]
+        self.wait_terminal(jid)
+        meta = self.read_meta(jid)
+        self.assertEqual(meta["schema_version"], "0.1")
+        self.assertEqual(meta["job"]["id"], jid)
+        self.assertEqual(meta["command"], ["echo", "a b", "c"])
+        self.assertTrue(os.path.isabs(meta["cwd"]))
+        self.assertEqual(meta["cwd"], os.path.realpath(real))
+        self.assertTimestamp(meta["created_at"])
+        self.assertEqual(os.path.realpath(meta["root"]), os.path.realpath(self.root))
+        self.assertIn("FOO", meta["env_keys"])
+        for key in meta["env_keys"]:
+            self.assertNotIn("=", key)
+        self.assertIn("mask", meta)
+        with open(os.path.join(self.job_dir(jid), "meta.json")) as f:
+            self.assertNotIn("barvalue-123", f.read())
+
+    def test_meta_cwd_defaults_to_callers_directory(self):
+        d = self.make_dir("caller")
+        j = self.ok("run", "--snapshot-after", "5000", "--", "pwd", cwd=d)
+        self.assertEqual(self.read_meta(j["job_id"])["cwd"], os.path.realpath(d))
+        self.assertEqual(j["snapshot"]["stdout_tail"].rstrip("\n"), os.path.realpath(d))
+
+    def test_state_json_keys_while_running_and_after(self):
+        j = self.ok("run", "--snapshot-after", "0", "--", "sleep", "30")
+        jid = j["job_id"]
+        self.addCleanup(self.kill_job, jid)
+        st = self.read_state(jid)
+        self.check_state_keys(st, jid)
+        self.assertEqual(st["job"]["status"], "running")
+        self.assertIsNone(st["result"]["exit_code"])
+        self.assertIsNone(st["result"]["signal"])
+        self.assertIsNone(st["result"]["duration_ms"])
+        self.assertIsNone(st["finished_at"])
+        self.assertTimestamp(st["job"]["started_at"])
+        self.assertTimestamp(st["updated_at"])
+        # pid may be null for an instant, but a running sleep must get one
+        self.assertTrue(wait_until(lambda: isinstance(self.read_state(jid).get("pid"), int), 5))
+        self.ok("kill", jid)
+        self.wait_terminal(jid)
+        st = self.read_state(jid)
+        self.check_state_keys(st, jid)
+        self.assertEqual(st["job"]["status"], "killed")
+        self.assertTimestamp(st["finished_at"])
+        self.assertIsInstance(st["result"]["duration_ms"], int)
+
+    def test_state_json_after_exit(self):
+        j = self.ok("run", "--snapshot-after", "5000", "--", SH, "-c", "exit 4")
+        st = self.read_state(j["job_id"])
+        self.check_state_keys(st, j["job_id"])
+        self.assertEqual(st["job"]["status"], "exited")
+        self.assertEqual(st["result"]["exit_code"], 4)
+        self.assertIsNone(st["result"]["signal"])
+        self.assertIsInstance(st["result"]["duration_ms"], int)
+        self.assertGreaterEqual(st["result"]["duration_ms"], 0)
+        self.assertTimestamp(st["finished_at"])
+        self.assertTimestamp(st["updated_at"])
+        self.assertTimestamp(st["job"]["started_at"])
+        self.assertIsInstance(st["pid"], int)
+        self.assertEqual(st["finished_at"], j["finished_at"])
+        self.assertIn("supervisor_pid", st)
+        self.assertIn("failure", st)
+        self.assertIsNone(st["failure"])
+
+    def check_state_keys(self, st, jid):
+        self.assertEqual(st["job"]["id"], jid)
+        for key in ("status", "started_at"):
+            self.assertIn(key, st["job"])
+        for key in ("exit_code", "signal", "duration_ms"):
+            self.assertIn(key, st["result"])
+        for key in ("pid", "finished_at", "updated_at"):
+            self.assertIn(key, st)
+
+    def test_logs_are_byte_exact(self):
+        # all 256 byte values on stdout, octal escapes and a last line without newline on stderr
+        code = "import sys; sys.stdout.buffer.write(bytes(range(256)) * 3 + b'\\nno newline')"
+        j = self.ok("run", "--snapshot-after", "0", "--", PY, "-c", code)
+        j2 = self.ok(
+            "run", "--snapshot-after", "0", "--", SH, "-c", r"printf 'a\377\376b\000c\nlast' >&2"
+        )
+        self.wait_terminal(j["job_id"])
+        self.wait_terminal(j2["job_id"])
+        self.assertEqual(
+            self.read_bytes(j["stdout_log_path"]), bytes(range(256)) * 3 + b"\nno newline"
+        )
+        self.assertEqual(self.read_bytes(j["stderr_log_path"]), b"")
+        self.assertEqual(self.read_bytes(j2["stderr_log_path"]), b"a\xff\xfeb\x00c\nlast")
+        self.assertEqual(self.read_bytes(j2["stdout_log_path"]), b"")
+
+    def test_large_output_is_complete(self):
+        code = (
+            "import sys\n"
+            "for i in range(20000): sys.stdout.write('line %06d ' % i + 'x' * 80 + '\\n')\n"
+            "sys.stderr.write('y' * 300000)\n"
+        )
+        j = self.ok("run", "--snapshot-after", "0", "--wait", "--", PY, "-c", code)
+        self.assertEqual(j["state"], "exited", j)
+        out = self.read_bytes(j["stdout_log_path"])
+        self.assertEqual(out.count(b"\n"), 20000)
+        self.assertTrue(out.startswith(b"line 000000 "))
+        self.assertTrue(out.endswith(b"line 019999 " + b"x" * 80 + b"\n"))
+        self.assertEqual(self.read_bytes(j["stderr_log_path"]), b"y" * 300000)
+
+    def test_long_line_without_newline_does_not_block(self):
+        code = "import sys; sys.stdout.write('a' * 3000000); sys.stderr.write('b' * 1000000)"
+        t0 = time.monotonic()
+        j = self.ok("run", "--snapshot-after", "0", "--wait", "--", PY, "-c", code)
+        self.assertLess(time.monotonic() - t0, 20.0)
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(os.path.getsize(j["stdout_log_path"]), 3000000)
+        self.assertEqual(os.path.getsize(j["stderr_log_path"]), 1000000)
+        self.assertLessEqual(j["final_snapshot"]["stdout_included_bytes"], 65536)
+        self.assertIs(j["final_snapshot"]["truncated"], True)
+
+    def test_progress_every_refreshes_updated_at(self):
+        j = self.ok("run", "--snapshot-after", "0", "--progress-every", "200", "--", "sleep", "30")
+        jid = j["job_id"]
+        self.addCleanup(self.kill_job, jid)
+        first = self.read_state(jid)["updated_at"]
+        self.assertTrue(
+            wait_until(lambda: self.read_state(jid)["updated_at"] != first, 5),
+            "updated_at was not refreshed",
+        )
+        self.assertTimestamp(self.read_state(jid)["updated_at"])
+        self.assertEqual(self.read_state(jid)["job"]["status"], "running")
+
+    def test_full_log_rows(self):
+        j = self.ok(
+            "run",
+            "--snapshot-after",
+            "0",
+            "--",
+            SH,
+            "-c",
+            "echo out1; sleep 0.3; echo err1 >&2; sleep 0.3; echo out2; sleep 0.3; "
+            "printf errlast >&2; sleep 0.3; printf outlast",
+        )
+        self.wait_terminal(j["job_id"])
+        full = os.path.join(self.job_dir(j["job_id"]), "full.log")
+        with open(full, "rb") as f:
+            text = f.read().decode("utf-8")
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        rows = []
+        for line in lines:
+            m = FULL_ROW_RE.match(line)
+            self.assertIsNotNone(m, "bad full.log row %r in %r" % (line, text))
+            self.assertRegex(m.group(1), TS_RE)
+            rows.append((m.group(2), m.group(3)))
+        self.assertEqual(
+            rows,
+            [
+                ("STDOUT", "out1"),
+                ("STDERR", "err1"),
+                ("STDOUT", "out2"),
+                ("STDERR", "errlast"),
+                ("STDOUT", "outlast"),
+            ],
+        )
+
+    def test_log_option_moves_full_log(self):
+        target = os.path.join(self.tmp, "elsewhere", "my.log")
+        os.makedirs(os.path.dirname(target))
+        j = self.ok("run", "--snapshot-after", "0", "--log", target, "--", "echo", "via-log")
+        self.wait_terminal(j["job_id"])
+        self.assertTrue(
+            wait_until(lambda: os.path.exists(target) and b"via-log" in self.read_bytes(target), 5)
+        )
+        row = self.read_bytes(target).decode().splitlines()[0]
+        m = FULL_ROW_RE.match(row)
+        self.assertIsNotNone(m, row)
+        self.assertEqual((m.group(2), m.group(3)), ("STDOUT", "via-log"))
+
+
+# --------------------------------------------------------------------------
+# Pre-flight errors: nothing is created
+# --------------------------------------------------------------------------
+
+
+class TestPreflight(RunTestCase):
+    def test_cwd_not_found(self):
+        self.fail_with(
+            "cwd_not_found", "run", "--cwd", os.path.join(self.tmp, "nope"), "--", "true"
+        )
+        self.assertNoJobCreated()
+
+    def test_cwd_is_a_file(self):
+        f = self.write_file(os.path.join(self.tmp, "afile"), "x")
+        r = self.cli("run", "--cwd", f, "--", "true")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn(r.json["error"]["code"], ("cwd_not_found", "invalid_argument"), r)
+        self.assertNoJobCreated()
+
+    def test_command_not_found_bare_name(self):
+        self.fail_with(
+            "command_not_found", "run", "--", "no-such-command-%s" % uuid.uuid4().hex[:8]
+        )
+        self.assertNoJobCreated()
+
+    def test_command_not_found_on_env_path(self):
+        empty = self.make_dir("emptybin")
+        self.fail_with(
+            "command_not_found", "run", "--env", "PATH=%s" % empty, "--", "sh", "-c", "true"
+        )
+        self.assertNoJobCreated()
+
+    def test_command_found_on_env_path_only(self):
+        bindir = self.make_dir("mybin")
+        self.write_file(os.path.join(bindir, "only-here-cmd"), "#!/bin/sh\necho found-it\n", 0o755)
+        j = self.ok(
+            "run",
+            "--snapshot-after",
+            "5000",
+            "--env",
+            "PATH=%s:/usr/bin:/bin" % bindir,
+            "--",
+            "only-here-cmd",
+        )
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j["snapshot"]["stdout_tail"].rstrip("\n"), "found-it")
+
+    def test_relative_path_resolved_against_cwd_not_executable(self):
+        d = self.make_dir("jobcwd")
+        self.write_file(os.path.join(d, "script.sh"), "#!/bin/sh\necho hi\n", 0o644)
+        self.fail_with("command_not_found", "run", "--cwd", d, "--", "./script.sh")
+        self.assertNoJobCreated()
+
+    def test_relative_path_resolved_against_cwd_missing(self):
+        d = self.make_dir("jobcwd")
+        # exists (and is executable) relative to the caller's cwd, not the job's
+        self.write_file(os.path.join(self.tmp, "script.sh"), "#!/bin/sh\necho hi\n", 0o755)
+        self.fail_with("command_not_found", "run", "--cwd", d, "--", "./script.sh")
+        self.assertNoJobCreated()
+
+    def test_relative_path_resolved_against_cwd_ok(self):
+        d = self.make_dir("jobcwd")
+        self.write_file(os.path.join(d, "script.sh"), "#!/bin/sh\necho rel-ok\n", 0o755)
+        j = self.ok("run", "--snapshot-after", "5000", "--cwd", d, "--", "./script.sh")
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j["snapshot"]["stdout_tail"].rstrip("\n"), "rel-ok")
+
+    def test_directory_is_not_an_executable_file(self):
+        d = self.make_dir("adir")
+        os.chmod(d, 0o755)
+        self.fail_with("command_not_found", "run", "--", d)
+        self.assertNoJobCreated()
+
+    def test_env_file_unreadable(self):
+        self.fail_with(
+            "invalid_argument",
+            "run",
+            "--env-file",
+            os.path.join(self.tmp, "missing.env"),
+            "--",
+            "true",
+        )
+        self.assertNoJobCreated()
+        d = self.make_dir("dir.env")
+        self.fail_with("invalid_argument", "run", "--env-file", d, "--", "true")
+        self.assertNoJobCreated()
+
+    def test_env_file_malformed_line(self):
+        f = self.write_file(os.path.join(self.tmp, "bad.env"), "GOOD=1\nthis line is not valid\n")
+        self.fail_with("invalid_argument", "run", "--env-file", f, "--", "true")
+        self.assertNoJobCreated()
+
+    def test_notify_command_malformed(self):
+        for bad in ("not json", "[]", '["/bin/echo", 1]', '{"a": "b"}', '"echo"', "[null]"):
+            self.fail_with("usage_error", "run", "--notify-command", bad, "--", "true", exit_code=2)
+        self.assertNoJobCreated()
+
+    def test_inherit_env_conflict(self):
+        self.fail_with(
+            "usage_error", "run", "--no-inherit-env", "--inherit-env", "--", "true", exit_code=2
+        )
+        self.fail_with(
+            "usage_error", "run", "--inherit-env", "--no-inherit-env", "--", "true", exit_code=2
+        )
+        self.assertNoJobCreated()
+
+    def test_usage_error_has_json_and_usage_on_stderr(self):
+        r = self.cli("run", "--snapshot-after", "-5", "--", "true")
+        self.assertEqual(r.code, 2, r)
+        self.assertEqual(r.json["error"]["code"], "usage_error", r)
+        self.assertTrue(r.stderr.strip(), "usage text expected on stderr")
+        self.assertNoJobCreated()
+
+    def test_missing_command_is_usage_error(self):
+        self.fail_with("usage_error", "run", exit_code=2)
+        self.assertNoJobCreated()
+
+
+# --------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------
+
+
+class TestEnvironment(RunTestCase):
+    def env_of_job(self, *opts, **kw):
+        j = self.ok("run", "--snapshot-after", "0", *opts, "--", ENV_BIN, **kw)
+        self.wait_terminal(j["job_id"])
+        out = self.read_bytes(j["stdout_log_path"]).decode()
+        env = {}
+        for line in out.splitlines():
+            if "=" in line:
+                k, v = line.split("=", 1)
+                env[k] = v
+        return j, env
+
+    def test_env_file_syntax_and_order(self):
+        f1 = self.write_file(
+            os.path.join(self.tmp, "one.env"),
+            "\n".join(
+                [
+                    "# a comment",
+                    "",
+                    "PLAIN=plain value",
+                    "export EXPORTED=exp",
+                    'DQ="double quoted"',
+                    "SQ='single quoted'",
+                    "EQ=a=b=c",
+                    "ORDER=file1",
+                    "ORDER2=file1",
+                    "ORDER3=file1",
+                    "",
+                ]
+            ),
+        )
+        f2 = self.write_file(os.path.join(self.tmp, "two.env"), "ORDER=file2\nORDER2=file2\n")
+        j, env = self.env_of_job(
+            "--env", "ORDER2=cli", "--env-file", f1, "--env-file", f2, "--env", "CLI=x y"
+        )
+        self.assertEqual(env.get("PLAIN"), "plain value")
+        self.assertEqual(env.get("EXPORTED"), "exp")
+        self.assertNotIn("export EXPORTED", env)
+        self.assertEqual(env.get("DQ"), "double quoted")
+        self.assertEqual(env.get("SQ"), "single quoted")
+        self.assertEqual(env.get("EQ"), "a=b=c")
+        self.assertEqual(env.get("ORDER"), "file2")  # later env-file wins
+        self.assertEqual(env.get("ORDER2"), "cli")  # --env applied after every env-file
+        self.assertEqual(env.get("ORDER3"), "file1")
+        self.assertEqual(env.get("CLI"), "x y")
+        for k in env:
+            self.assertFalse(k.startswith("#"), k)
+        self.assertIn("CLI=x y", j["env_vars"])
+        self.assertIn("ORDER2=cli", j["env_vars"])
+
+    def test_inherits_callers_env_by_default(self):
+        marker = "M" + uuid.uuid4().hex[:10]
+        _, env = self.env_of_job("--env", "A=1", env=self.env(AE_TEST_MARKER=marker))
+        self.assertEqual(env.get("AE_TEST_MARKER"), marker)
+        self.assertEqual(env.get("A"), "1")
+        _, env = self.env_of_job("--inherit-env", env=self.env(AE_TEST_MARKER=marker))
+        self.assertEqual(env.get("AE_TEST_MARKER"), marker)
+
+    def test_no_inherit_env(self):
+        marker = "M" + uuid.uuid4().hex[:10]
+        j, env = self.env_of_job(
+            "--no-inherit-env",
+            "--env",
+            "A=1",
+            "--env",
+            "B=two",
+            env=self.env(AE_TEST_MARKER=marker),
+        )
+        self.assertEqual(env, {"A": "1", "B": "two"})
+        self.assertEqual(sorted(j["env_vars"]), ["A=1", "B=two"])
+
+    def test_env_vars_absent_without_env(self):
+        j = self.ok("run", "--snapshot-after", "0", "--", "true")
+        self.assertNotIn("env_vars", j)
+        self.wait_terminal(j["job_id"])
+
+    def test_env_value_containing_equals(self):
+        j = self.ok(
+            "run",
+            "--snapshot-after",
+            "0",
+            "--env",
+            "K=a=b",
+            "--",
+            PY,
+            "-c",
+            "import os,sys; sys.stdout.write(os.environ['K'])",
+        )
+        self.wait_terminal(j["job_id"])
+        self.assertEqual(self.read_bytes(j["stdout_log_path"]), b"a=b")
+        self.assertIn("K=a=b", j["env_vars"])
+
+    def test_malformed_env_option_is_an_error(self):
+        r = self.cli("run", "--env", "NOEQUALS", "--", "true")
+        self.assertIn(r.code, (1, 2), r)
+        self.assertIs(r.json["ok"], False, r)
+        self.assertIn(r.json["error"]["code"], ("usage_error", "invalid_argument"), r)
+        self.assertNoJobCreated()
+
+
+# --------------------------------------------------------------------------
+# Masking and secrets
+# --------------------------------------------------------------------------
+
+
+class TestMaskAndSecrets(RunTestCase):
+    def all_files_under(self, top):
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                # only regular files: the job dir may hold a FIFO (opening it would block)
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    yield path
+
+    def assertNotInAnyFile(self, needle, top, skip=()):
+        needle_b = needle.encode()
+        for path in self.all_files_under(top):
+            if os.path.basename(path) in skip:
+                continue
+            data = self.read_bytes(path)
+            self.assertNotIn(needle_b, data, "secret found in %s" % path)
+
+    def test_masked_value_in_no_output_and_no_file(self):
+        secret = "sekret-" + uuid.uuid4().hex
+        events = os.path.join(self.tmp, "ev.ndjson")
+        outputs = []
+        r = self.cli(
+            "run",
+            "--snapshot-after",
+            "3000",
+            "--wait",
+            "--env",
+            "API_KEY=%s" % secret,
+            "--env",
+            "OTHER=visible",
+            "--mask",
+            "API_KEY",
+            "--notify-file",
+            events,
+            "--",
+            SH,
+            "-c",
+            'echo started; test -n "$API_KEY" && echo has-key',
+        )
+        outputs.append(r)
+        self.assertEqual(r.code, 0, r)
+        j = r.json
+        jid = j["job_id"]
+        self.assertEqual(j["state"], "exited", j)
+        self.assertIn("API_KEY=***", j["env_vars"])
+        self.assertIn("OTHER=visible", j["env_vars"])
+        self.assertIn("has-key", j["final_snapshot"]["stdout_tail"])  # the workload still got it
+        for args in (
+            ("status", jid),
+            ("tail", jid),
+            ("wait", jid),
+            ("list", "--all"),
+            ("kill", jid),
+            ("schema",),
+        ):
+            outputs.append(self.cli(*args))
+        for res in outputs:
+            self.assertNotIn(secret, res.stdout, res.argv)
+            self.assertNotIn(secret, res.stderr, res.argv)
+        wait_until(lambda: os.path.exists(events), 10)
+        time.sleep(0.2)
+        self.assertNotInAnyFile(secret, self.root)
+        self.assertNotInAnyFile(secret, os.path.dirname(events), skip=())
+        meta = self.read_meta(jid)
+        self.assertIn("API_KEY", meta["mask"])
+
+    def test_masked_value_printed_by_workload_appears_nowhere(self):
+        # "the value of KEY never appears in any output or file": even when the
+        # workload prints it (whole, and split across two writes), neither the
+        # logs, full.log, snapshots, tail nor any file of the job carries it.
+        secret = "printed-" + uuid.uuid4().hex
+        code = (
+            "import os, sys, time\n"
+            "v = os.environ['TOK']\n"
+            "print('token is ' + v, flush=True)\n"
+            "sys.stderr.write('err ' + v + '\\n'); sys.stderr.flush()\n"
+            "sys.stdout.write(v[:7]); sys.stdout.flush(); time.sleep(0.3)\n"
+            "sys.stdout.write(v[7:] + '\\n'); sys.stdout.flush()\n"
+        )
+        r = self.cli(
+            "run",
+            "--snapshot-after",
+            "0",
+            "--wait",
+            "--env",
+            "TOK=%s" % secret,
+            "--mask",
+            "TOK",
+            "--",
+            PY,
+            "-c",
+            code,
+        )
+        self.assertEqual(r.code, 0, r)
+        j = r.json
+        self.assertEqual(j["state"], "exited", j)
+        self.assertIn("TOK=***", j["env_vars"])
+        self.assertNotIn(secret, r.stdout)
+        self.assertNotIn(secret, r.stderr)
+        for args in (("status", j["job_id"]), ("tail", j["job_id"]), ("wait", j["job_id"])):
+            res = self.cli(*args)
+            self.assertEqual(res.code, 0, res)
+            self.assertNotIn(secret, res.stdout, args)
+        self.assertNotInAnyFile(secret, self.root)
+        # the workload did run and print (something in place of) the value
+        self.assertIn(b"token is ", self.read_bytes(j["stdout_log_path"]))
+
+    def test_env_secret_not_on_disk_nor_on_any_command_line(self):
+        secret = "tok" + uuid.uuid4().hex + uuid.uuid4().hex[:8]
+        seen = os.path.join(self.tmp, "seen.txt")
+        j = self.ok(
+            "run",
+            "--snapshot-after",
+            "0",
+            "--env",
+            "TOKEN=%s" % secret,
+            "--",
+            SH,
+            "-c",
+            'printf %s "$TOKEN" > "$0"; sleep 30',
+            seen,
+        )
+        jid = j["job_id"]
+        self.addCleanup(self.kill_job, jid)
+        self.assertTrue(wait_until(lambda: os.path.exists(seen) and os.path.getsize(seen) > 0, 10))
+        with open(seen) as f:
+            self.assertEqual(f.read(), secret, "the workload did not see TOKEN")
+        # While the job runs: no process's argv holds the value.
+        if os.path.isdir("/proc/self"):
+            found = []
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    with open("/proc/%s/cmdline" % name, "rb") as f:
+                        if secret.encode() in f.read():
+                            found.append(name)
+                except OSError:
+                    pass
+            self.assertEqual(found, [], "secret visible in /proc/<pid>/cmdline")
+        self.assertIn("TOKEN=%s" % secret, j["env_vars"])  # not masked: the response may show it
+        self.assertNotInAnyFile(secret, self.root)
+        self.ok("kill", jid)
+        self.wait_terminal(jid)
+        self.assertNotInAnyFile(secret, self.root)
+
+
+# --------------------------------------------------------------------------
+# Snapshots
+# --------------------------------------------------------------------------
+
+
+class TestSnapshots(RunTestCase):
+    def test_tail_lines(self):
+        code = (
+            "import sys\nfor i in range(100): print('line%d' % i)\n"
+            "for i in range(5): sys.stderr.write('e%d\\n' % i)"
+        )
+        j = self.ok("run", "--snapshot-after", "5000", "--tail-lines", "3", "--", PY, "-c", code)
+        self.assertEqual(j["state"], "exited", j)
+        s = j["snapshot"]
+        self.assertEqual(s["stdout_tail"].splitlines(), ["line97", "line98", "line99"])
+        self.assertEqual(s["stderr_tail"].splitlines(), ["e2", "e3", "e4"])
+        self.assertIs(s["truncated"], True)
+        self.assertEqual(s["encoding"], "utf-8-lossy")
+        self.assertEqual(s["stdout_observed_bytes"], os.path.getsize(j["stdout_log_path"]))
+        self.assertEqual(s["stderr_observed_bytes"], os.path.getsize(j["stderr_log_path"]))
+        self.assertEqual(s["stdout_included_bytes"], len(s["stdout_tail"].encode("utf-8")))
+        self.assertEqual(s["stderr_included_bytes"], len(s["stderr_tail"].encode("utf-8")))
+
+    def test_not_truncated_when_everything_fits(self):
+        j = self.ok("run", "--snapshot-after", "5000", "--", SH, "-c", "echo a; echo b; echo c >&2")
+        s = j["snapshot"]
+        self.assertIs(s["truncated"], False)
+        self.assertEqual(s["stdout_tail"].rstrip("\n"), "a\nb")
+        self.assertEqual(s["stderr_tail"].rstrip("\n"), "c")
+        self.assertEqual(s["stdout_observed_bytes"], 4)
+        self.assertEqual(s["stdout_included_bytes"], len(s["stdout_tail"].encode("utf-8")))
+        self.assertEqual(s["stderr_observed_bytes"], 2)
+
+    def test_max_bytes(self):
+        j = self.ok(
+            "run",
+            "--snapshot-after",
+            "5000",
+            "--max-bytes",
+            "10",
+            "--",
+            SH,
+            "-c",
+            "echo 0123456789abcdefghij; echo short >&2",
+        )
+        s = j["snapshot"]
+        self.assertLessEqual(len(s["stdout_tail"].encode("utf-8")), 10)
+        self.assertTrue(s["stdout_tail"])
+        self.assertTrue("0123456789abcdefghij".endswith(s["stdout_tail"].rstrip("\n")), s)
+        self.assertIs(s["truncated"], True)
+        self.assertEqual(s["stdout_observed_bytes"], 21)
+        self.assertEqual(s["stdout_included_bytes"], len(s["stdout_tail"].encode("utf-8")))
+        self.assertEqual(s["stderr_tail"].rstrip("\n"), "short")
+
+    def test_size_suffix_for_max_bytes(self):
+        j = self.ok(
+            "run",
+            "--snapshot-after",
+            "5000",
+            "--max-bytes",
+            "1k",
+            "--",
+            PY,
+            "-c",
+            "print('z' * 5000)",
+        )
+        s = j["snapshot"]
+        self.assertLessEqual(s["stdout_included_bytes"], 1024)
+        self.assertGreater(s["stdout_included_bytes"], 0)
+        self.assertIs(s["truncated"], True)
+
+    def test_invalid_utf8_is_replaced(self):
+        j = self.ok(
+            "run",
+            "--snapshot-after",
+            "5000",
+            "--",
+            SH,
+            "-c",
+            r"printf 'a\377b\n'; printf '\303\251t\351\n' >&2",
+        )
+        s = j["snapshot"]
+        self.assertEqual(s["stdout_tail"].rstrip("\n"), "a\ufffdb")
+        self.assertEqual(s["stderr_tail"].rstrip("\n"), "\u00e9t\ufffd")
+        self.assertEqual(s["encoding"], "utf-8-lossy")
+        self.assertEqual(s["stdout_observed_bytes"], 4)
+        self.assertEqual(s["stdout_included_bytes"], len(s["stdout_tail"].encode("utf-8")))
+
+    def test_snapshot_while_running(self):
+        j = self.ok("run", "--snapshot-after", "1500", "--", SH, "-c", "echo early; sleep 30")
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.assertEqual(j["state"], "running")
+        self.assertEqual(j["snapshot"]["stdout_tail"].rstrip("\n"), "early")
+        self.assertNotIn("exit_code", j)
+        self.assertNotIn("finished_at", j)
+        self.assertGreaterEqual(j["waited_ms"], 1000)
+
+
+# --------------------------------------------------------------------------
+# Exec failure in the supervisor
+# --------------------------------------------------------------------------
+
+
+class TestExecFailure(RunTestCase):
+    def test_bad_interpreter_gives_failed_job(self):
+        script = self.write_file(
+            os.path.join(self.tmp, "badinterp"), "#!/nonexistent/x\necho no\n", 0o755
+        )
+        r = self.cli("run", "--snapshot-after", "5000", "--", script)
+        self.assertEqual(r.code, 0, r)
+        j = r.json
+        self.assertTrue(j["ok"])
+        self.assertEqual(j["state"], "failed", j)
+        self.assertIsInstance(j["failure"], dict)
+        self.assertIsInstance(j["failure"]["code"], str)
+        self.assertIsInstance(j["failure"]["message"], str)
+        st = self.ok("status", j["job_id"])
+        self.assertEqual(st["state"], "failed")
+        self.assertIsInstance(st["failure"], dict)
+        state = self.read_state(j["job_id"])
+        self.assertEqual(state["job"]["status"], "failed")
+        self.assertIsInstance(state["failure"], dict)
+        w = self.wait_job(j["job_id"], 5000)
+        self.assertEqual(w["state"], "failed")
+
+    def test_bad_interpreter_with_snapshot_after_zero(self):
+        script = self.write_file(os.path.join(self.tmp, "badinterp"), "#!/nonexistent/x\n", 0o755)
+        j = self.ok("run", "--snapshot-after", "0", "--", script)
+        self.assertIn(j["state"], ("running", "failed"))
+        w = self.wait_job(j["job_id"], 10000)
+        self.assertEqual(w["state"], "failed", w)
+        self.assertIsInstance(self.ok("status", j["job_id"])["failure"], dict)
+
+
+# --------------------------------------------------------------------------
+# The stdin fallback: python3 - run ...
+# --------------------------------------------------------------------------
+
+
+class TestStdinFallback(RunTestCase):
+    def run_from_stdin(self, *args):
+        cwd = self.make_dir("stdin-cwd-%s" % uuid.uuid4().hex[:6])
+        with open(SCRIPT, "rb") as src:
+            proc = subprocess.run(
+                [PY, "-"] + list(args),
+                stdin=src,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env(),
+                cwd=cwd,
+                timeout=CALL_TIMEOUT,
+            )
+        self.assertEqual(proc.returncode, 0, proc)
+        return json.loads(proc.stdout.decode())
+
+    def test_run_wait_from_stdin(self):
+        j = self.run_from_stdin("run", "--wait", "--", "echo", "hi")
+        self.assertTrue(j["ok"], j)
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j["exit_code"], 0)
+        self.assertEqual(j["final_snapshot"]["stdout_tail"].rstrip("\n"), "hi")
+        self.assertEqual(self.read_bytes(j["stdout_log_path"]), b"hi\n")
+
+    def test_job_started_from_stdin_survives_caller(self):
+        t0 = time.monotonic()
+        j = self.run_from_stdin("run", "--snapshot-after", "0", "--", "sleep", "2")
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.assertLess(time.monotonic() - t0, 10.0)
+        self.assertEqual(j["state"], "running", j)
+        # the caller is gone: the job goes on and ends on its own
+        w = self.wait_job(j["job_id"], 20000)
+        self.assertEqual(w["state"], "exited", w)
+        self.assertEqual(w["exit_code"], 0)
+        st = self.read_state(j["job_id"])
+        self.assertGreaterEqual(st["result"]["duration_ms"], 1500)
+
+
+if __name__ == "__main__":
+    unittest.main()
