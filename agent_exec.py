@@ -80,6 +80,7 @@ STDERR_LOG = "stderr.log"
 FULL_LOG = "full.log"
 EVENT_FILE = "completion_event.json"
 CONTROL = "control"  # FIFO: `kill` asks the live supervisor to signal
+READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
 
 # Job ids are ULIDs: 48 bits of milliseconds, 80 random bits, Crockford base32.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -560,55 +561,73 @@ def _lock_is_free(fd: int) -> bool:
     return True
 
 
-def _wait_lock(meta_path: str, timeout: "float | None") -> bool:
-    """Block until the job's lock is free (terminal, or supervisor gone).
+def _wait_lock(path: str, timeout: "float | None") -> bool:
+    """Block until nobody holds the lock on ``path`` (a job's meta.json).
 
     Returns False when ``timeout`` seconds passed first.  This is event
     driven: flock(2) wakes the waiter the moment the supervisor closes the
-    lock, so there is no polling delay.  A timed wait parks a daemon thread
-    in the blocking flock; if it outlives us it takes the lock for an instant
-    once the job ends and lets it go.
+    lock (or dies), so there is no polling delay.
     """
     try:
-        fd = os.open(meta_path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return True
     try:
         free = _lock_is_free(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if free or (timeout is not None and timeout <= 0):
-        os.close(fd)
-        return free
-    if timeout is None:
-        try:
+        if free or (timeout is not None and timeout <= 0):
+            return free
+        if timeout is None:
             fcntl.flock(fd, fcntl.LOCK_SH)
-        finally:
-            os.close(fd)
-        return True
-    import threading
+            return True
+    finally:
+        os.close(fd)
+    return _LockWatch(path).wait(timeout)
 
-    done = threading.Event()
 
-    def _waiter() -> None:
+class _LockWatch:
+    """A flag that goes up when nobody holds the lock on ``path`` any more.
+
+    A daemon thread parks in a blocking flock(2); when the holder lets go
+    (or dies) it takes the lock for an instant, lets it go, and raises the
+    flag, and the optional shared ``event``.  If we stop caring first, the
+    thread simply dies with the process.
+    """
+
+    def __init__(self, path: str, event=None) -> None:
+        import threading
+
+        self.path = path
+        self.done = threading.Event()
+        self.event = event
+        threading.Thread(target=self._run, name="agent-exec-lock", daemon=True).start()
+
+    def _run(self) -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            fd = None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH)
         except OSError:
             pass
         finally:
-            os.close(fd)
-            done.set()
+            if fd is not None:
+                os.close(fd)
+            self.done.set()
+            if self.event is not None:
+                self.event.set()
 
-    threading.Thread(target=_waiter, name="agent-exec-wait", daemon=True).start()
-    return done.wait(timeout)
+    def wait(self, timeout: "float | None") -> bool:
+        return self.done.wait(timeout)
 
 
-def load_job(root: str, job_id: str) -> dict:
+def load_job(root: str, job_id: str, meta_filter=None) -> "dict | None":
     """Read a job's meta and state, and say what its state truly is.
 
     Returns {"id", "dir", "meta", "state" (raw state.json or None), "status",
-    "failure"}.  A state.json that says running while nobody holds the lock
+    "failure"}, or None when ``meta_filter(meta)`` is false (list's cwd filter,
+    checked before state.json is read).  A state.json that says running while nobody holds the lock
     (or that was written before the last boot) is reported as failed with
     failure.code supervisor_lost: the supervisor died without a word.
     """
@@ -628,6 +647,8 @@ def load_job(root: str, job_id: str) -> dict:
                 raise ValueError("not an object")
         except (OSError, ValueError) as e:
             raise AgentExecError("io_error", "cannot read %s: %s" % (meta_path, e))
+        if meta_filter is not None and not meta_filter(meta):
+            return None
         state, status = _read_state(job_dir)
         failure = state.get("failure") if state else None
         if status == "running" and _lock_is_free(fd):
@@ -774,10 +795,12 @@ def _skip_partial_utf8(data: bytes) -> bytes:
     return data[i:]
 
 
-def snapshot(job: dict, tail_lines: int, max_bytes: int) -> dict:
-    """The snapshot object of the contract: both tails and their byte counts."""
+def snapshot(job: dict, tail_lines: int, max_bytes: int) -> "tuple":
+    """The snapshot object of the contract, and a cursor just past what it saw."""
     out = {}
     truncated = False
+    ends = []
+    state = job["state"] or {}
     for stream, name in (("stdout", STDOUT_LOG), ("stderr", STDERR_LOG)):
         data, observed, cut = tail_bytes(os.path.join(job["dir"], name), tail_lines, max_bytes)
         text = _decode(data)
@@ -785,9 +808,94 @@ def snapshot(job: dict, tail_lines: int, max_bytes: int) -> dict:
         out[stream + "_observed_bytes"] = observed
         out[stream + "_included_bytes"] = len(text.encode("utf-8"))
         truncated = truncated or cut
+        ends.append((state.get(stream + "_dropped_bytes") or 0) + observed)
     out["truncated"] = truncated
     out["encoding"] = "utf-8-lossy"
-    return out
+    return out, make_cursor(ends[0], ends[1])
+
+
+# ---- Cursors and incremental reads -----------------------------------------
+#
+# A cursor names a position in each stream, counted in bytes from the very
+# start of the workload's output, bytes that --max-output dropped included,
+# so a cursor stays valid while a capped log is compacted under it.
+
+_CURSOR_PREFIX = "c1."
+_HEX = frozenset("0123456789abcdef")
+# How often a long-poll looks at the logs for new bytes (the end of the job
+# wakes it at once, through the lock).
+READ_POLL_S = 0.02
+
+
+def make_cursor(stdout_pos: int, stderr_pos: int) -> str:
+    return "%s%x.%x" % (_CURSOR_PREFIX, stdout_pos, stderr_pos)
+
+
+def parse_cursor(text: str) -> "tuple":
+    """``c1.<hex>.<hex>`` -> (stdout_pos, stderr_pos); ValueError otherwise."""
+    s = str(text)
+    parts = s[len(_CURSOR_PREFIX) :].split(".") if s.startswith(_CURSOR_PREFIX) else []
+    if len(parts) != 2 or not all(p and len(p) <= 16 and set(p) <= _HEX for p in parts):
+        raise ValueError("invalid cursor %r (pass back a cursor agent-exec gave you)" % _short(s))
+    return int(parts[0], 16), int(parts[1], 16)
+
+
+def _log_extent(job: dict, stream: str) -> "tuple":
+    """(dropped, size): bytes given up by --max-output, bytes in the log now."""
+    state = job["state"] or {}
+    dropped = state.get(stream + "_dropped_bytes") or 0
+    try:
+        size = os.stat(os.path.join(job["dir"], stream + ".log")).st_size
+    except OSError:
+        size = 0
+    return dropped, size
+
+
+def job_cursor(job: dict) -> str:
+    """A cursor just past everything the logs hold right now."""
+    ends = [sum(_log_extent(job, stream)) for stream in ("stdout", "stderr")]
+    return make_cursor(ends[0], ends[1])
+
+
+def _utf8_cut(data: bytes) -> int:
+    """Length of the longest prefix of ``data`` that ends on a character boundary."""
+    n = len(data)
+    for i in range(1, min(4, n) + 1):
+        b = data[n - i]
+        if b < 0x80:
+            return n  # ASCII: complete
+        if b >= 0xC0:  # a lead byte: is its sequence complete?
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return n if i >= need else n - i
+    return n  # only continuation bytes: invalid anyway, keep them
+
+
+def read_span(job: dict, stream: str, pos: int, max_bytes: int, final: bool) -> "tuple":
+    """Bytes of one stream from absolute position ``pos``, at most ``max_bytes``.
+
+    Never ends inside a multi-byte character, unless the job is over and
+    the file ends there (``final``).  Returns (data, new_pos, more).
+    """
+    dropped, _ = _log_extent(job, stream)
+    try:
+        fd = os.open(os.path.join(job["dir"], stream + ".log"), os.O_RDONLY)
+    except OSError:
+        return b"", pos, False
+    try:
+        size = os.fstat(fd).st_size
+        off = min(max(0, pos - dropped), size)  # bytes before `dropped` are gone
+        data = os.pread(fd, min(max_bytes, size - off), off) if off < size else b""
+        end = _utf8_cut(data)
+        if end < len(data) and not (final and off + len(data) == size):
+            if end == 0:  # one character wider than max_bytes: give it whole
+                lead = data[0]
+                need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+                data = os.pread(fd, need, off)
+                end = len(data) if len(data) == need else 0
+            data = data[:end]
+    finally:
+        os.close(fd)
+    return data, dropped + off + len(data), off + len(data) < size
 
 
 # ==== Supervisor =============================================================
@@ -886,6 +994,7 @@ class _Stream:
         self.partial = b""  # full.log: text after the last newline
         self.partial_at = 0.0  # monotonic time the partial line was last extended
         self.carry = b""  # --mask: a possible start of a secret, held back
+        self.ready_buf = b""  # --ready-match: text after the last newline
         self.eof = False
         self.total = 0
 
@@ -913,10 +1022,22 @@ class _Supervisor:
         self.log_error = None  # type: str | None
         self.terminal = False
         self.notify_pid = None  # type: int | None
+        self.notify_status = None  # type: int | None
         self.streams = []  # type: list
         self.full = None  # type: _LogFile | None
         self.control_fd = None  # type: int | None
         self.boot_id = _read_boot_id()
+        self.ready_re = None
+        if cfg.get("ready_match"):
+            import re
+
+            self.ready_re = re.compile(cfg["ready_match"], re.M)
+        self.ready_port = cfg.get("ready_port") or None
+        # None: no readiness condition; False: not yet; True: ready.
+        self.ready = False if (self.ready_re or self.ready_port) else None  # type: bool | None
+        self.ready_at = None  # type: str | None
+        self.ready_fd = None  # type: int | None
+        self.next_probe = None  # type: float | None
         # Lets readers tell our pid from a recycled one.
         self.start_token = _proc_start_time(os.getpid())
 
@@ -939,6 +1060,8 @@ class _Supervisor:
         signal.set_wakeup_fd(wake_w)
         self.wake_r = wake_r
         self._make_control()
+        if self.ready is not None:
+            self.ready_fd = _open_locked(os.path.join(self.job_dir, READY_LOCK))
         try:
             self._spawn()
         except OSError as e:
@@ -1026,6 +1149,8 @@ class _Supervisor:
         timeout_ms = cfg.get("timeout_ms") or 0
         self.deadline = self.started_mono + timeout_ms / 1000.0 if timeout_ms > 0 else None
         self.kill_deadline = None  # type: float | None
+        if self.ready_port:
+            self.next_probe = self.started_mono
 
     # -- the loop ----------------------------------------------------------
 
@@ -1046,7 +1171,8 @@ class _Supervisor:
         while True:
             now = time.monotonic()
             timeout = None  # type: float | None
-            for t in (self.deadline, self.kill_deadline, next_progress, self._flush_due()):
+            probe = self.next_probe if self.ready is False else None
+            for t in (self.deadline, self.kill_deadline, next_progress, self._flush_due(), probe):
                 if t is not None:
                     timeout = t - now if timeout is None else min(timeout, t - now)
             if timeout is not None:  # poll() takes a C int of milliseconds
@@ -1070,6 +1196,10 @@ class _Supervisor:
             if self.kill_deadline is not None and now >= self.kill_deadline:
                 self.kill_deadline = None
                 self._kill_tree(9)
+            if probe is not None and now >= probe and not self.terminal:
+                if _probe_port(self.ready_port):
+                    self._mark_ready()
+                self.next_probe = time.monotonic() + READY_PROBE_S
             if next_progress is not None and now >= next_progress and not self.terminal:
                 self._write_state(durable=False, quiet=True)
                 next_progress = now + progress_ms / 1000.0
@@ -1102,6 +1232,13 @@ class _Supervisor:
 
     def _final_drain(self) -> None:
         """After the main process ended: take what is already in the pipes."""
+        self._drain_available()
+        for s in self.streams:
+            if not s.eof:
+                self._flush_partial(s)
+
+    def _drain_available(self) -> None:
+        """Read what the pipes hold right now, without blocking (bounded)."""
         budget = FINAL_DRAIN_MAX
         for s in self.streams:
             while not s.eof and budget > 0:
@@ -1116,13 +1253,13 @@ class _Supervisor:
                     break
                 budget -= len(data)
                 self._emit(s, data)
-            if not s.eof:
-                self._flush_partial(s)
 
     def _emit(self, s: _Stream, data: bytes, final: bool = False) -> None:
         """Write a chunk of one stream to its log and to full.log."""
         if self.secrets:
             data = self._redact(s, data, final)
+        if self.ready is False and self.ready_re is not None:
+            self._check_ready_output(s, data, final)
         if data:
             s.total += len(data)
             dropped = s.log.dropped
@@ -1134,6 +1271,29 @@ class _Supervisor:
             self.full.append(rows)
         if s.partial:
             s.partial_at = time.monotonic()
+
+    def _check_ready_output(self, s: _Stream, data: bytes, final: bool) -> None:
+        """--ready-match: test each complete line (the last one at EOF)."""
+        buf = s.ready_buf + data
+        cut = len(buf) if final else buf.rfind(b"\n") + 1
+        if len(buf) - cut > FULL_LOG_ROW_MAX:  # a very long line: test what we have
+            cut = len(buf)
+        lines, s.ready_buf = buf[:cut], buf[cut:]
+        if lines and self.ready_re.search(lines.decode("utf-8", "replace")):
+            self._mark_ready()
+
+    def _mark_ready(self) -> None:
+        """Record readiness, then wake whoever waits for it."""
+        self.ready = True
+        self.ready_at = _now()
+        if not self.terminal:
+            self._write_state(durable=False, quiet=True)
+        self._release_ready()
+
+    def _release_ready(self) -> None:
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
 
     def _redact(self, s: _Stream, data: bytes, final: bool) -> bytes:
         data = s.carry + data
@@ -1201,6 +1361,8 @@ class _Supervisor:
                 self.status = status
                 self.rusage = rusage
                 self.ended_mono = time.monotonic()
+            elif pid == self.notify_pid:
+                self.notify_status = status
 
     def _read_control(self) -> None:
         try:
@@ -1290,6 +1452,8 @@ class _Supervisor:
             "stderr_bytes": self.streams[1].total if self.streams else 0,
             "stdout_dropped_bytes": self.streams[0].log.dropped if self.streams else 0,
             "stderr_dropped_bytes": self.streams[1].log.dropped if self.streams else 0,
+            "ready": self.ready,
+            "ready_at": self.ready_at,
         }
         if self.rusage is not None:
             ru = self.rusage
@@ -1343,6 +1507,7 @@ class _Supervisor:
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
+        self._release_ready()  # over without being ready: wake those too
         try:
             self._deliver_events()
         except Exception as e:  # best effort: a sink never changes the job
@@ -1419,30 +1584,43 @@ class _Supervisor:
         except (OSError, ValueError) as e:
             res["error"] = "cannot start notify command: %s" % (getattr(e, "strerror", None) or e)
             return res
-        self.notify_pid = proc.pid
+        # We reap the hook ourselves (wait4(-1) also collects the orphans we
+        # adopt), and keep draining descendants' output while it runs, so a
+        # slow hook blocks nobody.
+        proc.returncode = 0
+        self.notify_pid, self.notify_status = proc.pid, None
         try:
-            proc.communicate(payload.encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
             try:
-                os.killpg(proc.pid, 9)
-            except OSError:
-                pass
-            proc.wait()
-            res["error"] = "notify command timed out after %d ms and was killed" % (timeout * 1000)
-            res["timed_out"] = True
-            return res
-        except OSError as e:
-            # EPIPE: the hook did not read its stdin; still judge by its exit.
-            proc.wait()
-            _log(2, "notify command stdin: %s" % e)
+                _write_all(proc.stdin.fileno(), payload.encode())
+            except OSError as e:  # EPIPE: the hook ignores stdin; judge it by its exit
+                _log(2, "notify command stdin: %s" % e)
+            proc.stdin.close()
+            deadline = time.monotonic() + timeout
+            while self.notify_status is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                self._reap()
+                self._drain_available()
+            status = self.notify_status
+            if status is None:
+                try:
+                    os.killpg(proc.pid, 9)
+                except OSError:
+                    pass
+                while self.notify_status is None and self._reap():
+                    time.sleep(0.01)
+                res["error"] = "notify command timed out after %d ms and was killed" % (
+                    timeout * 1000
+                )
+                res["timed_out"] = True
+                return res
         finally:
             self.notify_pid = None
-        if proc.returncode == 0:
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
             res["success"] = True
-        elif proc.returncode < 0:
-            res["error"] = "notify command killed by %s" % signal_name(-proc.returncode)
+        elif os.WIFSIGNALED(status):
+            res["error"] = "notify command killed by %s" % signal_name(os.WTERMSIG(status))
         else:
-            res["error"] = "notify command exited with %d" % proc.returncode
+            res["error"] = "notify command exited with %d" % os.WEXITSTATUS(status)
         return res
 
 
@@ -1468,6 +1646,35 @@ def _deliver_file(path: str, payload: str) -> dict:
     except OSError as e:
         res["error"] = "cannot append to notify file: %s" % (e.strerror or e)
     return res
+
+
+READY_PROBE_S = 0.1
+
+
+def _probe_port(port: int) -> bool:
+    """True when something accepts a TCP connection on localhost:port."""
+    import socket
+
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.2)
+                sock.connect((host, port))
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _open_locked(path: str) -> "int | None":
+    """Create (or open) ``path`` and hold an exclusive flock on it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    except OSError as e:
+        _log(1, "cannot lock %s: %s" % (path, e))
+        return None
 
 
 def _timestamp_prefix(s: _Stream) -> bytes:
@@ -1762,6 +1969,8 @@ def cmd_run(args) -> dict:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("run needs a command: agent-exec run [options] -- <command> [args...]")
+    if args.ready_match is not None:
+        _compile_regex(args.ready_match, "--ready-match")
     if args.no_inherit_env and args.inherit_env:
         raise UsageError("--no-inherit-env and --inherit-env conflict")
     notify_command = None
@@ -1837,6 +2046,8 @@ def cmd_run(args) -> dict:
         "timeout_ms": args.timeout,
         "kill_after_ms": args.kill_after,
         "max_output": args.max_output or None,
+        "ready_match": args.ready_match,
+        "ready_port": args.ready_port,
         "log_path": log_path or os.path.join(job_dir, FULL_LOG),
         "agent_exec_version": __version__,
     }
@@ -1856,6 +2067,8 @@ def cmd_run(args) -> dict:
         "notify_file": notify_file,
         "notify_timeout_ms": args.notify_timeout,
         "max_output": args.max_output,
+        "ready_match": args.ready_match,
+        "ready_port": args.ready_port,
     }
     try:
         ready = _launch_supervisor(job_dir, lock_fd, cfg)
@@ -1872,10 +2085,14 @@ def cmd_run(args) -> dict:
     t_start = time.monotonic()
     meta_path = os.path.join(job_dir, META)
     snapshot_after = min(args.snapshot_after, MAX_SNAPSHOT_AFTER_MS)
+    readiness = bool(args.ready_match or args.ready_port)
     if args.wait:
         _wait_lock(meta_path, None)
     elif snapshot_after > 0:
-        _wait_lock(meta_path, snapshot_after / 1000.0)
+        # With a readiness condition, answer as soon as the job is ready: the
+        # supervisor lets go of ready.lock then (or when the job ends).
+        lock = os.path.join(job_dir, READY_LOCK) if readiness else meta_path
+        _wait_lock(lock, snapshot_after / 1000.0)
     waited_ms = int(round((time.monotonic() - t_start) * 1000))
     job = load_job(root, job_id)
     out = {"job_id": job_id, "state": job["status"]}
@@ -1885,11 +2102,15 @@ def cmd_run(args) -> dict:
         masked = set(masks)
         out["env_vars"] = ["%s=%s" % (k, "***" if k in masked else v) for k, v in explicit]
     if snapshot_after > 0 or args.wait:
-        snap = snapshot(job, args.tail_lines, args.max_bytes)
+        snap, out["cursor"] = snapshot(job, args.tail_lines, args.max_bytes)
         if snapshot_after > 0:
             out["snapshot"] = snap
         if args.wait:
             out["final_snapshot"] = snap
+    else:
+        out["cursor"] = make_cursor(0, 0)  # nothing seen yet
+    if readiness:
+        out["ready"] = bool((job["state"] or {}).get("ready"))
     out.update(job_result_fields(job))
     out.pop("duration_ms", None)
     out["elapsed_ms"] = int(round((time.monotonic() - t0) * 1000))
@@ -1928,18 +2149,85 @@ def cmd_status(args) -> dict:
     root, job_id = _find_job(args, args.job_id)
     job = load_job(root, job_id)
     state = job["state"] or {}
+    running = job["status"] == "running"
     out = {"job_id": job_id, "state": job["status"], "started_at": job_started_at(job)}
     out.update(job_result_fields(job))
     if state.get("pid") is not None:
         out["pid"] = state["pid"]
     out["log_error"] = state.get("log_error")
     out.update(_dropped(state))
-    if job["status"] == "running" and state.get("updated_at"):
+    if running and state.get("updated_at"):
         out["updated_at"] = state["updated_at"]
+    # Output so far: sizes and the time of the last write, from the logs
+    # themselves, so the supervisor need not rewrite state.json per chunk.
+    last = None
+    for stream in ("stdout", "stderr"):
+        dropped, size = _log_extent(job, stream)
+        out[stream + "_bytes"] = dropped + size
+        if size:
+            try:
+                mtime = os.stat(os.path.join(job["dir"], stream + ".log")).st_mtime
+            except OSError:
+                continue
+            last = mtime if last is None else max(last, mtime)
+    out["last_output_at"] = _rfc3339(last) if last is not None else None
+    if running:
+        since = last
+        if since is None:
+            try:
+                since = _parse_rfc3339(out["started_at"])
+            except ValueError:
+                since = None
+        if since is not None:
+            out["idle_ms"] = max(0, int((time.time() - since) * 1000))
+    if state.get("ready") is not None:
+        out["ready"] = bool(state["ready"])
+        out["ready_at"] = state.get("ready_at")
+    if not running and isinstance(state.get("rusage"), dict):
+        out["rusage"] = state["rusage"]
     descendants = _live_descendants(job)
     if descendants is not None:
         out["descendants"] = descendants
+    if _IS_LINUX:
+        pids = list(descendants or [])
+        if running and isinstance(state.get("pid"), int):
+            pids.insert(0, state["pid"])
+        out["ports"] = _listening_ports(pids)
     return out
+
+
+def _listening_ports(pids: list) -> list:
+    """TCP ports on which any of ``pids`` listens (Linux: /proc/net/tcp{,6})."""
+    if not pids:
+        return []
+    by_inode = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A":  # 0A: LISTEN
+                by_inode[cols[9]] = int(cols[1].rsplit(":", 1)[1], 16)
+    ports = set()
+    for pid in pids:
+        fd_dir = "/proc/%d/fd" % pid
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                port = by_inode.get(target[8:-1])
+                if port is not None:
+                    ports.add(port)
+    return sorted(ports)
 
 
 def _live_descendants(job: dict) -> "list | None":
@@ -1959,7 +2247,8 @@ def cmd_tail(args) -> dict:
     root, job_id = _find_job(args, args.job_id)
     job = load_job(root, job_id)
     out = {"job_id": job_id, "state": job["status"]}
-    out.update(snapshot(job, args.tail_lines, args.max_bytes))
+    snap, out["cursor"] = snapshot(job, args.tail_lines, args.max_bytes)
+    out.update(snap)
     out.update(job_paths(job))
     out.update(_dropped(job["state"] or {}))
     return out
@@ -1974,15 +2263,214 @@ def _dropped(state: dict) -> dict:
 
 
 def cmd_wait(args) -> dict:
-    root, job_id = _find_job(args, args.job_id)
-    meta_path = os.path.join(root, job_id, META)
-    timeout = args.timeout_ms / 1000.0 if args.timeout_ms > 0 else None
-    _wait_lock(meta_path, timeout)
+    ids = list(dict.fromkeys(args.job_ids))
+    several = len(ids) > 1 or args.any
+    if several and (args.match is not None or args.ready or args.cursor is not None):
+        raise UsageError("--match, --ready and --cursor take a single job id")
+    if args.match is None and (args.cursor is not None or args.stream is not None):
+        raise UsageError("--cursor and --stream go with --match")
+    root = _root(args)
+    _check_root(root)
+    job_ids = [resolve_job(root, ident) for ident in ids]
+    deadline = time.monotonic() + args.timeout_ms / 1000.0 if args.timeout_ms > 0 else None
+    if several:
+        return _wait_many(root, job_ids, args.any, deadline)
+    job_id = job_ids[0]
+    if args.match is not None:
+        regex = _compile_regex(args.match, "--match")
+        start = args.cursor if args.cursor is not None else (0, 0)
+        return _wait_match(root, job_id, regex, args.stream or "both", start, deadline)
+    job_dir = os.path.join(root, job_id)
+    lock = os.path.join(job_dir, META)
+    if args.ready and os.path.exists(os.path.join(job_dir, READY_LOCK)):
+        lock = os.path.join(job_dir, READY_LOCK)
+    _wait_lock(lock, None if deadline is None else deadline - time.monotonic())
     job = load_job(root, job_id)
     out = {"job_id": job_id, "state": job["status"]}
     out.update(job_result_fields(job))
-    out["timed_out"] = job["status"] == "running"
+    ready = (job["state"] or {}).get("ready")
+    if args.ready:
+        out["ready"] = bool(ready)
+    out["timed_out"] = job["status"] == "running" and not (args.ready and ready)
+    out["cursor"] = job_cursor(job)
     return out
+
+
+def _remaining(deadline: "float | None") -> "float | None":
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _wait_many(root: str, job_ids: list, any_: bool, deadline: "float | None") -> dict:
+    """Block until every job (or, with --any, the first) is terminal."""
+    import threading
+
+    event = threading.Event()
+    watches = [_LockWatch(os.path.join(root, j, META), event) for j in job_ids]
+    first = None
+    while True:
+        done = [j for j, w in zip(job_ids, watches) if w.done.is_set()]
+        jobs = {j: load_job(root, j) for j in done}
+        finished = [j for j in done if jobs[j]["status"] in TERMINAL_STATES]
+        if any_ and finished:
+            first = finished[0]
+            break
+        if not any_ and len(finished) == len(job_ids):
+            break
+        remaining = _remaining(deadline)
+        if remaining == 0:
+            break
+        event.wait(remaining)
+        event.clear()
+    entries = []
+    for j in job_ids:
+        job = load_job(root, j)
+        entry = {"job_id": j, "state": job["status"]}
+        for key in ("exit_code", "signal"):
+            value = job_result_fields(job).get(key)
+            if value is not None:
+                entry[key] = value
+        entries.append(entry)
+    out = {"jobs": entries}
+    if any_:
+        out["first_job_id"] = first
+        out["timed_out"] = first is None
+    else:
+        out["timed_out"] = any(e["state"] == "running" for e in entries)
+    return out
+
+
+def _compile_regex(pattern: str, option: str):
+    import re
+
+    try:
+        return re.compile(pattern, re.M)
+    except re.error as e:
+        raise UsageError("%s: invalid regular expression %r: %s" % (option, _short(pattern), e))
+
+
+def _match_line(regex, data: bytes) -> "tuple | None":
+    """The first line of ``data`` that ``regex`` matches: (text, end offset).
+
+    One regex search over the whole chunk finds a candidate at C speed; the
+    line holding it is then tested on its own, so a match that only exists
+    across a line break does not count.
+    """
+    text = data.decode("utf-8", "surrogateescape")  # round-trips every byte
+    m = regex.search(text)
+    while m:
+        start = text.rfind("\n", 0, m.start()) + 1
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        line = text[start:end]
+        if regex.search(line):
+            offset = len(text[: end + 1].encode("utf-8", "surrogateescape"))
+            return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), offset
+        m = regex.search(text, end + 1)
+    return None
+
+
+def _wait_match(
+    root: str, job_id: str, regex, which: str, start: tuple, deadline: "float | None"
+) -> dict:
+    """wait --match: block until an output line matches, the job ends, or time is up."""
+    streams = ["stdout", "stderr"] if which == "both" else [which]
+    pos = {"stdout": start[0], "stderr": start[1]}  # start of the unscanned bytes
+    pending = {"stdout": b"", "stderr": b""}  # a line still being written
+    watch = None
+    meta_path = os.path.join(root, job_id, META)
+    while True:
+        job = load_job(root, job_id)
+        terminal = job["status"] in TERMINAL_STATES
+        for stream in streams:
+            while True:
+                at = pos[stream] + len(pending[stream])
+                data, new_pos, more = read_span(job, stream, at, READ_CHUNK, terminal)
+                if not data and not (terminal and pending[stream]):
+                    break
+                if new_pos - len(data) != at:  # bytes dropped by --max-output
+                    pos[stream], pending[stream] = new_pos - len(data), b""
+                buf = pending[stream] + data
+                final = terminal and not more
+                cut = len(buf) if final else buf.rfind(b"\n") + 1
+                if len(buf) - cut > READ_CHUNK:  # an endless line: test it as it is
+                    cut = len(buf)
+                hit = _match_line(regex, buf[:cut]) if cut else None
+                if hit is not None:
+                    line, offset = hit
+                    pos[stream] += offset
+                    out = {"job_id": job_id, "state": job["status"]}
+                    out.update(job_result_fields(job))
+                    out["matched"] = True
+                    cursor = make_cursor(pos["stdout"], pos["stderr"])
+                    out["match"] = {"stream": stream, "line": line, "cursor": cursor}
+                    out["timed_out"] = False
+                    out["cursor"] = cursor
+                    return out
+                pos[stream] += cut
+                pending[stream] = buf[cut:]
+                if not data:
+                    break
+        remaining = _remaining(deadline)
+        if terminal or remaining == 0:
+            out = {"job_id": job_id, "state": job["status"]}
+            out.update(job_result_fields(job))
+            out["matched"] = False
+            out["timed_out"] = not terminal
+            out["cursor"] = make_cursor(pos["stdout"], pos["stderr"])
+            return out
+        if watch is None:
+            watch = _LockWatch(meta_path)
+        _wait_output(job, watch, remaining)
+
+
+def _wait_output(job: dict, watch: _LockWatch, remaining: "float | None") -> None:
+    """Sleep until a log grows, the job ends (the lock), or time is up."""
+    paths = [os.path.join(job["dir"], n) for n in (STDOUT_LOG, STDERR_LOG)]
+
+    def sizes() -> list:
+        out = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+                out.append((st.st_size, st.st_ino))
+            except OSError:
+                out.append(None)
+        return out
+
+    before = sizes()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    while True:
+        step = READ_POLL_S if deadline is None else min(READ_POLL_S, deadline - time.monotonic())
+        if step <= 0 or watch.wait(step) or sizes() != before:
+            return
+
+
+def cmd_read(args) -> dict:
+    root, job_id = _find_job(args, args.job_id)
+    out_pos, err_pos = args.cursor if args.cursor is not None else (0, 0)
+    deadline = time.monotonic() + args.wait_ms / 1000.0
+    watch = None
+    while True:
+        job = load_job(root, job_id)
+        terminal = job["status"] in TERMINAL_STATES
+        out_data, new_out, out_more = read_span(job, "stdout", out_pos, args.max_bytes, terminal)
+        err_data, new_err, err_more = read_span(job, "stderr", err_pos, args.max_bytes, terminal)
+        remaining = _remaining(deadline)
+        if out_data or err_data or terminal or not remaining:
+            break
+        if watch is None:
+            watch = _LockWatch(os.path.join(job["dir"], META))
+        _wait_output(job, watch, remaining)
+    more = out_more or err_more
+    return {
+        "job_id": job_id,
+        "state": job["status"],
+        "stdout": _decode(out_data),
+        "stderr": _decode(err_data),
+        "cursor": make_cursor(new_out, new_err),
+        "more": more,
+        "eof": terminal and not more,
+    }
 
 
 def cmd_kill(args) -> dict:
@@ -2053,52 +2541,151 @@ def _signal_without_supervisor(job: dict, sig: int) -> bool:
 def cmd_list(args) -> dict:
     if args.cwd and args.all:
         raise UsageError("--cwd and --all conflict")
+    if args.running and args.state not in (None, "running"):
+        raise UsageError("--running and --state %s conflict" % args.state)
+    want_state = "running" if args.running else args.state
     root = _root(args)
     out = {"root": root, "jobs": [], "truncated": False, "skipped": 0}
     if not os.path.isdir(root):
         return out
     _check_root(root)
-    want_cwd = None
+    meta_filter = None
     if not args.all:
         try:
             want_cwd = os.path.realpath(args.cwd or os.getcwd())
         except OSError:
             want_cwd = os.path.abspath(args.cwd or ".")
+
+        def meta_filter(meta: dict) -> bool:
+            return meta.get("cwd") == want_cwd
+
     limit = args.limit
     try:
+        # ULIDs sort by creation time: newest first, and stop at limit + 1.
         names = sorted((n for n in os.listdir(root) if is_job_id(n)), reverse=True)
-        names = [n for n in names if _is_job_dir(os.path.join(root, n))]
     except OSError as e:
         raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
     for name in names:
+        if os.path.islink(os.path.join(root, name)):
+            continue  # not a job of this root, whatever its name
         try:
-            job = load_job(root, name)
+            job = load_job(root, name, meta_filter)
         except AgentExecError:
             out["skipped"] += 1
             continue
-        meta = job["meta"]
-        if want_cwd is not None and meta.get("cwd") != want_cwd:
-            continue
-        if args.state and job["status"] != args.state:
+        if job is None or (want_state and job["status"] != want_state):
             continue
         if limit and len(out["jobs"]) >= limit:
             out["truncated"] = True
             break
-        state = job["state"] or {}
-        entry = {
-            "job_id": name,
-            "state": job["status"],
-            "started_at": job_started_at(job),
-            "command": meta.get("command"),
-            "cwd": meta.get("cwd"),
-        }
-        result = job_result_fields(job)
-        for key in ("exit_code", "signal", "finished_at", "failure"):
-            if key in result:
-                entry[key] = result[key]
-        if state.get("updated_at"):
-            entry["updated_at"] = state["updated_at"]
-        out["jobs"].append(entry)
+        out["jobs"].append(_list_entry(job))
+    return out
+
+
+def _list_entry(job: dict) -> dict:
+    meta = job["meta"]
+    state = job["state"] or {}
+    entry = {
+        "job_id": job["id"],
+        "state": job["status"],
+        "started_at": job_started_at(job),
+        "command": meta.get("command"),
+        "cwd": meta.get("cwd"),
+        "ready": state.get("ready"),
+    }
+    result = job_result_fields(job)
+    for key in ("exit_code", "signal", "finished_at", "failure"):
+        if key in result:
+            entry[key] = result[key]
+    if state.get("updated_at"):
+        entry["updated_at"] = state["updated_at"]
+    return entry
+
+
+def cmd_delete(args) -> dict:
+    root = _root(args)
+    _check_root(root)
+    # Resolve every id first: a typo deletes nothing.
+    job_ids = list(dict.fromkeys(resolve_job(root, ident) for ident in args.job_ids))
+    deleted, refused, freed = [], [], 0
+    for job_id in job_ids:
+        try:
+            job = load_job(root, job_id)
+        except AgentExecError as e:
+            refused.append({"job_id": job_id, "reason": e.message})
+            continue
+        if job["status"] not in TERMINAL_STATES:
+            reason = "the job is %s; stop it first (agent-exec kill %s)" % (job["status"], job_id)
+            refused.append({"job_id": job_id, "reason": reason})
+            continue
+        freed += _remove_job(job["dir"], args.dry_run)
+        deleted.append(job_id)
+    return {"deleted": deleted, "refused": refused, "freed_bytes": freed, "dry_run": args.dry_run}
+
+
+def _remove_job(job_dir: str, dry_run: bool) -> int:
+    """Delete a job directory (or only measure it); return the bytes it held.
+
+    The directory is first renamed out of the job namespace, so no reader
+    ever sees a half-deleted job.
+    """
+    size = 0
+    try:
+        for name in os.listdir(job_dir):
+            try:
+                size += os.lstat(os.path.join(job_dir, name)).st_size
+            except OSError:
+                pass
+    except OSError:
+        pass
+    if dry_run:
+        return size
+    import shutil
+
+    parent, name = os.path.split(job_dir)
+    doomed = os.path.join(parent, ".deleting-%s-%s" % (name, os.urandom(4).hex()))
+    try:
+        os.rename(job_dir, doomed)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot delete %s: %s" % (job_dir, e.strerror or e))
+    shutil.rmtree(doomed, ignore_errors=True)
+    return size
+
+
+def cmd_gc(args) -> dict:
+    root = _root(args)
+    out = {"deleted": 0, "job_ids": [], "skipped": 0, "freed_bytes": 0, "dry_run": args.dry_run}
+    if not os.path.isdir(root):
+        return out
+    _check_root(root)
+    now = time.time()
+    try:
+        names = sorted((n for n in os.listdir(root) if is_job_id(n)), reverse=True)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
+    rank = 0  # position among readable jobs, newest first
+    for name in names:
+        if os.path.islink(os.path.join(root, name)):
+            continue
+        try:
+            job = load_job(root, name)
+        except AgentExecError:
+            out["skipped"] += 1  # unreadable: never touched
+            continue
+        rank += 1
+        if job["status"] not in TERMINAL_STATES:
+            out["skipped"] += 1  # running (or unknown): never touched
+            continue
+        stamp = (job["state"] or {}).get("finished_at") or job["meta"].get("created_at")
+        try:
+            age_ms = (now - _parse_rfc3339(stamp)) * 1000
+        except (TypeError, ValueError):
+            age_ms = 0
+        beyond = args.max_jobs is not None and rank > args.max_jobs
+        if age_ms >= args.older_than or beyond:
+            out["freed_bytes"] += _remove_job(job["dir"], args.dry_run)
+            out["job_ids"].append(name)
+    out["deleted"] = len(out["job_ids"])
     return out
 
 
@@ -2122,70 +2709,76 @@ def cmd_supervise(args) -> None:
 
 
 def response_schema() -> dict:
-    """One draft-07 JSON Schema that every response of every command matches."""
+    """One draft-07 JSON Schema that every response of every command matches.
+
+    Every response names its command in ``type``, so the top level is a
+    oneOf over one definition per type.  Objects stay open (no
+    additionalProperties: false) so that a field added later does not break
+    an older client's validation.
+    """
     S = {"type": "string"}
-    I = {"type": "integer"}
-    NS = {"type": ["string", "null"]}
+    I = {"type": "integer", "minimum": 0}
     B = {"type": "boolean"}
+    NS = {"type": ["string", "null"]}
+    NB = {"type": ["boolean", "null"]}
+    ids = {"type": "array", "items": S}
     state = {"enum": list(STATES)}
     failure = {
         "type": ["object", "null"],
         "required": ["code", "message"],
         "properties": {"code": S, "message": S},
     }
-    snap = {
-        "type": "object",
-        "required": [
-            "stdout_tail",
-            "stderr_tail",
-            "truncated",
-            "encoding",
-            "stdout_observed_bytes",
-            "stderr_observed_bytes",
-            "stdout_included_bytes",
-            "stderr_included_bytes",
-        ],
-        "properties": {
-            "stdout_tail": S,
-            "stderr_tail": S,
-            "truncated": B,
-            "encoding": {"const": "utf-8-lossy"},
-            "stdout_observed_bytes": I,
-            "stderr_observed_bytes": I,
-            "stdout_included_bytes": I,
-            "stderr_included_bytes": I,
-        },
+    snap_props = {
+        "stdout_tail": S,
+        "stderr_tail": S,
+        "truncated": B,
+        "encoding": {"const": "utf-8-lossy"},
+        "stdout_observed_bytes": I,
+        "stderr_observed_bytes": I,
+        "stdout_included_bytes": I,
+        "stderr_included_bytes": I,
     }
-    result = {"exit_code": I, "signal": S, "finished_at": S, "duration_ms": I, "failure": failure}
+    snap = {"type": "object", "required": sorted(snap_props), "properties": snap_props}
+    result = {
+        "exit_code": {"type": "integer"},
+        "signal": S,
+        "finished_at": S,
+        "duration_ms": I,
+        "failure": failure,
+    }
+    dropped = {"stdout_dropped_bytes": I, "stderr_dropped_bytes": I}
 
-    def resp(name: str, required: list, props: dict) -> dict:
-        p = {
+    def obj(required: list, props: dict) -> dict:
+        return {"type": "object", "required": required, "properties": props}
+
+    def resp(name: str, required: list, *parts: dict) -> dict:
+        props = {
             "schema_version": {"const": SCHEMA_VERSION},
             "ok": {"const": True},
             "type": {"const": name},
         }
-        p.update(props)
-        return {
-            "type": "object",
-            "required": ["schema_version", "ok", "type"] + required,
-            "properties": p,
-        }
+        for part in parts:
+            props.update(part)
+        return obj(["schema_version", "ok", "type"] + required, props)
 
-    job_entry = {
-        "type": "object",
-        "required": ["job_id", "state", "started_at", "command", "cwd"],
-        "properties": dict(
-            {
-                "job_id": S,
-                "state": state,
-                "started_at": S,
-                "command": {"type": "array", "items": S},
-                "cwd": S,
-                "updated_at": S,
-            },
-            **result,
+    job_entry = obj(
+        ["job_id", "state", "started_at", "command", "cwd"],
+        dict(
+            result,
+            job_id=S,
+            state=state,
+            started_at=S,
+            command=ids,
+            cwd=S,
+            updated_at=S,
+            ready=NB,
         ),
-    }
+    )
+    brief = obj(
+        ["job_id", "state"],
+        {"job_id": S, "state": state, "exit_code": {"type": "integer"}, "signal": S},
+    )
+    rusage = obj(["max_rss_kb", "user_ms", "sys_ms"], {"max_rss_kb": I, "user_ms": I, "sys_ms": I})
     defs = {
         "snapshot": snap,
         "error": {
@@ -2195,74 +2788,99 @@ def response_schema() -> dict:
                 "schema_version": {"const": SCHEMA_VERSION},
                 "ok": {"const": False},
                 "type": {"const": "error"},
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message", "retryable"],
-                    "properties": {"code": S, "message": S, "retryable": B},
-                },
+                "error": obj(
+                    ["code", "message", "retryable"], {"code": S, "message": S, "retryable": B}
+                ),
             },
         },
         "run": resp(
             "run",
-            [
-                "job_id",
-                "state",
-                "stdout_log_path",
-                "stderr_log_path",
-                "waited_ms",
-                "elapsed_ms",
-            ],
-            dict(
-                {
-                    "job_id": S,
-                    "state": state,
-                    "stdout_log_path": S,
-                    "stderr_log_path": S,
-                    "waited_ms": I,
-                    "elapsed_ms": I,
-                    "env_vars": {"type": "array", "items": S},
-                    "snapshot": {"$ref": "#/definitions/snapshot"},
-                    "final_snapshot": {"$ref": "#/definitions/snapshot"},
-                },
-                **result,
-            ),
+            ["job_id", "state", "stdout_log_path", "stderr_log_path", "waited_ms", "elapsed_ms"],
+            result,
+            {
+                "job_id": S,
+                "state": state,
+                "stdout_log_path": S,
+                "stderr_log_path": S,
+                "waited_ms": I,
+                "elapsed_ms": I,
+                "env_vars": ids,
+                "snapshot": {"$ref": "#/definitions/snapshot"},
+                "final_snapshot": {"$ref": "#/definitions/snapshot"},
+                "cursor": S,
+                "ready": B,
+            },
         ),
         "status": resp(
             "status",
             ["job_id", "state", "started_at"],
-            dict(
-                {
-                    "job_id": S,
-                    "state": state,
-                    "started_at": S,
-                    "pid": I,
-                    "updated_at": S,
-                    "log_error": NS,
-                    "descendants": {"type": "array", "items": I},
-                },
-                **result,
-            ),
+            result,
+            dropped,
+            {
+                "job_id": S,
+                "state": state,
+                "started_at": S,
+                "pid": I,
+                "updated_at": S,
+                "log_error": NS,
+                "descendants": {"type": "array", "items": I},
+                "stdout_bytes": I,
+                "stderr_bytes": I,
+                "last_output_at": NS,
+                "idle_ms": I,
+                "ready": B,
+                "ready_at": NS,
+                "rusage": rusage,
+                "ports": {"type": "array", "items": I},
+            },
         ),
         "tail": resp(
             "tail",
             ["job_id", "stdout_log_path", "stderr_log_path"] + snap["required"],
-            dict(
-                snap["properties"],
-                job_id=S,
-                state=state,
-                stdout_log_path=S,
-                stderr_log_path=S,
-            ),
+            snap_props,
+            dropped,
+            {"job_id": S, "state": state, "stdout_log_path": S, "stderr_log_path": S, "cursor": S},
         ),
-        "wait": resp(
-            "wait",
-            ["job_id", "state", "timed_out"],
-            dict({"job_id": S, "state": state, "timed_out": B}, **result),
+        "read": resp(
+            "read",
+            ["job_id", "state", "stdout", "stderr", "cursor", "more", "eof"],
+            {
+                "job_id": S,
+                "state": state,
+                "stdout": S,
+                "stderr": S,
+                "cursor": S,
+                "more": B,
+                "eof": B,
+            },
+        ),
+        "wait": dict(
+            resp(
+                "wait",
+                ["timed_out"],
+                result,
+                {
+                    "job_id": S,
+                    "state": state,
+                    "timed_out": B,
+                    "cursor": S,
+                    "ready": B,
+                    "matched": B,
+                    "match": obj(
+                        ["stream", "line", "cursor"],
+                        {"stream": {"enum": ["stdout", "stderr"]}, "line": S, "cursor": S},
+                    ),
+                    "jobs": {"type": "array", "items": brief},
+                    "first_job_id": NS,
+                },
+            ),
+            anyOf=[{"required": ["job_id", "state"]}, {"required": ["jobs"]}],
         ),
         "kill": resp(
             "kill",
             ["job_id", "signal", "state"],
-            dict(result, job_id=S, signal=S, state=state, sent=B),
+            result,
+            {"job_id": S, "signal": S, "state": state, "sent": B},
         ),
         "list": resp(
             "list",
@@ -2273,6 +2891,24 @@ def response_schema() -> dict:
                 "truncated": B,
                 "skipped": I,
             },
+        ),
+        "delete": resp(
+            "delete",
+            ["deleted", "refused", "freed_bytes", "dry_run"],
+            {
+                "deleted": ids,
+                "refused": {
+                    "type": "array",
+                    "items": obj(["job_id", "reason"], {"job_id": S, "reason": S}),
+                },
+                "freed_bytes": I,
+                "dry_run": B,
+            },
+        ),
+        "gc": resp(
+            "gc",
+            ["deleted", "job_ids", "skipped", "freed_bytes", "dry_run"],
+            {"deleted": I, "job_ids": ids, "skipped": I, "freed_bytes": I, "dry_run": B},
         ),
         "schema": resp(
             "schema",
@@ -2318,6 +2954,13 @@ def _nonneg_int(text: str) -> int:
     return int(s)
 
 
+def _port(text: str) -> int:
+    port = _nonneg_int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError("expected a TCP port 1-65535, got %r" % text)
+    return port
+
+
 def _env_pair(text: str) -> str:
     key, eq, _ = text.partition("=")
     if not eq or not _valid_env_key(key):
@@ -2342,6 +2985,7 @@ def build_parser():
     size = _arg_type(parse_size, "size")
     count = _arg_type(_nonneg_int, "count")
     sig = _arg_type(parse_signal, "signal")
+    cursor = _arg_type(parse_cursor, "cursor")
 
     parser = Parser(
         prog=PROG,
@@ -2417,6 +3061,13 @@ def build_parser():
         metavar="MS",
         help="kill a notify command after this long",
     )
+    p.add_argument("--ready-match", metavar="REGEX", help="the job is ready when a line matches")
+    p.add_argument(
+        "--ready-port",
+        type=_arg_type(_port, "port"),
+        metavar="PORT",
+        help="the job is ready when localhost:PORT accepts a connection",
+    )
     p.add_argument(
         "--max-output",
         type=size,
@@ -2437,11 +3088,29 @@ def build_parser():
     p.add_argument("job_id")
     p.set_defaults(func=cmd_tail)
 
-    p = add("wait", "block until a job is terminal")
+    p = add("wait", "block until a job is terminal (or ready, or prints a match)")
     p.add_argument("--timeout-ms", type=duration, default=0, metavar="MS", help="0 = no limit")
     p.add_argument("--poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
-    p.add_argument("job_id")
+    p.add_argument("--match", metavar="REGEX", help="return when an output line matches")
+    p.add_argument("--stream", choices=("stdout", "stderr", "both"), help="with --match")
+    p.add_argument("--cursor", type=cursor, metavar="C", help="with --match: search from C")
+    p.add_argument("--any", action="store_true", help="with several ids: the first to end")
+    p.add_argument("--ready", action="store_true", help="return when ready or terminal")
+    p.add_argument("job_ids", nargs="+", metavar="job_id")
     p.set_defaults(func=cmd_wait)
+
+    p = add("read", "read the output that arrived after a cursor")
+    p.add_argument("--cursor", type=cursor, metavar="C", help="default: the start")
+    p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
+    p.add_argument(
+        "--wait-ms",
+        type=duration,
+        default=0,
+        metavar="MS",
+        help="block until there is new output, the job ends, or MS pass",
+    )
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_read)
 
     p = add("kill", "signal every live process of a job")
     p.add_argument("--signal", type=sig, default=15, metavar="NAME")
@@ -2459,7 +3128,25 @@ def build_parser():
     )
     p.add_argument("--cwd", metavar="DIR", help="jobs started in DIR (default: here)")
     p.add_argument("--all", action="store_true", help="jobs from every directory")
+    p.add_argument("--running", action="store_true", help="same as --state running")
     p.set_defaults(func=cmd_list)
+
+    p = add("delete", "delete finished jobs")
+    p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    p.add_argument("job_ids", nargs="+", metavar="job_id")
+    p.set_defaults(func=cmd_delete)
+
+    p = add("gc", "delete old finished jobs")
+    p.add_argument(
+        "--older-than",
+        type=duration,
+        default=7 * 86400000,
+        metavar="AGE",
+        help="finished longer ago than AGE (default 7d; s, m, h, d)",
+    )
+    p.add_argument("--max-jobs", type=count, metavar="N", help="keep at most the newest N")
+    p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    p.set_defaults(func=cmd_gc)
 
     p = add("schema", "print the JSON Schema of every response")
     p.set_defaults(func=cmd_schema)
