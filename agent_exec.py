@@ -2697,12 +2697,18 @@ def cmd_schema(args) -> dict:
     }
 
 
-def cmd_supervise(args) -> None:
+class _SuperviseArgs:
+    def __init__(self, job_dir: str, fds: str) -> None:
+        self.job_dir = job_dir
+        self.fds = fds
+
+
+def cmd_supervise(args) -> int:
+    """The hidden ``_supervise`` subcommand: returns an exit code, prints nothing."""
     lock_fd, cfg_fd, ready_fd = (int(x) for x in args.fds.split(","))
     for fd in (lock_fd, cfg_fd, ready_fd):
         os.set_inheritable(fd, False)
-    code = supervise_main(args.job_dir, lock_fd, cfg_fd, ready_fd)
-    raise SystemExit(code)
+    return supervise_main(args.job_dir, lock_fd, cfg_fd, ready_fd)
 
 
 # ---- The response schema ------------------------------------------------------
@@ -2974,8 +2980,17 @@ def _env_key(text: str) -> str:
     return text
 
 
-def build_parser():
+def build_parser(command: "str | None" = None):
+    """The whole CLI, built in one place.
+
+    With ``command``, only that subcommand gets its options (the others are
+    listed, so --help still shows every command): building all of them
+    costs more than the work of a read-only command.
+    """
     import argparse
+
+    def want(name: str) -> bool:
+        return command is None or command == name
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # argparse's usage errors take the JSON path
@@ -3007,153 +3022,171 @@ def build_parser():
     sub.required = True
 
     def add(name: str, help_text: "str | None"):
-        kw = {"parents": [common], "description": help_text}
+        kw = {"parents": [common] if want(name) else [], "description": help_text}
         if help_text:
             kw["help"] = help_text
         return sub.add_parser(name, **kw)
 
     p = add("run", "start a background job")
-    p.add_argument(
-        "--snapshot-after",
-        type=duration,
-        default=DEFAULT_SNAPSHOT_AFTER_MS,
-        metavar="MS",
-        help="observe the job this long before answering (max 10000; 0 = at once)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=duration,
-        default=0,
-        metavar="MS",
-        help="SIGTERM the job's process group at this deadline (0 = none)",
-    )
-    p.add_argument(
-        "--kill-after",
-        type=duration,
-        default=0,
-        metavar="MS",
-        help="SIGKILL this long after the timeout's SIGTERM",
-    )
-    p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
-    p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
-    p.add_argument("--cwd", metavar="DIR", help="working directory (default: the caller's)")
-    p.add_argument("--env", action="append", type=_arg_type(_env_pair, "env"), metavar="KEY=VALUE")
-    p.add_argument("--env-file", action="append", metavar="FILE")
-    p.add_argument("--no-inherit-env", action="store_true", help="start from an empty environment")
-    p.add_argument("--inherit-env", action="store_true", help="inherit the environment (default)")
-    p.add_argument(
-        "--mask",
-        action="append",
-        type=_arg_type(_env_key, "key"),
-        metavar="KEY",
-        help="never show KEY's value in any output or file",
-    )
-    p.add_argument("--log", metavar="PATH", help="where full.log goes")
-    p.add_argument("--progress-every", type=duration, default=0, metavar="MS")
-    p.add_argument("--wait", action="store_true", help="block until the job is terminal")
-    p.add_argument("--wait-poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
-    p.add_argument("--notify-command", metavar="JSON_ARGV")
-    p.add_argument("--notify-file", metavar="PATH")
-    p.add_argument(
-        "--notify-timeout",
-        type=duration,
-        default=DEFAULT_NOTIFY_TIMEOUT_MS,
-        metavar="MS",
-        help="kill a notify command after this long",
-    )
-    p.add_argument("--ready-match", metavar="REGEX", help="the job is ready when a line matches")
-    p.add_argument(
-        "--ready-port",
-        type=_arg_type(_port, "port"),
-        metavar="PORT",
-        help="the job is ready when localhost:PORT accepts a connection",
-    )
-    p.add_argument(
-        "--max-output",
-        type=size,
-        default=0,
-        metavar="SIZE",
-        help="keep at most SIZE bytes per stream on disk, the newest (0 = no limit)",
-    )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    if want("run"):
+        p.add_argument(
+            "--snapshot-after",
+            type=duration,
+            default=DEFAULT_SNAPSHOT_AFTER_MS,
+            metavar="MS",
+            help="observe the job this long before answering (max 10000; 0 = at once)",
+        )
+        p.add_argument(
+            "--timeout",
+            type=duration,
+            default=0,
+            metavar="MS",
+            help="SIGTERM the job's process group at this deadline (0 = none)",
+        )
+        p.add_argument(
+            "--kill-after",
+            type=duration,
+            default=0,
+            metavar="MS",
+            help="SIGKILL this long after the timeout's SIGTERM",
+        )
+        p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
+        p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
+        p.add_argument("--cwd", metavar="DIR", help="working directory (default: the caller's)")
+        p.add_argument(
+            "--env", action="append", type=_arg_type(_env_pair, "env"), metavar="KEY=VALUE"
+        )
+        p.add_argument("--env-file", action="append", metavar="FILE")
+        p.add_argument(
+            "--no-inherit-env", action="store_true", help="start from an empty environment"
+        )
+        p.add_argument(
+            "--inherit-env", action="store_true", help="inherit the environment (default)"
+        )
+        p.add_argument(
+            "--mask",
+            action="append",
+            type=_arg_type(_env_key, "key"),
+            metavar="KEY",
+            help="never show KEY's value in any output or file",
+        )
+        p.add_argument("--log", metavar="PATH", help="where full.log goes")
+        p.add_argument("--progress-every", type=duration, default=0, metavar="MS")
+        p.add_argument("--wait", action="store_true", help="block until the job is terminal")
+        p.add_argument("--wait-poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
+        p.add_argument("--notify-command", metavar="JSON_ARGV")
+        p.add_argument("--notify-file", metavar="PATH")
+        p.add_argument(
+            "--notify-timeout",
+            type=duration,
+            default=DEFAULT_NOTIFY_TIMEOUT_MS,
+            metavar="MS",
+            help="kill a notify command after this long",
+        )
+        p.add_argument(
+            "--ready-match", metavar="REGEX", help="the job is ready when a line matches"
+        )
+        p.add_argument(
+            "--ready-port",
+            type=_arg_type(_port, "port"),
+            metavar="PORT",
+            help="the job is ready when localhost:PORT accepts a connection",
+        )
+        p.add_argument(
+            "--max-output",
+            type=size,
+            default=0,
+            metavar="SIZE",
+            help="keep at most SIZE bytes per stream on disk, the newest (0 = no limit)",
+        )
+        p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     p.set_defaults(func=cmd_run)
 
     p = add("status", "show a job's state")
-    p.add_argument("job_id")
+    if want("status"):
+        p.add_argument("job_id")
     p.set_defaults(func=cmd_status)
 
     p = add("tail", "show the end of a job's output")
-    p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
-    p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
-    p.add_argument("job_id")
+    if want("tail"):
+        p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
+        p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
+        p.add_argument("job_id")
     p.set_defaults(func=cmd_tail)
 
     p = add("wait", "block until a job is terminal (or ready, or prints a match)")
-    p.add_argument("--timeout-ms", type=duration, default=0, metavar="MS", help="0 = no limit")
-    p.add_argument("--poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
-    p.add_argument("--match", metavar="REGEX", help="return when an output line matches")
-    p.add_argument("--stream", choices=("stdout", "stderr", "both"), help="with --match")
-    p.add_argument("--cursor", type=cursor, metavar="C", help="with --match: search from C")
-    p.add_argument("--any", action="store_true", help="with several ids: the first to end")
-    p.add_argument("--ready", action="store_true", help="return when ready or terminal")
-    p.add_argument("job_ids", nargs="+", metavar="job_id")
+    if want("wait"):
+        p.add_argument("--timeout-ms", type=duration, default=0, metavar="MS", help="0 = no limit")
+        p.add_argument("--poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
+        p.add_argument("--match", metavar="REGEX", help="return when an output line matches")
+        p.add_argument("--stream", choices=("stdout", "stderr", "both"), help="with --match")
+        p.add_argument("--cursor", type=cursor, metavar="C", help="with --match: search from C")
+        p.add_argument("--any", action="store_true", help="with several ids: the first to end")
+        p.add_argument("--ready", action="store_true", help="return when ready or terminal")
+        p.add_argument("job_ids", nargs="+", metavar="job_id")
     p.set_defaults(func=cmd_wait)
 
     p = add("read", "read the output that arrived after a cursor")
-    p.add_argument("--cursor", type=cursor, metavar="C", help="default: the start")
-    p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
-    p.add_argument(
-        "--wait-ms",
-        type=duration,
-        default=0,
-        metavar="MS",
-        help="block until there is new output, the job ends, or MS pass",
-    )
-    p.add_argument("job_id")
+    if want("read"):
+        p.add_argument("--cursor", type=cursor, metavar="C", help="default: the start")
+        p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
+        p.add_argument(
+            "--wait-ms",
+            type=duration,
+            default=0,
+            metavar="MS",
+            help="block until there is new output, the job ends, or MS pass",
+        )
+        p.add_argument("job_id")
     p.set_defaults(func=cmd_read)
 
     p = add("kill", "signal every live process of a job")
-    p.add_argument("--signal", type=sig, default=15, metavar="NAME")
-    p.add_argument("job_id")
+    if want("kill"):
+        p.add_argument("--signal", type=sig, default=15, metavar="NAME")
+        p.add_argument("job_id")
     p.set_defaults(func=cmd_kill)
 
     p = add("list", "list jobs, newest first")
-    p.add_argument("--state", choices=STATES)
-    p.add_argument(
-        "--limit",
-        type=count,
-        default=DEFAULT_LIST_LIMIT,
-        metavar="N",
-        help="at most N jobs (0 = all; default %d)" % DEFAULT_LIST_LIMIT,
-    )
-    p.add_argument("--cwd", metavar="DIR", help="jobs started in DIR (default: here)")
-    p.add_argument("--all", action="store_true", help="jobs from every directory")
-    p.add_argument("--running", action="store_true", help="same as --state running")
+    if want("list"):
+        p.add_argument("--state", choices=STATES)
+        p.add_argument(
+            "--limit",
+            type=count,
+            default=DEFAULT_LIST_LIMIT,
+            metavar="N",
+            help="at most N jobs (0 = all; default %d)" % DEFAULT_LIST_LIMIT,
+        )
+        p.add_argument("--cwd", metavar="DIR", help="jobs started in DIR (default: here)")
+        p.add_argument("--all", action="store_true", help="jobs from every directory")
+        p.add_argument("--running", action="store_true", help="same as --state running")
     p.set_defaults(func=cmd_list)
 
     p = add("delete", "delete finished jobs")
-    p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
-    p.add_argument("job_ids", nargs="+", metavar="job_id")
+    if want("delete"):
+        p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+        p.add_argument("job_ids", nargs="+", metavar="job_id")
     p.set_defaults(func=cmd_delete)
 
     p = add("gc", "delete old finished jobs")
-    p.add_argument(
-        "--older-than",
-        type=duration,
-        default=7 * 86400000,
-        metavar="AGE",
-        help="finished longer ago than AGE (default 7d; s, m, h, d)",
-    )
-    p.add_argument("--max-jobs", type=count, metavar="N", help="keep at most the newest N")
-    p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    if want("gc"):
+        p.add_argument(
+            "--older-than",
+            type=duration,
+            default=7 * 86400000,
+            metavar="AGE",
+            help="finished longer ago than AGE (default 7d; s, m, h, d)",
+        )
+        p.add_argument("--max-jobs", type=count, metavar="N", help="keep at most the newest N")
+        p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
     p.set_defaults(func=cmd_gc)
 
     p = add("schema", "print the JSON Schema of every response")
     p.set_defaults(func=cmd_schema)
 
     p = add("_supervise", None)  # internal, not a stable interface
-    p.add_argument("job_dir")
-    p.add_argument("--fds", required=True)
+    if want("_supervise"):
+        p.add_argument("job_dir")
+        p.add_argument("--fds", required=True)
     p.set_defaults(func=cmd_supervise)
     return parser
 
@@ -3179,6 +3212,21 @@ def _envelope_error(code: str, message: str, retryable: bool = False) -> dict:
     }
 
 
+def _command_in(argv: list) -> "str | None":
+    """The subcommand named in argv (None if there is none)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--root":
+            skip = True
+        elif arg == "--":
+            return None
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: "list | None" = None) -> int:
     """Run one command; print one JSON object; return the exit code."""
     global _log_level
@@ -3190,16 +3238,20 @@ def main(argv: "list | None" = None) -> int:
     if not _IS_POSIX:
         _emit(_envelope_error("unsupported_platform", "agent-exec runs on Linux and macOS only"))
         return 1
+    if argv[:1] == ["_supervise"] and len(argv) == 4 and argv[2] == "--fds":
+        # The detached supervisor, started by `run` with exactly these
+        # arguments: skip argparse, which it would only pay for at start-up.
+        return cmd_supervise(_SuperviseArgs(argv[1], argv[3]))
     parser = None
     try:
-        parser = build_parser()
+        parser = build_parser(_command_in(argv))
         args = parser.parse_args(argv)
         if args.verbose:
             _log_level = max(_log_level, 1 + min(args.verbose, 2))
         args._t0 = t0
         result = args.func(args)
-        if result is None:
-            return 0
+        if isinstance(result, int):  # _supervise: an exit code, nothing to print
+            return result
         out = {"schema_version": SCHEMA_VERSION, "ok": True, "type": args.command_name}
         out.update(result)
         _emit(out)
