@@ -242,21 +242,6 @@ def is_job_id(name: str) -> bool:
     return len(name) == 26 and name[0] <= "7" and all(c in _ULID_CHARS for c in name)
 
 
-_SIGNUMS = {}  # type: dict
-
-
-def _signal_table() -> dict:
-    if not _SIGNUMS:
-        import signal
-
-        for name in dir(signal):
-            if name.startswith("SIG") and not name.startswith("SIG_"):
-                num = getattr(signal, name)
-                if isinstance(num, int):
-                    _SIGNUMS.setdefault(name, int(num))
-    return _SIGNUMS
-
-
 def signal_name(num: int) -> str:
     """SIGTERM for 15, and so on; SIG<n> for numbers without a name."""
     import signal
