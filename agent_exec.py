@@ -111,8 +111,11 @@ class UsageError(AgentExecError):
 
     exit_code = 2
 
-    def __init__(self, message: str) -> None:
-        super().__init__("usage_error", message)
+    def __init__(self, message: str, usage: str = "", prog: str = PROG) -> None:
+        super().__init__("usage_error", message if prog == PROG else prog + ": " + message)
+        self.usage = usage  # the usage text of the (sub)command, for stderr
+        self.prog = prog
+        self.bare = message
 
 
 # ==== Small helpers ==========================================================
@@ -2682,18 +2685,12 @@ def cmd_schema(args) -> dict:
     }
 
 
-class _SuperviseArgs:
-    def __init__(self, job_dir: str, fds: str) -> None:
-        self.job_dir = job_dir
-        self.fds = fds
-
-
-def cmd_supervise(args) -> int:
+def cmd_supervise(job_dir: str, fds: str) -> int:
     """The hidden ``_supervise`` subcommand: returns an exit code, prints nothing."""
-    lock_fd, cfg_fd, ready_fd = (int(x) for x in args.fds.split(","))
+    lock_fd, cfg_fd, ready_fd = (int(x) for x in fds.split(","))
     for fd in (lock_fd, cfg_fd, ready_fd):
         os.set_inheritable(fd, False)
-    return supervise_main(args.job_dir, lock_fd, cfg_fd, ready_fd)
+    return supervise_main(job_dir, lock_fd, cfg_fd, ready_fd)
 
 
 # ---- The response schema ------------------------------------------------------
@@ -2945,6 +2942,13 @@ def _nonneg_int(text: str) -> int:
     return int(s)
 
 
+def _positive_duration(text: str) -> int:
+    ms = parse_duration_ms(text)
+    if ms <= 0:
+        raise ValueError("expected a duration > 0, got %r" % text)
+    return ms
+
+
 def _port(text: str) -> int:
     port = _nonneg_int(text)
     if not 1 <= port <= 65535:
@@ -2979,7 +2983,7 @@ def build_parser(command: "str | None" = None):
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # argparse's usage errors take the JSON path
-            raise UsageError("%s: %s" % (self.prog, message))
+            raise UsageError(message, self.format_usage(), self.prog)
 
     duration = _arg_type(parse_duration_ms, "duration")
     size = _arg_type(parse_size, "size")
@@ -3006,11 +3010,9 @@ def build_parser(command: "str | None" = None):
     sub = parser.add_subparsers(dest="command_name", metavar="<command>", parser_class=Parser)
     sub.required = True
 
-    def add(name: str, help_text: "str | None"):
-        kw = {"parents": [common] if want(name) else [], "description": help_text}
-        if help_text:
-            kw["help"] = help_text
-        return sub.add_parser(name, **kw)
+    def add(name: str, help_text: str):
+        parents = [common] if want(name) else []
+        return sub.add_parser(name, parents=parents, description=help_text, help=help_text)
 
     p = add("run", "start a background job")
     if want("run"):
@@ -3063,7 +3065,7 @@ def build_parser(command: "str | None" = None):
         p.add_argument("--notify-file", metavar="PATH")
         p.add_argument(
             "--notify-timeout",
-            type=duration,
+            type=_arg_type(_positive_duration, "duration"),
             default=DEFAULT_NOTIFY_TIMEOUT_MS,
             metavar="MS",
             help="kill a notify command after this long",
@@ -3168,11 +3170,8 @@ def build_parser(command: "str | None" = None):
     p = add("schema", "print the JSON Schema of every response")
     p.set_defaults(func=cmd_schema)
 
-    p = add("_supervise", None)  # internal, not a stable interface
-    if want("_supervise"):
-        p.add_argument("job_dir")
-        p.add_argument("--fds", required=True)
-    p.set_defaults(func=cmd_supervise)
+    # `_supervise` is not here: main() recognises it before argparse runs,
+    # so it stays out of --help and out of the choices that errors list.
     return parser
 
 
@@ -3223,10 +3222,14 @@ def main(argv: "list | None" = None) -> int:
     if not _IS_POSIX:
         _emit(_envelope_error("unsupported_platform", "agent-exec runs on Linux and macOS only"))
         return 1
-    if argv[:1] == ["_supervise"] and len(argv) == 4 and argv[2] == "--fds":
-        # The detached supervisor, started by `run` with exactly these
-        # arguments: skip argparse, which it would only pay for at start-up.
-        return cmd_supervise(_SuperviseArgs(argv[1], argv[3]))
+    if argv[:1] == ["_supervise"]:
+        # The hidden subcommand that runs the detached supervisor.  `run`
+        # starts it with exactly these arguments; it prints nothing, and it
+        # skips argparse, which it would only pay for at start-up.
+        if len(argv) != 4 or argv[2] != "--fds":
+            _emit(_envelope_error("usage_error", "_supervise is internal to agent-exec"))
+            return 2
+        return cmd_supervise(argv[1], argv[3])
     parser = None
     try:
         parser = build_parser(_command_in(argv))
@@ -3235,16 +3238,14 @@ def main(argv: "list | None" = None) -> int:
             _log_level = max(_log_level, 1 + min(args.verbose, 2))
         args._t0 = t0
         result = args.func(args)
-        if isinstance(result, int):  # _supervise: an exit code, nothing to print
-            return result
         out = {"schema_version": SCHEMA_VERSION, "ok": True, "type": args.command_name}
         out.update(result)
         _emit(out)
         return 0
     except UsageError as e:
         try:
-            usage = parser.format_usage() if parser is not None else ""
-            sys.stderr.write(usage + "%s: error: %s\n" % (PROG, e.message))
+            usage = e.usage or (parser.format_usage() if parser is not None else "")
+            sys.stderr.write("%s%s: error: %s\n" % (usage, e.prog, e.bare))
         except (OSError, ValueError):
             pass
         _emit(_envelope_error(e.code, e.message))
