@@ -878,8 +878,11 @@ def read_span(job: dict, stream: str, pos: int, max_bytes: int, final: bool) -> 
             if end == 0:  # one character wider than max_bytes: give it whole
                 lead = data[0]
                 need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-                data = os.pread(fd, need, off)
-                end = len(data) if len(data) == need else 0
+                char = os.pread(fd, need, off)
+                if not all(0x80 <= b <= 0xBF for b in char[1:]):
+                    end = 1  # an invalid lead byte: on its own, one U+FFFD
+                elif len(char) == need or (final and off + len(char) == size):
+                    data, end = char, len(char)  # whole, or all there will ever be
             data = data[:end]
     finally:
         os.close(fd)
@@ -1246,8 +1249,6 @@ class _Supervisor:
         """Write a chunk of one stream to its log and to full.log."""
         if self.secrets:
             data = self._redact(s, data, final)
-        if self.ready is False and self.ready_re is not None:
-            self._check_ready_output(s, data, final)
         if data:
             s.total += len(data)
             dropped = s.log.dropped
@@ -1259,6 +1260,9 @@ class _Supervisor:
             self.full.append(rows)
         if s.partial:
             s.partial_at = time.monotonic()
+        # Last: whoever wakes on readiness must find the ready line in the log.
+        if self.ready is False and self.ready_re is not None:
+            self._check_ready_output(s, data, final)
 
     def _check_ready_output(self, s: _Stream, data: bytes, final: bool) -> None:
         """--ready-match: test each complete line (the last one at EOF)."""
