@@ -81,6 +81,8 @@ FULL_LOG = "full.log"
 EVENT_FILE = "completion_event.json"
 CONTROL = "control"  # FIFO: `kill` asks the live supervisor to signal
 READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
+RESERVE = ".reserve"  # disk space set aside so the terminal state fits on a full disk
+RESERVE_BYTES = 256 * 1024
 
 # Job ids are ULIDs: 48 bits of milliseconds, 80 random bits, Crockford base32.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -692,8 +694,8 @@ def _lost_failure(state: "dict | None", rebooted: bool = False) -> dict:
     elif state is None:
         msg = "the job's supervisor exited before the job started"
     else:
-        msg = "the job's supervisor (pid %s) died while the job was running; " % pid
-        msg += "the workload's end was not recorded"
+        msg = "the job's supervisor (pid %s) is gone and the job's end was not " % pid
+        msg += "recorded (the supervisor died, or could not write state.json)"
     return {"code": "supervisor_lost", "message": msg}
 
 
@@ -1017,6 +1019,7 @@ class _Supervisor:
         self.streams = []  # type: list
         self.full = None  # type: _LogFile | None
         self.control_fd = None  # type: int | None
+        self.reserve = None  # type: str | None
         self.boot_id = _read_boot_id()
         self.ready_re = None
         if cfg.get("ready_match"):
@@ -1051,12 +1054,14 @@ class _Supervisor:
         signal.set_wakeup_fd(wake_w)
         self.wake_r = wake_r
         self._make_control()
+        self._make_reserve()
         if self.ready is not None:
             self.ready_fd = _open_locked(os.path.join(self.job_dir, READY_LOCK))
         try:
             self._spawn()
-        except OSError as e:
-            msg = "cannot start %s: %s" % (_short(self.cfg["argv"][0]), e.strerror or e)
+        except Exception as e:  # OSError from exec; ValueError, SubprocessError
+            reason = getattr(e, "strerror", None) or e
+            msg = "cannot start %s: %s" % (_short(self.cfg["argv"][0]), reason)
             self._finish_failed("spawn_failed", msg)
             _send_ready(ready_fd, {"ok": True})
             self._after_terminal()
@@ -1458,7 +1463,12 @@ class _Supervisor:
         return doc
 
     def _write_state(self, durable: bool, quiet: bool = False, doc: "dict | None" = None) -> None:
-        """Replace state.json; a durable (terminal) write is retried."""
+        """Replace state.json; a durable (terminal) write is retried.
+
+        When the disk is full (the workload's own output may have filled
+        it), the terminal write first gives back the space reserved at
+        start-up, so the job's result is still recorded.
+        """
         if doc is None:
             doc = self._state_doc("running")
         path = os.path.join(self.job_dir, STATE)
@@ -1468,11 +1478,40 @@ class _Supervisor:
                 _write_json_atomic(path, doc, durable=durable)
                 return
             except OSError as e:
+                if durable and self._release_reserve():
+                    continue
                 if i == attempts - 1:
                     if not quiet:
                         _log(0, "cannot write %s: %s" % (path, e))
                     return
                 time.sleep(min(0.05 * (i + 1), 0.5))
+
+    def _make_reserve(self) -> None:
+        """Set some disk aside for the terminal state (see _write_state)."""
+        path = os.path.join(self.job_dir, RESERVE)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, b"\0" * RESERVE_BYTES)  # real blocks, even on tmpfs
+            finally:
+                os.close(fd)
+            self.reserve = path
+        except OSError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _release_reserve(self) -> bool:
+        """Delete the reserve; True if there was one to give back."""
+        path, self.reserve = self.reserve, None
+        if path is None:
+            return False
+        try:
+            os.unlink(path)
+        except OSError:
+            return False
+        return True
 
     def _finish(self) -> None:
         """Write the one terminal state, then wake the waiters."""
@@ -1495,6 +1534,7 @@ class _Supervisor:
 
     def _after_terminal(self) -> None:
         self.terminal = True
+        self._release_reserve()  # the terminal state is written: no longer needed
         # Closing our only copy of the lock wakes every `wait` at once.
         if self.lock_fd is not None:
             os.close(self.lock_fd)
@@ -3200,6 +3240,20 @@ def _envelope_error(code: str, message: str, retryable: bool = False) -> dict:
     }
 
 
+def _refuse_nul(args) -> None:
+    """No path, command word or value may hold a NUL byte: the OS cannot take it.
+
+    Job ids are left alone: an id with a NUL simply names no job.
+    """
+    for name, value in vars(args).items():
+        if name in ("job_id", "job_ids"):
+            continue
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            option = "the command" if name == "command" else "--" + name.replace("_", "-")
+            raise AgentExecError("invalid_argument", "%s contains a NUL byte" % option)
+
+
 def _command_in(argv: list) -> "str | None":
     """The subcommand named in argv (None if there is none)."""
     skip = False
@@ -3238,6 +3292,7 @@ def main(argv: "list | None" = None) -> int:
     try:
         parser = build_parser(_command_in(argv))
         args = parser.parse_args(argv)
+        _refuse_nul(args)
         if args.verbose:
             _log_level = max(_log_level, 1 + min(args.verbose, 2))
         args._t0 = t0

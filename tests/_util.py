@@ -74,6 +74,15 @@ def wait_until(pred, timeout=10.0, interval=0.02):
         time.sleep(interval)
 
 
+def _start_time(pid):
+    """Field 22 of /proc/<pid>/stat (None if gone or not on Linux)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _kill_everything_in(root):
     if not os.path.isdir(root):
         return
@@ -87,11 +96,13 @@ def _kill_everything_in(root):
         if not isinstance(state, dict):
             continue
         pids = []
-        for key in ("pid", "supervisor_pid"):
-            if isinstance(state.get(key), int):
-                pids.append(state[key])
-        for pid in state.get("descendants") or []:
-            if isinstance(pid, int):
+        for key, token_key in (
+            ("pid", "pid_start_time"),
+            ("supervisor_pid", "supervisor_start_time"),
+        ):
+            pid = state.get(key)
+            # Only a process that is provably the one recorded: pids get reused.
+            if isinstance(pid, int) and _start_time(pid) == state.get(token_key):
                 pids.append(pid)
         for pid in pids:
             if pid <= 1:

@@ -1,0 +1,1320 @@
+"""Reliability tests (issue 3): faults injected for real, at a size a test run affords.
+
+Each test here is the scaled-down twin of a case that bench/stress.py runs at
+full size: a lost supervisor, pid reuse, kills racing natural exits, torn
+writes, zombies, whole-tree kills, output volume, disk limits and write
+errors, notification sinks, load, hostile job ids and jobs roots, and the
+clock.  Every CLI call is bounded by a subprocess timeout, and every process
+a test starts is killed on tear-down.
+"""
+
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+from tests._util import PY, REPO, SCRIPT, CLITestCase, Result, pid_alive, wait_until
+
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+import agent_exec  # noqa: E402
+
+LINUX = sys.platform.startswith("linux")
+SH = "/bin/sh"
+TERMINAL = ("exited", "killed", "failed")
+MIB = 1 << 20
+ROW_MAX = 64 * 1024
+ROW_RE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(STDOUT|STDERR)\] ")
+
+# Writes argv[1] MiB to stdout, never a newline: block i is b"%07d|" % i repeated.
+GEN_NO_NEWLINE = (
+    "import os, sys\n"
+    "for i in range(int(sys.argv[1])):\n"
+    "    v = memoryview((b'%07d|' % i) * 131072)\n"
+    "    while v:\n"
+    "        v = v[os.write(1, v):]\n"
+)
+
+
+def expected_no_newline_sha(mib):
+    h = hashlib.sha256()
+    for i in range(mib):
+        h.update((b"%07d|" % i) * 131072)
+    return h.hexdigest()
+
+
+def file_sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(MIB)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+# ---- /proc helpers ----------------------------------------------------------
+
+
+def proc_stat(pid):
+    """(state, ppid) of a process, or None when it does not exist."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0].decode(), int(fields[1])
+
+
+def proc_cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().split(b"\0")[:-1]
+    except OSError:
+        return None
+
+
+def all_pids():
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+
+
+def pids_running(argvs):
+    """Live (non-zombie) pids whose argv is one of ``argvs`` (lists of str)."""
+    wanted = {tuple(a.encode() for a in argv) for argv in argvs}
+    out = []
+    for pid in all_pids():
+        cmd = proc_cmdline(pid)
+        if cmd and tuple(cmd) in wanted and pid_alive(pid):
+            out.append(pid)
+    return out
+
+
+def zombies_of(ppid):
+    out = []
+    for pid in all_pids():
+        st = proc_stat(pid)
+        if st and st[0] == "Z" and st[1] == ppid:
+            out.append(pid)
+    return out
+
+
+def vmrss_kb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def kill_quietly(pids, group=False):
+    for pid in pids:
+        if not isinstance(pid, int) or pid <= 1:
+            continue
+        fns = (os.killpg, os.kill) if group else (os.kill,)
+        for fn in fns:
+            try:
+                fn(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def start_token(pid):
+    """Field 22 of /proc/<pid>/stat (start time), or None; what state.json records."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError, TypeError):
+        return None
+
+
+def kill_recorded(st):
+    """SIGKILL a job's workload group and supervisor, only if they are provably
+    the processes state.json names (pid reuse must never hit a stranger)."""
+    for key, token, group in (
+        ("pid", "pid_start_time", True),
+        ("supervisor_pid", "supervisor_start_time", False),
+    ):
+        pid = st.get(key)
+        if isinstance(pid, int) and pid > 1 and st.get(token) is not None:
+            if start_token(pid) == st.get(token):
+                kill_quietly([pid], group)
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".test.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def run_script(code, *args, timeout=60):
+    """Run ``python -c code args`` (with the repo importable); return parsed JSON stdout."""
+    proc = subprocess.run(
+        [PY, "-c", code] + [str(a) for a in args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=timeout,
+        cwd=REPO,
+        universal_newlines=True,
+    )
+    if proc.returncode != 0:
+        raise AssertionError("script failed (%d): %s" % (proc.returncode, proc.stderr[-3000:]))
+    return json.loads(proc.stdout)
+
+
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class ReliabilityCase(CLITestCase):
+    def kill_job(self, jid):
+        try:
+            self.cli("kill", "--signal", "KILL", jid, timeout=20)
+            self.cli("wait", "--timeout-ms", "5000", jid, timeout=20)
+        except Exception:
+            pass
+
+    def start_bg(self, *cmd, opts=()):
+        jid = self.start(*cmd, opts=opts)
+        self.addCleanup(self.kill_job, jid)
+        return jid
+
+    def job_pids(self, jid):
+        """(workload pid, supervisor pid) once state.json has them."""
+        ok = wait_until(lambda: isinstance(self.read_state(jid).get("pid"), int), 5)
+        self.assertTrue(ok, "state.json never got a pid")
+        st = self.read_state(jid)
+        return st["pid"], st["supervisor_pid"]
+
+    def cli_raw(self, *args, preexec_fn=None, env=None, timeout=60):
+        argv = [PY, SCRIPT] + [str(a) for a in args]
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env or self.env(),
+            cwd=self.tmp,
+            timeout=timeout,
+            universal_newlines=True,
+            preexec_fn=preexec_fn,
+        )
+        return Result(proc, argv)
+
+    def read_bytes(self, path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    def event_results(self, jid, timeout=10.0):
+        """completion_event.json once its delivery results are in."""
+        path = os.path.join(self.job_dir(jid), "completion_event.json")
+
+        def done():
+            try:
+                with open(path) as f:
+                    ev = json.load(f)
+            except (OSError, ValueError):
+                return None
+            return ev if ev.get("delivery_results") else None
+
+        ev = wait_until(done, timeout)
+        self.assertTrue(ev, "no delivery results in %s" % path)
+        return ev
+
+    def unique_sleeps(self, n):
+        """n unique sleep durations (as strings), killed on tear-down if still alive."""
+        base = random.randint(100000, 999999) * 10
+        durs = [str(base + k + 1) for k in range(n)]
+        self.addCleanup(lambda: kill_quietly(pids_running([["sleep", d] for d in durs])))
+        return durs
+
+
+# ==========================================================================
+# A lost supervisor, an earlier boot
+# ==========================================================================
+
+
+class TestSupervisorLost(ReliabilityCase):
+    def test_status_list_wait_report_lost_supervisor_within_1s(self):
+        jid = self.start_bg("sleep", "30")
+        pid, sup = self.job_pids(jid)
+        self.addCleanup(kill_recorded, self.read_state(jid))
+        waiter = subprocess.Popen(
+            [PY, SCRIPT, "wait", "--timeout-ms", "20000", jid],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env(),
+            cwd=self.tmp,
+            universal_newlines=True,
+        )
+        self.addCleanup(lambda: waiter.poll() is None and waiter.kill())
+        # The waiter must be parked on the job before the fault.
+        time.sleep(0.4)
+        self.assertIsNone(waiter.poll(), "wait returned while the job ran")
+        woke = {}
+
+        def collect():
+            woke["out"] = waiter.communicate(timeout=10)[0]
+            woke["t"] = time.monotonic()
+
+        collector = threading.Thread(target=collect)
+        collector.start()
+        t0 = time.monotonic()
+        os.kill(sup, signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: not pid_alive(sup), 2, 0.005))
+        # Timed in process, so that what is measured is how soon agent-exec
+        # knows, not how long a loaded machine takes to start an interpreter.
+        rc, out = call_main(["--root", self.root, "status", jid])
+        t_status = time.monotonic() - t0
+        s = json.loads(out)
+        rc2, out2 = call_main(["--root", self.root, "list", "--all"])
+        t_list = time.monotonic() - t0
+        lst = json.loads(out2)
+        self.assertEqual((rc, rc2), (0, 0), (out, out2))
+        collector.join(15)
+        w = json.loads(woke["out"])
+        t_wait = woke["t"] - t0
+        self.assertEqual(s["state"], "failed", s)
+        self.assertEqual(s["failure"]["code"], "supervisor_lost", s)
+        mine = [e for e in lst["jobs"] if e["job_id"] == jid]
+        self.assertEqual(len(mine), 1, lst)
+        self.assertEqual(mine[0]["state"], "failed", lst)
+        self.assertEqual(w["state"], "failed", w)
+        self.assertIs(w["timed_out"], False, w)
+        self.assertEqual(w.get("failure", {}).get("code"), "supervisor_lost", w)
+        self.assertLess(t_status, 1.0, "status took %.2fs after the kill" % t_status)
+        self.assertLess(t_list, 1.0, "status+list took %.2fs after the kill" % t_list)
+        self.assertLess(t_wait, 1.0, "wait returned %.2fs after the kill" % t_wait)
+        # And the same through the real CLI.
+        self.assertEqual(self.ok("status", jid)["state"], "failed")
+        self.assertEqual(self.ok("wait", "--timeout-ms", "5000", jid)["state"], "failed")
+
+    def test_job_from_an_earlier_boot_is_never_running(self):
+        jid = self.start_bg("sleep", "30")
+        self.job_pids(jid)
+        path = os.path.join(self.job_dir(jid), "state.json")
+        st = self.read_state(jid)
+        self.assertEqual(st["job"]["status"], "running")
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            self.assertEqual(st.get("boot_id"), f.read().strip(), "boot id not recorded")
+        self.assertEqual(self.ok("status", jid)["state"], "running")
+        st["boot_id"] = "00000000-0000-4000-8000-000000000000"
+        write_json_atomic(path, st)
+        s = self.ok("status", jid)
+        self.assertEqual(s["state"], "failed", s)
+        self.assertEqual(s["failure"]["code"], "supervisor_lost", s)
+        lst = self.ok("list", "--all")
+        self.assertEqual([e["state"] for e in lst["jobs"] if e["job_id"] == jid], ["failed"])
+        self.assertEqual(self.ok("list", "--all", "--state", "running")["jobs"], [])
+        w = self.ok("wait", "--timeout-ms", "1500", jid, timeout=20)
+        self.assertEqual(w["state"], "failed", w)
+        self.assertIs(w["timed_out"], False, w)
+
+
+# ==========================================================================
+# PID reuse
+# ==========================================================================
+
+
+class TestPidReuse(ReliabilityCase):
+    def foreign_sleep(self):
+        """A live process of the test's own, in a process group of its own."""
+        (dur,) = self.unique_sleeps(1)
+        p = subprocess.Popen(["sleep", dur], start_new_session=True)
+        self.addCleanup(p.wait)
+        self.addCleanup(kill_quietly, [p.pid], True)
+        self.assertTrue(wait_until(lambda: proc_cmdline(p.pid) == [b"sleep", dur.encode()], 5))
+        return p
+
+    def lost_job(self):
+        """A running job whose supervisor and workload were both SIGKILLed."""
+        jid = self.start_bg("sleep", "30")
+        pid, sup = self.job_pids(jid)
+        os.kill(sup, signal.SIGKILL)
+        kill_quietly([pid], True)
+        self.assertTrue(wait_until(lambda: not pid_alive(sup) and not pid_alive(pid), 5))
+        return jid
+
+    def point_state_at(self, jid, **fields):
+        path = os.path.join(self.job_dir(jid), "state.json")
+        st = self.read_state(jid)
+        st.update(fields)
+        write_json_atomic(path, st)
+
+    def assert_foreign_survives(self, jid, victim, *kill_args):
+        r = self.cli("kill", *kill_args, jid, timeout=20)
+        self.assertIn(r.code, (0, 1), r)
+        self.assertIsInstance(r.json, dict, r)
+        if r.code == 0:
+            self.assertIs(r.json.get("sent"), False, r)
+        time.sleep(0.3)
+        self.assertIsNone(victim.poll(), "kill signalled a process that is not the job's")
+        self.assertTrue(pid_alive(victim.pid))
+
+    def test_kill_spares_foreign_pid_with_wrong_start_time(self):
+        jid = self.lost_job()
+        victim = self.foreign_sleep()
+        self.point_state_at(jid, pid=victim.pid, pgid=victim.pid, pid_start_time="12345")
+        self.assertEqual(self.ok("status", jid)["state"], "failed")
+        for sig in ("TERM", "KILL"):
+            with self.subTest(signal=sig):
+                self.assert_foreign_survives(jid, victim, "--signal", sig)
+
+    def test_kill_spares_foreign_pid_without_start_time(self):
+        jid = self.lost_job()
+        victim = self.foreign_sleep()
+        self.point_state_at(jid, pid=victim.pid, pgid=victim.pid, pid_start_time=None)
+        self.assert_foreign_survives(jid, victim, "--signal", "KILL")
+
+    def test_kill_spares_foreign_supervisor_pid(self):
+        # Both the workload and the supervisor pid now name foreign processes.
+        jid = self.lost_job()
+        victim = self.foreign_sleep()
+        other = self.foreign_sleep()
+        self.point_state_at(
+            jid,
+            pid=victim.pid,
+            pgid=victim.pid,
+            pid_start_time="1",
+            supervisor_pid=other.pid,
+            supervisor_start_time="1",
+        )
+        self.assert_foreign_survives(jid, victim, "--signal", "KILL")
+        self.assertIsNone(other.poll())
+        s = self.ok("status", jid)
+        self.assertEqual(s.get("descendants", []), [], s)
+
+    def test_live_supervisor_kills_its_own_child_not_the_recorded_pid(self):
+        jid = self.start_bg("sleep", "30")
+        pid, sup = self.job_pids(jid)
+        victim = self.foreign_sleep()
+        self.point_state_at(jid, pid=victim.pid, pgid=victim.pid, pid_start_time="1")
+        k = self.ok("kill", "--signal", "KILL", jid, timeout=20)
+        w = self.ok("wait", "--timeout-ms", "10000", jid, timeout=20)
+        self.assertEqual(w["state"], "killed", (k, w))
+        self.assertEqual(w.get("signal"), "SIGKILL", w)
+        self.assertFalse(pid_alive(pid), "the job's own process survived")
+        time.sleep(0.2)
+        self.assertIsNone(victim.poll(), "kill reached the pid written in state.json")
+
+    def test_never_signals_pid_or_pgid_le_1(self):
+        # os.kill/os.killpg are replaced by recorders in a child interpreter:
+        # nothing can really be sent, whatever the code under test does.
+        jid = self.lost_job()
+        with open("/proc/1/stat", "rb") as f:
+            init_start = f.read().rsplit(b")", 1)[1].split()[19].decode()
+        code = (
+            "import io, json, os, sys, contextlib\n"
+            "import agent_exec\n"
+            "root, jid, init_start = sys.argv[1:4]\n"
+            "path = os.path.join(root, jid, 'state.json')\n"
+            "calls = []\n"
+            "os.kill = lambda p, s: calls.append(['kill', p, s])\n"
+            "os.killpg = lambda p, s: calls.append(['killpg', p, s])\n"
+            "answers = []\n"
+            "for pid in (-1, 0, 1):\n"
+            "    with open(path) as f:\n"
+            "        st = json.load(f)\n"
+            "    tok = init_start if pid == 1 else '0'\n"
+            "    st.update(pid=pid, pgid=pid, pid_start_time=tok, supervisor_pid=pid,\n"
+            "              supervisor_start_time=tok)\n"
+            "    with open(path + '.t', 'w') as f:\n"
+            "        json.dump(st, f)\n"
+            "    os.replace(path + '.t', path)\n"
+            "    for sig in ('TERM', 'KILL'):\n"
+            "        buf = io.StringIO()\n"
+            "        with contextlib.redirect_stdout(buf):\n"
+            "            rc = agent_exec.main(['--root', root, 'kill', '--signal', sig, jid])\n"
+            "        answers.append([rc, buf.getvalue()])\n"
+            "print(json.dumps({'calls': calls, 'answers': answers}))\n"
+        )
+        out = run_script(code, self.root, jid, init_start, timeout=60)
+        bad = [c for c in out["calls"] if c[1] <= 1]
+        self.assertEqual(bad, [], out)
+        for rc, text in out["answers"]:
+            self.assertIn(rc, (0, 1), out)
+            self.assertEqual(len(text.splitlines()), 1, out)
+            json.loads(text)
+
+
+# ==========================================================================
+# kill racing a natural exit
+# ==========================================================================
+
+
+# A driver for the kill race: it calls main() in process, so that the kill
+# lands within a millisecond of the chosen moment, not an interpreter start-up
+# later (which would always be after the job's end).
+RACE_DRIVER = r"""
+import contextlib, io, json, random, sys, time
+import agent_exec
+root, cwd, events, seed, first, count = sys.argv[1:7]
+seed, first, count = int(seed), int(first), int(count)
+
+def call(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = agent_exec.main(["--root", root] + argv)
+    return rc, json.loads(out.getvalue())
+
+res = []
+for i in range(first, first + count):
+    rnd = random.Random(seed + i)
+    x, sig, delay = rnd.randint(1, 9), rnd.choice(["TERM", "KILL", "INT"]), rnd.uniform(0, 0.12)
+    cmd = ["sh", "-c", "sleep 0.0%d; exit 3" % x]
+    rc, r = call(["run", "--snapshot-after", "0", "--cwd", cwd, "--notify-file", events, "--"]
+                 + cmd)
+    if rc != 0:
+        res.append({"i": i, "run": r})
+        continue
+    time.sleep(delay)
+    krc, k = call(["kill", "--signal", sig, r["job_id"]])
+    wrc, w = call(["wait", "--timeout-ms", "20000", r["job_id"]])
+    res.append({"i": i, "jid": r["job_id"], "sig": sig, "x": x, "delay": round(delay, 4),
+                "krc": krc, "k": k, "wrc": wrc, "w": w})
+print(json.dumps(res))
+"""
+
+
+class TestKillRace(ReliabilityCase):
+    TRIALS = 20
+    WORKERS = 4
+
+    def test_kill_racing_natural_exit(self):
+        seed = random.randrange(1 << 30)
+        events = os.path.join(self.tmp, "events.ndjson")
+        per = self.TRIALS // self.WORKERS
+
+        def driver(w):
+            args = (self.root, self.tmp, events, seed, w * per, per)
+            return run_script(RACE_DRIVER, *args, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(self.WORKERS) as pool:
+            results = [r for batch in pool.map(driver, range(self.WORKERS)) for r in batch]
+        self.assertEqual(len(results), self.TRIALS)
+        seen = {}
+        for res in results:
+            msg = "seed=%d trial=%r" % (seed, res)
+            self.assertNotIn("run", res, msg)
+            k, w = res["k"], res["w"]
+            self.assertEqual(res["krc"], 0, msg)
+            self.assertTrue(k["ok"], msg)
+            self.assertEqual(res["wrc"], 0, msg)
+            self.assertIs(w["timed_out"], False, msg)
+            state = w["state"]
+            if state == "exited":
+                self.assertEqual(w.get("exit_code"), 3, msg)
+                self.assertIsNone(w.get("signal"), msg)
+            else:
+                self.assertEqual(state, "killed", msg)
+                self.assertEqual(w.get("signal"), "SIG" + res["sig"], msg)
+                self.assertIn(w.get("exit_code"), (None, 3), msg)
+            seen[state] = seen.get(state, 0) + 1
+        jids = {res["jid"] for res in results}
+        # Terminal exactly once: a later read agrees with wait, nothing moved.
+        time.sleep(0.2)
+        listed = {e["job_id"]: e for e in self.ok("list", "--all", "--limit", "0")["jobs"]}
+        self.assertEqual(set(listed), jids)
+        for res in results:
+            w, e = res["w"], listed[res["jid"]]
+            for key in ("state", "exit_code", "signal", "finished_at"):
+                self.assertEqual(e.get(key), w.get(key), "seed=%d %s %r %r" % (seed, key, e, w))
+
+        def lines():
+            try:
+                with open(events) as f:
+                    return f.read().splitlines()
+            except OSError:
+                return []
+
+        wait_until(lambda: len(lines()) >= self.TRIALS, 10)
+        time.sleep(0.3)
+        got = [json.loads(line) for line in lines()]
+        self.assertEqual(sorted(e["job_id"] for e in got), sorted(jids), "one event per job")
+        by_id = {res["jid"]: res["w"] for res in results}
+        for ev in got:
+            self.assertEqual(ev["state"], by_id[ev["job_id"]]["state"], ev)
+
+
+# ==========================================================================
+# Torn writes
+# ==========================================================================
+
+
+class TestTornWrites(ReliabilityCase):
+    def test_state_json_never_torn_under_progress_every_10(self):
+        jid = self.start_bg("sleep", "3", opts=("--progress-every", "10"))
+        self.job_pids(jid)
+        path = os.path.join(self.job_dir(jid), "state.json")
+        meta = os.path.join(self.job_dir(jid), "meta.json")
+        errors = []
+        stamps = set()
+        reads = 0
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            for p in (path, meta):
+                try:
+                    with open(p, "rb") as f:
+                        obj = json.loads(f.read().decode("utf-8"))
+                    if not isinstance(obj, dict):
+                        errors.append("not an object: %r" % (obj,))
+                    elif p == path:
+                        stamps.add(obj.get("updated_at"))
+                except (OSError, ValueError) as e:
+                    errors.append(repr(e))
+                reads += 1
+        self.assertEqual(errors[:5], [], "%d errors in %d reads" % (len(errors), reads))
+        self.assertGreater(reads, 1000)
+        self.assertGreater(len(stamps), 20, "state.json was not refreshed every 10 ms")
+        self.assertEqual(self.wait_job(jid)["state"], "exited")
+
+
+# ==========================================================================
+# Zombies
+# ==========================================================================
+
+ZOMBIE_SCRIPT = r"""
+import io, json, os, sys, contextlib
+import agent_exec
+root, n = sys.argv[1], int(sys.argv[2])
+
+def call(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = agent_exec.main(["--root", root] + argv)
+    return rc, json.loads(out.getvalue())
+
+answers = []
+for i in range(n):
+    mode = ["--snapshot-after", "0"], ["--snapshot-after", "3000"], ["--wait"]
+    cmd = ["sh", "-c", "echo job-%d; exit %d" % (i, i % 3)]
+    if i % 5 == 4:
+        cmd = ["sh", "-c", "(sleep 0.2 &); echo job-%d; exit %d" % (i, i % 3)]
+    answers.append(call(["run"] + mode[i % 3] + ["--"] + cmd))
+ids = [a[1]["job_id"] for a in answers]
+finals = [call(["wait", "--timeout-ms", "20000", j]) for j in ids]
+# One more: a job that cannot start, and a kill of a finished job.
+answers.append(call(["run", "--snapshot-after", "0", "--", "/nonexistent-xyz"]))
+finals.append(call(["kill", ids[0]]))
+
+def children():
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/children" % tid) as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+def zombies():
+    me, out = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == b"Z" and int(fields[1]) == me:
+                out.append(int(name))
+    return out
+
+print(json.dumps({"answers": answers, "finals": finals, "children": children(),
+                  "zombies": zombies()}))
+"""
+
+
+class TestZombies(ReliabilityCase):
+    N = 10
+
+    def test_in_process_main_leaves_no_zombie(self):
+        out = run_script(ZOMBIE_SCRIPT, self.root, self.N, timeout=120)
+        self.assertEqual(out["zombies"], [], out)
+        self.assertEqual(out["children"], [], out)
+        for rc, ans in out["answers"][: self.N]:
+            self.assertEqual(rc, 0, ans)
+            self.assertTrue(ans["ok"], ans)
+        self.assertEqual(out["answers"][-1][1]["error"]["code"], "command_not_found")
+        for i, (_rc, fin) in enumerate(out["finals"][: self.N]):
+            self.assertEqual(fin["state"], "exited", fin)
+            self.assertEqual(fin["exit_code"], i % 3, fin)
+
+    def test_supervisor_reaps_adopted_orphan_within_1s(self):
+        jid = self.start_bg(SH, "-c", "(sleep 0.3 & echo $!); exec sleep 30")
+        pid, sup = self.job_pids(jid)
+        log = os.path.join(self.job_dir(jid), "stdout.log")
+
+        def grandchild():
+            try:
+                text = self.read_bytes(log).decode().strip()
+            except OSError:
+                return None
+            return int(text) if text.isdigit() else None
+
+        gpid = wait_until(grandchild, 5)
+        self.assertTrue(gpid, "the job never printed its grandchild's pid")
+        # Orphaned by its subshell, it is adopted by the supervisor (subreaper).
+        st = proc_stat(gpid)
+        if st is not None and st[0] != "Z":
+            adopted = wait_until(lambda: (proc_stat(gpid) or ("", 0))[1] == sup, 1.0, 0.01)
+            self.assertTrue(adopted or not pid_alive(gpid), proc_stat(gpid))
+        self.assertTrue(wait_until(lambda: not pid_alive(gpid), 5, 0.01))
+        t_exit = time.monotonic()
+        reaped = wait_until(lambda: not zombies_of(sup) and proc_stat(gpid) is None, 1.5, 0.01)
+        took = time.monotonic() - t_exit
+        self.assertTrue(reaped, "zombies of the supervisor: %r" % zombies_of(sup))
+        self.assertLess(took, 1.0)
+        self.assertEqual(self.ok("status", jid)["state"], "running")
+
+
+# ==========================================================================
+# Whole-tree kill
+# ==========================================================================
+
+
+class TestWholeTreeKill(ReliabilityCase):
+    def tree(self, prefix=""):
+        durs = self.unique_sleeps(4)
+        script = prefix + 'sleep %s & setsid sleep %s & (setsid sh -c "sleep %s" &); sleep %s' % (
+            tuple(durs)
+        )
+        return durs, script
+
+    def wait_tree_up(self, durs):
+        argvs = [["sleep", d] for d in durs]
+        ok = wait_until(lambda: len(pids_running(argvs)) == 4, 5)
+        self.assertTrue(ok, "the tree never came up: %r" % pids_running(argvs))
+        return argvs
+
+    def assert_tree_gone(self, argvs, t0, within=4.0):
+        left = wait_until(lambda: not pids_running(argvs), max(0.1, t0 + within - time.monotonic()))
+        self.assertTrue(left, "survivors after %.1fs: %r" % (within, pids_running(argvs)))
+
+    def test_timeout_kills_whole_tree(self):
+        durs, script = self.tree()
+        t0 = time.monotonic()
+        jid = self.start_bg(SH, "-c", script, opts=("--timeout", "1000", "--kill-after", "1000"))
+        argvs = self.wait_tree_up(durs)
+        self.assert_tree_gone(argvs, t0)
+        w = self.wait_job(jid, 10000)
+        self.assertEqual(w["state"], "killed", w)
+        self.assertEqual(w.get("signal"), "SIGTERM", w)
+        self.assertIs(self.read_state(jid)["timed_out"], True)
+
+    def test_timeout_kill_after_reaches_term_ignoring_tree(self):
+        durs, script = self.tree(prefix='trap "" TERM; ')
+        t0 = time.monotonic()
+        jid = self.start_bg(SH, "-c", script, opts=("--timeout", "1000", "--kill-after", "1000"))
+        argvs = self.wait_tree_up(durs)
+        time.sleep(max(0.0, t0 + 1.5 - time.monotonic()))
+        # SIGTERM went out at 1 s and is ignored: all four still run.
+        self.assertEqual(len(pids_running(argvs)), 4)
+        self.assert_tree_gone(argvs, t0)
+        w = self.wait_job(jid, 10000)
+        self.assertEqual(w["state"], "killed", w)
+
+    def test_kill_command_kills_whole_tree(self):
+        durs, script = self.tree()
+        jid = self.start_bg(SH, "-c", script)
+        argvs = self.wait_tree_up(durs)
+        t0 = time.monotonic()
+        k = self.ok("kill", jid, timeout=20)
+        self.assertEqual(k["signal"], "SIGTERM")
+        self.assert_tree_gone(argvs, t0)
+        w = self.wait_job(jid, 10000)
+        self.assertEqual(w["state"], "killed", w)
+        self.assertEqual(w.get("signal"), "SIGTERM", w)
+
+    def test_kill_signal_kill_reaches_term_ignoring_tree(self):
+        durs, script = self.tree(prefix='trap "" TERM; ')
+        jid = self.start_bg(SH, "-c", script)
+        argvs = self.wait_tree_up(durs)
+        t0 = time.monotonic()
+        self.ok("kill", "--signal", "KILL", jid, timeout=20)
+        self.assert_tree_gone(argvs, t0)
+        self.assertEqual(self.wait_job(jid, 10000)["state"], "killed")
+
+
+# ==========================================================================
+# Output volume
+# ==========================================================================
+
+
+class TestOutputVolume(ReliabilityCase):
+    MIB_OUT = 64
+
+    def test_big_output_without_newline(self):
+        mib = self.MIB_OUT
+        want_sha = expected_no_newline_sha(mib)
+        t0 = time.monotonic()
+        jid = self.start_bg(PY, "-c", GEN_NO_NEWLINE, str(mib))
+        _, sup = self.job_pids(jid)
+        peak = 0
+        samples = 0
+        deadline = time.monotonic() + 120
+        while pid_alive(sup) and time.monotonic() < deadline:
+            rss = vmrss_kb(sup)
+            if rss is not None:
+                peak = max(peak, rss)
+                samples += 1
+            time.sleep(0.01)
+        wall = time.monotonic() - t0
+        w = self.wait_job(jid, 60000)
+        self.assertEqual(w["state"], "exited", w)
+        self.assertEqual(w["exit_code"], 0, w)
+        self.assertGreater(samples, 3)
+        self.assertLess(peak, 64 * 1024, "supervisor VmRSS peaked at %d KiB" % peak)
+        # At full speed: generous for a slow CI disk, yet no per-byte work fits.
+        self.assertLess(wall, 60.0, "%d MiB took %.1fs" % (mib, wall))
+        out = os.path.join(self.job_dir(jid), "stdout.log")
+        self.assertEqual(os.path.getsize(out), mib * MIB)
+        self.assertEqual(file_sha(out), want_sha)
+        # full.log: rows of at most 64 KiB of text, which put together are stdout.
+        h = hashlib.sha256()
+        longest = 0
+        with open(os.path.join(self.job_dir(jid), "full.log"), "rb") as f:
+            for n, row in enumerate(f):
+                m = ROW_RE.match(row)
+                self.assertTrue(m, "row %d: %r" % (n, row[:80]))
+                self.assertTrue(row.endswith(b"\n"))
+                text = row[m.end() : -1]
+                longest = max(longest, len(text))
+                h.update(text)
+        self.assertLessEqual(longest, ROW_MAX)
+        self.assertEqual(h.hexdigest(), want_sha)
+
+    def test_binary_and_split_utf8(self):
+        code = (
+            "import os, time\n"
+            "os.write(1, bytes(range(256)) * 4 + b'\\n')\n"
+            "for b in 'caf\\u00e9 \\u20ac \\U0001F600 end\\n'.encode():\n"
+            "    os.write(1, bytes([b])); time.sleep(0.004)\n"
+            "os.write(2, b'\\xff\\xfe\\x00bin\\xe2\\x82')\n"
+        )
+        want = bytes(range(256)) * 4 + b"\n" + "caf\u00e9 \u20ac \U0001f600 end\n".encode()
+        j = self.ok("run", "--wait", "--", PY, "-c", code, timeout=30)
+        jid = j["job_id"]
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(self.read_bytes(j["stdout_log_path"]), want)
+        self.assertEqual(self.read_bytes(j["stderr_log_path"]), b"\xff\xfe\x00bin\xe2\x82")
+        # full.log: the stdout rows, prefixes removed, give stdout back byte for byte.
+        rows = self.read_bytes(os.path.join(self.job_dir(jid), "full.log")).split(b"\n")
+        self.assertEqual(rows[-1], b"")
+        texts = []
+        for row in rows[:-1]:
+            m = ROW_RE.match(row)
+            self.assertTrue(m, row[:80])
+            if m.group(1) == b"STDOUT":
+                texts.append(row[m.end() :])
+        self.assertEqual(b"\n".join(texts) + b"\n", want)
+        t = self.ok("tail", "--tail-lines", "1", jid)
+        self.assertEqual(t["stdout_tail"], "caf\u00e9 \u20ac \U0001f600 end\n")
+        self.assertIn("\ufffd", t["stderr_tail"])
+        # Every cut of the window, including inside a multi-byte character.
+        # (In process: the read-only command, 23 times, without 23 interpreters.)
+        for n in range(1, 24):
+            with self.subTest(max_bytes=n):
+                rc, out = call_main(["--root", self.root, "tail", "--max-bytes", str(n), jid])
+                self.assertEqual(rc, 0, out)
+                self.assertEqual(len(out.splitlines()), 1, out)
+                self.assertNotIn("Traceback", out)
+                tail = json.loads(out)["stdout_tail"]
+                self.assertTrue(str(want, "utf-8", "replace").endswith(tail), tail)
+        t = self.ok("tail", "--tail-lines", "3", "--max-bytes", "1M", jid)
+        self.assertIn("\ufffd", t["stdout_tail"])
+
+    def test_stderr_flood_then_stdout_flood_never_deadlocks(self):
+        code = (
+            "import os\n"
+            "def w(fd, data):\n"
+            "    v = memoryview(data)\n"
+            "    while v:\n"
+            "        v = v[os.write(fd, v):]\n"
+            "w(2, b'e' * 10000000)\n"
+            "w(1, b'o' * 10000000)\n"
+        )
+        t0 = time.monotonic()
+        j = self.ok("run", "--wait", "--", PY, "-c", code, timeout=60)
+        self.assertLess(time.monotonic() - t0, 30.0)
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(os.path.getsize(j["stderr_log_path"]), 10000000)
+        self.assertEqual(os.path.getsize(j["stdout_log_path"]), 10000000)
+
+    def test_partial_line_shows_up_while_running(self):
+        jid = self.start_bg(SH, "-c", "printf partial-line-7f3a; sleep 30")
+        full = os.path.join(self.job_dir(jid), "full.log")
+        out = os.path.join(self.job_dir(jid), "stdout.log")
+        self.assertTrue(wait_until(lambda: b"partial-line-7f3a" in self.read_bytes(out), 5))
+        t0 = time.monotonic()
+        seen = wait_until(lambda: b"[STDOUT] partial-line-7f3a" in self.read_bytes(full), 3)
+        took = time.monotonic() - t0
+        self.assertTrue(seen, "the partial line never reached full.log")
+        self.assertLess(took, 1.5)
+        self.assertEqual(self.ok("status", jid)["state"], "running")
+
+
+# ==========================================================================
+# Disk limits and write errors
+# ==========================================================================
+
+
+class TestDiskLimits(ReliabilityCase):
+    def test_max_output_keeps_logs_bounded_and_the_end(self):
+        cap = 16 * 1024
+        code = (
+            "import sys, time\n"
+            "for k in range(20):\n"
+            "    sys.stdout.write(''.join('line %06d\\n' % (k * 1000 + i) for i in range(1000)))\n"
+            "    sys.stderr.write('E' * 5000 + '\\n')\n"
+            "    sys.stdout.flush(); sys.stderr.flush(); time.sleep(0.02)\n"
+        )
+        total_out = 20000 * 12
+        total_err = 20 * 5001
+        jid = self.start_bg(PY, "-c", code, opts=("--max-output", "16k"))
+        d = self.job_dir(jid)
+        peak = {"stdout.log": 0, "stderr.log": 0, "full.log": 0}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for name in peak:
+                try:
+                    peak[name] = max(peak[name], os.path.getsize(os.path.join(d, name)))
+                except OSError:
+                    pass
+            if self.read_state(jid)["job"]["status"] != "running":
+                break
+            time.sleep(0.005)
+        w = self.wait_job(jid)
+        self.assertEqual(w["state"], "exited", w)
+        self.assertLessEqual(peak["stdout.log"], cap, peak)
+        self.assertLessEqual(peak["stderr.log"], cap, peak)
+        self.assertLessEqual(peak["full.log"], 3 * cap, peak)
+        out = self.read_bytes(os.path.join(d, "stdout.log"))
+        err = self.read_bytes(os.path.join(d, "stderr.log"))
+        expected = "".join("line %06d\n" % i for i in range(20000)).encode()
+        self.assertTrue(out, "nothing kept")
+        self.assertTrue(expected.endswith(out), out[:60])
+        self.assertTrue(out.endswith(b"line 019999\n"))
+        s = self.ok("status", jid)
+        self.assertEqual(s["stdout_dropped_bytes"], total_out - len(out), s)
+        self.assertEqual(s["stderr_dropped_bytes"], total_err - len(err), s)
+        t = self.ok("tail", "--tail-lines", "2", jid)
+        self.assertEqual(t["stdout_tail"], "line 019998\nline 019999\n")
+        self.assertEqual(t["stdout_dropped_bytes"], s["stdout_dropped_bytes"])
+        self.assertEqual(t["stderr_dropped_bytes"], s["stderr_dropped_bytes"])
+        st = self.read_state(jid)
+        self.assertEqual(st["stdout_bytes"], total_out)
+        self.assertEqual(st["stderr_bytes"], total_err)
+        self.assertEqual(st["stdout_dropped_bytes"], s["stdout_dropped_bytes"])
+        self.assertEqual([n for n in os.listdir(d) if n.endswith(".tmp")], [])
+
+    def test_rlimit_fsize_gives_log_error_not_a_blocked_job(self):
+        limit = 256 * 1024
+
+        def limit_fsize():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        code = (
+            "import os\n"
+            "for _ in range(32):\n"
+            "    os.write(1, b'x' * 65536)\n"
+            "os.write(2, b'done\\n')\n"
+            "raise SystemExit(7)\n"
+        )
+        t0 = time.monotonic()
+        r = self.cli_raw("run", "--wait", "--", PY, "-c", code, preexec_fn=limit_fsize, timeout=60)
+        took = time.monotonic() - t0
+        self.assertEqual(r.code, 0, r)
+        j = r.json
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j.get("exit_code"), 7, j)
+        self.assertLess(took, 30.0)
+        st = self.read_state(j["job_id"])
+        self.assertIsInstance(st.get("log_error"), str, st)
+        self.assertTrue(st["log_error"])
+        self.assertEqual(st["stdout_bytes"], 32 * 65536, st)
+        s = self.ok("status", j["job_id"])
+        self.assertEqual(s["log_error"], st["log_error"])
+        self.assertEqual(s["exit_code"], 7)
+        self.assertLessEqual(os.path.getsize(j["stdout_log_path"]), limit)
+
+    def test_log_on_dev_full(self):
+        j = self.ok(
+            "run", "--wait", "--log", "/dev/full", "--", SH, "-c", "echo hello; exit 5", timeout=30
+        )
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j.get("exit_code"), 5, j)
+        self.assertEqual(self.read_bytes(j["stdout_log_path"]), b"hello\n")
+        s = self.ok("status", j["job_id"])
+        self.assertIsInstance(s["log_error"], str, s)
+        self.assertTrue(s["log_error"])
+
+    def test_notify_file_on_dev_full_is_a_failed_delivery(self):
+        j = self.ok("run", "--wait", "--notify-file", "/dev/full", "--", "true", timeout=30)
+        self.assertEqual(j["state"], "exited", j)
+        ev = self.event_results(j["job_id"])
+        (res,) = ev["delivery_results"]
+        self.assertEqual(res["sink_type"], "file")
+        self.assertIs(res["success"], False, res)
+        self.assertTrue(res.get("error"), res)
+        self.assertEqual(self.ok("status", j["job_id"])["state"], "exited")
+
+    def test_tiny_tmpfs_root(self):
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            self.skipTest("mounting a tmpfs needs root")
+        mnt = os.path.join(self.tmp, "tiny")
+        os.mkdir(mnt, 0o700)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", mnt],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=20,
+        )
+        if r.returncode != 0:
+            self.skipTest("cannot mount a tmpfs here: %r" % r.stdout[-200:])
+        root = os.path.join(mnt, "root")
+
+        def unmount():
+            _kill_in(root)
+            time.sleep(0.1)
+            subprocess.run(["umount", "-l", mnt], timeout=20)
+
+        self.addCleanup(unmount)
+        env = self.env(AGENT_EXEC_ROOT=root)
+        code = (
+            "import os\nfor _ in range(80):\n    os.write(1, b'y' * 65536)\nraise SystemExit(4)\n"
+        )
+        t0 = time.monotonic()
+        r = self.cli("run", "--wait", "--", PY, "-c", code, env=env, timeout=60)
+        self.assertLess(time.monotonic() - t0, 30.0)
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(r.json["state"], "exited", r)
+        self.assertEqual(r.json.get("exit_code"), 4, r)
+        s = self.cli("status", r.json["job_id"], env=env).json
+        self.assertEqual(s["state"], "exited", s)
+        self.assertEqual(s.get("exit_code"), 4, s)
+        self.assertIsInstance(s.get("log_error"), str, s)
+
+
+def _kill_in(root):
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        try:
+            with open(os.path.join(root, name, "state.json")) as f:
+                st = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(st, dict):
+            kill_recorded(st)
+
+
+# ==========================================================================
+# Notification sinks
+# ==========================================================================
+
+
+class TestNotifySinks(ReliabilityCase):
+    def test_hanging_command_sink_is_killed(self):
+        dur = "30.%06d" % random.randint(0, 999999)
+        self.addCleanup(lambda: kill_quietly(pids_running([["sleep", dur]])))
+        t0 = time.monotonic()
+        j = self.ok(
+            "run",
+            "--wait",
+            "--notify-timeout",
+            "500",
+            "--notify-command",
+            json.dumps(["sleep", dur]),
+            "--",
+            "true",
+            timeout=30,
+        )
+        self.assertEqual(j["state"], "exited", j)
+        ev = self.event_results(j["job_id"])
+        took = time.monotonic() - t0
+        (res,) = ev["delivery_results"]
+        self.assertEqual(res["sink_type"], "command")
+        self.assertIs(res["success"], False, res)
+        self.assertIs(res.get("timed_out"), True, res)
+        self.assertLess(took, 10.0)
+        self.assertTrue(wait_until(lambda: not pids_running([["sleep", dur]]), 3))
+        self.assertEqual(self.ok("status", j["job_id"])["state"], "exited")
+
+    def test_shared_notify_file_gets_exactly_one_line_per_job(self):
+        n = 20
+        events = os.path.join(self.tmp, "sub", "events.ndjson")
+
+        def one(i):
+            return self.cli(
+                "run",
+                "--snapshot-after",
+                "0",
+                "--notify-file",
+                events,
+                "--",
+                SH,
+                "-c",
+                "echo %d; exit %d" % (i, i % 4),
+                timeout=30,
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            runs = list(pool.map(one, range(n)))
+        for r in runs:
+            self.assertEqual(r.code, 0, r)
+        ids = [r.json["job_id"] for r in runs]
+
+        def lines():
+            try:
+                with open(events, "rb") as f:
+                    return f.read().split(b"\n")
+            except OSError:
+                return [b""]
+
+        self.assertTrue(wait_until(lambda: len(lines()) > n, 20), lines())
+        time.sleep(0.3)
+        raw = lines()
+        self.assertEqual(raw[-1], b"", "the file does not end with a newline")
+        got = [json.loads(x.decode()) for x in raw[:-1]]
+        self.assertEqual(len(got), n)
+        self.assertEqual(sorted(e["job_id"] for e in got), sorted(ids))
+        for e in got:
+            i = ids.index(e["job_id"])
+            self.assertEqual(e["event_type"], "job.finished")
+            self.assertEqual(e["state"], "exited", e)
+            self.assertEqual(e["exit_code"], i % 4, e)
+
+
+# ==========================================================================
+# Load
+# ==========================================================================
+
+
+class TestLoad(ReliabilityCase):
+    def test_concurrent_runs(self):
+        n = 20
+        script = 'echo "out-$1"; echo "err-$1" >&2; exit "$2"'
+
+        def one(i):
+            return self.cli(
+                "run", "--snapshot-after", "0", "--", SH, "-c", script, "sh", i, i % 5, timeout=60
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            runs = list(pool.map(one, range(n)))
+        for r in runs:
+            self.assertEqual(r.code, 0, r)
+        ids = [r.json["job_id"] for r in runs]
+        self.assertEqual(len(set(ids)), n)
+        running = wait_until(lambda: not self.ok("list", "--all", "--state", "running")["jobs"], 30)
+        self.assertTrue(running, "jobs still running after 30 s")
+        lst = self.ok("list", "--all", "--limit", "0")
+        self.assertEqual(sorted(e["job_id"] for e in lst["jobs"]), sorted(ids))
+        by_id = {e["job_id"]: e for e in lst["jobs"]}
+        for i, jid in enumerate(ids):
+            self.assertEqual(by_id[jid]["state"], "exited", by_id[jid])
+            self.assertEqual(by_id[jid].get("exit_code"), i % 5, by_id[jid])
+            d = self.job_dir(jid)
+            self.assertEqual(self.read_bytes(os.path.join(d, "stdout.log")), b"out-%d\n" % i)
+            self.assertEqual(self.read_bytes(os.path.join(d, "stderr.log")), b"err-%d\n" % i)
+            rows = self.read_bytes(os.path.join(d, "full.log")).splitlines()
+            texts = sorted(ROW_RE.sub(b"", row) for row in rows)
+            self.assertEqual(texts, [b"err-%d" % i, b"out-%d" % i])
+
+        def temp_files():
+            found = []
+            for dirpath, _dirs, files in os.walk(self.root):
+                found += [os.path.join(dirpath, f) for f in files if "tmp" in f]
+            return found
+
+        wait_until(lambda: not temp_files(), 3)
+        self.assertEqual(temp_files(), [])
+
+    def test_many_job_directories(self):
+        n = 2000
+        jid = self.ok("run", "--wait", "--", "echo", "real")["job_id"]
+        src = self.job_dir(jid)
+        names = [n for n in os.listdir(src) if os.path.isfile(os.path.join(src, n))]
+        # Copies by hard link: the same bytes under new ids, at a fraction of the cost.
+        for _ in range(n):
+            d = os.path.join(self.root, agent_exec.new_ulid())
+            os.mkdir(d, 0o700)
+            for name in names:
+                try:
+                    os.link(os.path.join(src, name), os.path.join(d, name))
+                except OSError:
+                    shutil.copyfile(os.path.join(src, name), os.path.join(d, name))
+        t0 = time.monotonic()
+        lst = self.ok("list", "--all", "--limit", "50", timeout=60)
+        took = time.monotonic() - t0
+        self.assertEqual(len(lst["jobs"]), 50)
+        self.assertIs(lst["truncated"], True)
+        self.assertLess(took, 10.0)
+        t0 = time.monotonic()
+        s = self.ok("status", jid)
+        self.assertLess(time.monotonic() - t0, 5.0)
+        self.assertEqual(s["state"], "exited")
+        self.assertEqual(s["exit_code"], 0)
+        self.assertEqual(self.ok("tail", jid)["stdout_tail"], "real\n")
+
+
+# ==========================================================================
+# Hostile job ids and jobs roots
+# ==========================================================================
+
+
+def call_main(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = agent_exec.main(argv)
+    return rc, out.getvalue()
+
+
+class TestBadIds(ReliabilityCase):
+    def test_nul_byte_ids_in_process(self):
+        jid = self.ok("run", "--wait", "--", "true")["job_id"]
+        before_root = sorted(os.listdir(self.root))
+        before_tmp = sorted(os.listdir(self.tmp))
+        bad_ids = ["\x00", jid[:10] + "\x00", jid + "\x00", "\x00" + jid, "../\x00/etc", "ab\x00cd"]
+        for bad in bad_ids:
+            for cmd in (["status"], ["tail"], ["wait", "--timeout-ms", "1000"], ["kill"]):
+                with self.subTest(cmd=cmd[0], id=repr(bad)):
+                    rc, out = call_main(["--root", self.root] + cmd + [bad])
+                    self.assertEqual(rc, 1, out)
+                    self.assertEqual(len(out.splitlines()), 1, out)
+                    j = json.loads(out)
+                    self.assertEqual(j["error"]["code"], "job_not_found", j)
+        self.assertEqual(sorted(os.listdir(self.root)), before_root)
+        self.assertEqual(sorted(os.listdir(self.tmp)), before_tmp)
+        self.assertEqual(self.ok("status", jid)["state"], "exited")
+
+    def test_nul_bytes_in_options_in_process(self):
+        # A NUL can reach main() only in process; it must still be an expected
+        # error (or a failed job), never an exception nobody caught.
+        cases = [
+            ["--root", "\x00", "run", "--snapshot-after", "0", "--", "true"],
+            ["--root", "\x00", "status", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
+            ["--root", "a\x00b", "list", "--all"],
+            ["run", "--snapshot-after", "0", "--cwd", "\x00", "--", "true"],
+            ["run", "--snapshot-after", "0", "--env-file", "a\x00b", "--", "true"],
+            ["run", "--snapshot-after", "0", "--log", "a\x00b", "--", "true"],
+            ["run", "--wait", "--notify-file", "a\x00b", "--", "true"],
+            ["run", "--wait", "--", "true", "a\x00b"],
+            ["run", "--wait", "--env", "A=b\x00c", "--", "true"],
+            ["list", "--cwd", "a\x00b"],
+        ]
+        for argv in cases:
+            if argv[0] != "--root":
+                argv = ["--root", self.root] + argv
+            with self.subTest(argv=argv):
+                rc, out = call_main(argv)
+                self.assertIn(rc, (0, 1, 2), out)
+                self.assertEqual(len(out.splitlines()), 1, out)
+                j = json.loads(out)
+                if not j["ok"]:
+                    self.assertNotEqual(j["error"]["code"], "internal_error", (argv, j))
+
+    def test_more_hostile_ids_for_every_command(self):
+        jid = self.ok("run", "--wait", "--", "true")["job_id"]
+        bad_ids = [
+            "~",
+            "%2e%2e",
+            ".." + "/" * 30,
+            jid[:25] + "/",
+            jid.lower()[:25] + "/",
+            "\u0661\u0662\u0663\u0664",  # Arabic-Indic digits
+            "0" * 26 + "\n",
+            " " + jid,
+        ]
+        for bad in bad_ids:
+            for cmd in (["status"], ["tail"], ["wait", "--timeout-ms", "1000"], ["kill"]):
+                with self.subTest(cmd=cmd[0], id=repr(bad)):
+                    rc, out = call_main(["--root", self.root] + cmd + [bad])
+                    self.assertEqual(rc, 1, out)
+                    self.assertEqual(json.loads(out)["error"]["code"], "job_not_found", out)
+
+
+class TestInsecureRoot(ReliabilityCase):
+    ULID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+
+    def assert_refused(self, root, needle=None):
+        for args in (
+            ("run", "--snapshot-after", "0", "--", "true"),
+            ("status", self.ULID),
+            ("tail", self.ULID),
+            ("wait", "--timeout-ms", "1000", self.ULID),
+            ("kill", self.ULID),
+            ("list", "--all"),
+        ):
+            with self.subTest(args=args[0]):
+                j = self.fail_with("insecure_root", "--root", root, *args)
+                if needle:
+                    self.assertIn(needle, j["error"]["message"])
+
+    def test_symlink_root(self):
+        real = os.path.join(self.tmp, "real-root")
+        os.mkdir(real, 0o700)
+        link = os.path.join(self.tmp, "link-root")
+        os.symlink(real, link)
+        self.assert_refused(link)
+        self.assertEqual(os.listdir(real), [])
+
+    def test_root_owned_by_someone_else(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to chown")
+        root = os.path.join(self.tmp, "their-root")
+        os.mkdir(root, 0o700)
+        os.chown(root, 65534, 65534)
+        self.assert_refused(root)
+        self.assertEqual(os.listdir(root), [])
+
+    def test_group_or_world_writable_root(self):
+        for mode in (0o720, 0o702):
+            with self.subTest(mode=oct(mode)):
+                root = os.path.join(self.tmp, "root-%o" % mode)
+                os.mkdir(root)
+                os.chmod(root, mode)
+                self.assert_refused(root, needle="chmod 700")
+                self.assertEqual(os.listdir(root), [])
+
+
+# ==========================================================================
+# The clock
+# ==========================================================================
+
+
+class TestClock(ReliabilityCase):
+    def test_duration_is_measured_on_a_monotonic_clock(self):
+        j = self.ok("run", "--wait", "--", "sleep", "0.3", timeout=30)
+        s = self.ok("status", j["job_id"])
+        self.assertGreaterEqual(s["duration_ms"], 250, s)
+        self.assertLessEqual(s["duration_ms"], 5000, s)
+
+    def test_timeout_fires_on_time(self):
+        t0 = time.monotonic()
+        j = self.ok("run", "--wait", "--timeout", "500", "--", "sleep", "30", timeout=30)
+        took = time.monotonic() - t0
+        self.assertEqual(j["state"], "killed", j)
+        s = self.ok("status", j["job_id"])
+        self.assertGreaterEqual(s["duration_ms"], 450, s)
+        self.assertLess(s["duration_ms"], 10000, s)
+        self.assertLess(took, 20.0)
+
+
+if __name__ == "__main__":
+    unittest.main()
