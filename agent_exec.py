@@ -59,9 +59,11 @@ DEFAULT_NOTIFY_TIMEOUT_MS = 30000
 # How long `kill` waits for the job to become terminal before it answers.
 KILL_SETTLE_S = 1.0
 
-# The supervisor reads the workload's pipes in chunks this large, and asks
-# Linux for pipes this large, so that bulk output costs few system calls.
-READ_CHUNK = 1 << 20
+# The supervisor asks Linux for pipes this large, so that bulk output costs
+# few system calls, and reads them in chunks a quarter that size: a chunk of
+# short lines grows about fivefold as full.log rows, and the chunk size is
+# what bounds the supervisor's memory under a flood.
+READ_CHUNK = 256 * 1024
 PIPE_SIZE = 1 << 20
 # A full.log row carries at most this much text; a longer line is split into
 # continuation rows with the same prefix.
@@ -1475,7 +1477,9 @@ class _Supervisor:
         attempts = 20 if durable else 1
         for i in range(attempts):
             try:
-                _write_json_atomic(path, doc, durable=durable)
+                # Terminal writes are fsynced by _after_terminal, after the
+                # waiters are woken; atomicity comes from the rename.
+                _write_json_atomic(path, doc)
                 return
             except OSError as e:
                 if durable and self._release_reserve():
@@ -1525,7 +1529,7 @@ class _Supervisor:
         doc = self._state_doc(state)
         self._write_state(durable=True, doc=doc)
         self.final_doc = doc
-        self._after_terminal()
+        self._after_terminal()  # wakes the waiters, then fsyncs
 
     def _finish_failed(self, code: str, message: str) -> None:
         doc = self._state_doc("failed", {"code": code, "message": message})
@@ -1534,12 +1538,25 @@ class _Supervisor:
 
     def _after_terminal(self) -> None:
         self.terminal = True
-        self._release_reserve()  # the terminal state is written: no longer needed
         # Closing our only copy of the lock wakes every `wait` at once.
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
         self._release_ready()  # over without being ready: wake those too
+        # Then make the terminal state durable.  Readers already see it (the
+        # rename is atomic); the fsyncs, which on a busy disk can take tens
+        # of milliseconds, would only delay every waiter if done first.
+        state_path = os.path.join(self.job_dir, STATE)
+        try:
+            fd = os.open(state_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _log(1, "cannot fsync %s: %s" % (state_path, e))
+        _fsync_dir(self.job_dir)
+        self._release_reserve()  # the terminal state is on disk: no longer needed
         try:
             self._deliver_events()
         except Exception as e:  # best effort: a sink never changes the job
