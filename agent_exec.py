@@ -1538,6 +1538,9 @@ class _Supervisor:
 
     def _after_terminal(self) -> None:
         self.terminal = True
+        # The reserve has served (the terminal state is in place); giving it
+        # back now, before anyone wakes, leaves the directory as it stays.
+        self._release_reserve()
         # Closing our only copy of the lock wakes every `wait` at once.
         if self.lock_fd is not None:
             os.close(self.lock_fd)
@@ -1556,7 +1559,6 @@ class _Supervisor:
         except OSError as e:
             _log(1, "cannot fsync %s: %s" % (state_path, e))
         _fsync_dir(self.job_dir)
-        self._release_reserve()  # the terminal state is on disk: no longer needed
         try:
             self._deliver_events()
         except Exception as e:  # best effort: a sink never changes the job
