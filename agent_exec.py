@@ -3350,4 +3350,13 @@ def main(argv: "list | None" = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    # Everything is said: skip the interpreter's teardown (module cleanup,
+    # the garbage collector), which is a good part of a short command's
+    # wall time.  Flush first: os._exit does not.
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(_code)
