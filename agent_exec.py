@@ -2213,13 +2213,13 @@ def cmd_status(args) -> dict:
     # themselves, so the supervisor need not rewrite state.json per chunk.
     last = None
     for stream in ("stdout", "stderr"):
-        dropped, size = _log_extent(job, stream)
-        out[stream + "_bytes"] = dropped + size
+        try:  # one stat gives both the size and the time of the last write
+            st = os.stat(os.path.join(job["dir"], stream + ".log"))
+            size, mtime = st.st_size, st.st_mtime
+        except OSError:
+            size, mtime = 0, None
+        out[stream + "_bytes"] = (state.get(stream + "_dropped_bytes") or 0) + size
         if size:
-            try:
-                mtime = os.stat(os.path.join(job["dir"], stream + ".log")).st_mtime
-            except OSError:
-                continue
             last = mtime if last is None else max(last, mtime)
     out["last_output_at"] = _rfc3339(last) if last is not None else None
     if running:
