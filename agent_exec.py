@@ -68,6 +68,9 @@ PIPE_SIZE = 1 << 20
 # A full.log row carries at most this much text; a longer line is split into
 # continuation rows with the same prefix.
 FULL_LOG_ROW_MAX = 64 * 1024
+# full.log rows are written with writev(2); POSIX guarantees at least 16 pieces
+# per call, Linux and macOS take 1024.  More pieces than this are joined first.
+_IOV_MAX = 512
 # A partial line (no newline yet) is written to full.log after this much quiet.
 PARTIAL_FLUSH_S = 0.25
 # After the main process ends, read what is already in the pipes, at most this
@@ -246,7 +249,7 @@ def new_ulid(now: "float | None" = None) -> str:
 
 def is_job_id(name: str) -> bool:
     """True when ``name`` has the exact shape of a job id (an upper-case ULID)."""
-    return len(name) == 26 and name[0] <= "7" and all(c in _ULID_CHARS for c in name)
+    return len(name) == 26 and name[0] <= "7" and _ULID_CHARS.issuperset(name)
 
 
 def signal_name(num: int) -> str:
@@ -942,11 +945,30 @@ class _LogFile:
             _write_all(self.fd, data)
             self.size += len(data)
         except OSError as e:
-            self.on_error("cannot write %s: %s" % (self.path, e.strerror or e))
-            try:
-                self.size = os.fstat(self.fd).st_size
-            except OSError:
-                pass
+            self._write_failed(e)
+
+    def append_parts(self, parts: list) -> None:
+        """Append several pieces with one writev(2), without joining them."""
+        if self.fd is None or not parts:
+            return
+        total = sum(len(p) for p in parts)
+        if (self.cap and self.size + total > self.cap) or len(parts) > _IOV_MAX:
+            self.append(b"".join(parts))
+            return
+        try:
+            n = os.writev(self.fd, parts)
+            if n < total:  # a short write (a disk filling up): the rest the slow way
+                _write_all(self.fd, b"".join(parts)[n:])
+            self.size += total
+        except OSError as e:
+            self._write_failed(e)
+
+    def _write_failed(self, e: OSError) -> None:
+        self.on_error("cannot write %s: %s" % (self.path, e.strerror or e))
+        try:
+            self.size = os.fstat(self.fd).st_size
+        except OSError:
+            pass
 
     def _compact(self, data: bytes) -> bytes:
         cap = self.cap
@@ -987,6 +1009,7 @@ class _Stream:
         self.log = log
         self.tag = b" [STDOUT] " if name == "stdout" else b" [STDERR] "
         self.partial = b""  # full.log: text after the last newline
+        self.cut = False  # full.log: the last row ended without its newline
         self.partial_at = 0.0  # monotonic time the partial line was last extended
         self.carry = b""  # --mask: a possible start of a secret, held back
         self.ready_buf = b""  # --ready-match: text after the last newline
@@ -1263,8 +1286,8 @@ class _Supervisor:
             if s.log.dropped != dropped and not self.terminal:
                 self._write_state(durable=False, quiet=True)
         rows = _full_log_rows(s, data, final)
-        if rows and self.full is not None:
-            self.full.append(rows)
+        if rows:
+            self._full_append(rows)
         if s.partial:
             s.partial_at = time.monotonic()
         # Last: whoever wakes on readiness must find the ready line in the log.
@@ -1333,8 +1356,12 @@ class _Supervisor:
         if s.partial:
             row = _timestamp_prefix(s) + s.partial + b"\n"
             s.partial = b""
-            if self.full is not None:
-                self.full.append(row)
+            s.cut = True
+            self._full_append([row])
+
+    def _full_append(self, parts: list) -> None:
+        if self.full is not None:
+            self.full.append_parts(parts)
 
     def _note_log_error(self, message: str) -> None:
         if self.log_error is None:
@@ -1732,37 +1759,54 @@ def _timestamp_prefix(s: _Stream) -> bytes:
     return _now().encode() + s.tag
 
 
-def _full_log_rows(s: _Stream, data: bytes, final: bool) -> bytes:
+def _full_log_rows(s: _Stream, data: bytes, final: bool) -> list:
     """Turn a chunk of one stream into full.log rows, with whole-chunk work.
 
-    Complete lines are prefixed with one bytes.replace over the chunk, never a
-    Python step per line; a line longer than FULL_LOG_ROW_MAX is split into
-    continuation rows.  Text after the last newline waits in ``s.partial``
-    (written at the next newline, after PARTIAL_FLUSH_S of quiet, or at EOF).
+    Returns the rows as a list of pieces for one writev(2), so that no byte
+    of the output is copied to build them: a run of complete lines costs one
+    bytes.replace (never a Python step per line), a single line or a
+    continuation row is a memoryview into the chunk.  A line longer than
+    FULL_LOG_ROW_MAX is split into continuation rows.  Text after the last
+    newline waits in ``s.partial`` (written at the next newline, after
+    PARTIAL_FLUSH_S of quiet, or at EOF).
     """
     buf = s.partial + data if s.partial else data
     s.partial = b""
-    if not buf:
-        return b""
-    prefix = _timestamp_prefix(s)
-    out = []
     n = len(buf)
-    pos = 0
+    # A newline right after a row that was cut (a continuation row, or a
+    # partial line written after quiet) only ends that row.
+    pos = 1 if s.cut and buf[:1] == b"\n" else 0
+    s.cut = False
+    if pos == n:
+        return []
+    prefix = _timestamp_prefix(s)
     limit = FULL_LOG_ROW_MAX
+    view = memoryview(buf)
+    parts = []  # type: list
     while pos < n:
-        end = min(pos + limit + 1, n)
-        nl = buf.rfind(b"\n", pos, end)
-        if nl >= 0:
-            out.append(prefix + buf[pos:nl].replace(b"\n", b"\n" + prefix) + b"\n")
-            pos = nl + 1
-        elif n - pos >= limit or final:
+        # The longest run of lines from pos on that are each within the limit.
+        end = pos
+        while end < n:
+            nl = buf.rfind(b"\n", end, min(end + limit + 1, n))
+            if nl < 0:
+                break
+            end = nl + 1
+        if end > pos:
+            if buf.find(b"\n", pos, end - 1) < 0:  # one line: no copy
+                text = view[pos : end - 1]  # type: object
+            else:
+                text = buf[pos : end - 1].replace(b"\n", b"\n" + prefix)
+            parts += (prefix, text, b"\n")
+            pos = end
+        elif n - pos >= limit or final:  # no newline in reach: a continuation row
             take = min(limit, n - pos)
-            out.append(prefix + buf[pos : pos + take] + b"\n")
+            parts += (prefix, view[pos : pos + take], b"\n")
             pos += take
+            s.cut = pos == n
         else:
-            s.partial = buf[pos:]
+            s.partial = bytes(view[pos:])
             break
-    return b"".join(out)
+    return parts
 
 
 def _drain_fd(fd: int) -> None:
@@ -2613,11 +2657,12 @@ def cmd_list(args) -> dict:
     limit = args.limit
     try:
         # ULIDs sort by creation time: newest first, and stop at limit + 1.
-        names = sorted((n for n in os.listdir(root) if is_job_id(n)), reverse=True)
+        # Names are checked as they come: a short list never looks at the rest.
+        names = sorted(os.listdir(root), reverse=True)
     except OSError as e:
         raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
     for name in names:
-        if os.path.islink(os.path.join(root, name)):
+        if not is_job_id(name) or os.path.islink(os.path.join(root, name)):
             continue  # not a job of this root, whatever its name
         try:
             job = load_job(root, name, meta_filter)
@@ -3349,14 +3394,22 @@ def main(argv: "list | None" = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    _code = main()
-    # Everything is said: skip the interpreter's teardown (module cleanup,
-    # the garbage collector), which is a good part of a short command's
-    # wall time.  Flush first: os._exit does not.
+def cli() -> None:
+    """The command's entry point (the script, ``-m`` and the installed command).
+
+    Everything is said once main() returns, so the interpreter's teardown
+    (module cleanup, the garbage collector), a good part of a short command's
+    wall time, is skipped with os._exit.  Flush first: os._exit does not.
+    Code that wants an exit code back calls main() instead.
+    """
+    code = main()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
-    os._exit(_code)
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,11 +11,19 @@ import re
 import shutil
 import stat
 import subprocess
+import random
+import sys
 import time
 import unittest
 import uuid
+from unittest import mock
 
 from tests._util import CALL_TIMEOUT, PY, SCRIPT, CLITestCase, wait_until
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+import agent_exec  # noqa: E402
 
 ULID_RE = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -1004,6 +1012,62 @@ class TestStdinFallback(RunTestCase):
         self.assertEqual(w["exit_code"], 0)
         st = self.read_state(j["job_id"])
         self.assertGreaterEqual(st["result"]["duration_ms"], 1500)
+
+
+class TestFullLogRows(unittest.TestCase):
+    """The row builder of full.log, fed chunks directly (no processes)."""
+
+    LIMIT = 8
+    PREFIX = b"T [STDOUT] "
+
+    def rows_of(self, chunks):
+        """What the builder writes for these chunks, the last one final."""
+        stream = agent_exec._Stream("stdout", -1, None)
+        out = []
+        with mock.patch.object(agent_exec, "FULL_LOG_ROW_MAX", self.LIMIT), mock.patch.object(
+            agent_exec, "_timestamp_prefix", lambda s: self.PREFIX
+        ):
+            for i, chunk in enumerate(chunks):
+                final = i == len(chunks) - 1
+                out.append(b"".join(agent_exec._full_log_rows(stream, chunk, final)))
+        self.assertEqual(stream.partial, b"")
+        return b"".join(out)
+
+    def expected(self, data):
+        """One row per line; a line longer than LIMIT in LIMIT-sized rows."""
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        rows = []
+        for line in lines:
+            pieces = [line[i : i + self.LIMIT] for i in range(0, len(line), self.LIMIT)]
+            rows.extend(pieces or [b""])
+        return b"".join(self.PREFIX + r + b"\n" for r in rows)
+
+    def test_whole_output_in_one_chunk(self):
+        for data in (b"a\nbb\n", b"a\n\nc", b"x" * 8 + b"\n", b"x" * 16 + b"\ny\n", b"z" * 20):
+            with self.subTest(data=data):
+                self.assertEqual(self.rows_of([data]), self.expected(data))
+
+    def test_line_cut_at_the_limit_then_its_newline_alone(self):
+        # The newline that arrives after a row cut at the limit adds no empty row.
+        self.assertEqual(self.rows_of([b"x" * 8, b"\n", b""]), self.PREFIX + b"x" * 8 + b"\n")
+
+    def test_any_chunking_gives_the_same_rows(self):
+        rnd = random.Random(4)
+        for _ in range(300):
+            data = bytes(rnd.choice(b"ab\n\n\x00") for _ in range(rnd.randrange(0, 60)))
+            data += b"q" * rnd.choice((0, 0, 7, 8, 9, 16, 17))
+            cuts = sorted(rnd.sample(range(len(data) + 1), min(len(data) + 1, rnd.randrange(0, 6))))
+            chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])] + [b""]
+            with self.subTest(data=data, cuts=cuts):
+                self.assertEqual(self.rows_of(chunks), self.expected(data))
+
+    def test_pieces_are_views_not_copies_for_long_lines(self):
+        stream = agent_exec._Stream("stdout", -1, None)
+        parts = agent_exec._full_log_rows(stream, b"\x00" * (3 * 65536), True)
+        self.assertEqual(sum(isinstance(p, memoryview) for p in parts), 3)
+        self.assertEqual(sum(len(p) for p in parts), 3 * 65536 + 3 * (len(parts[0]) + 1))
 
 
 if __name__ == "__main__":
