@@ -1121,8 +1121,6 @@ class _Supervisor:
             self.control_fd = None
 
     def _spawn(self) -> None:
-        import subprocess
-
         cfg = self.cfg
         cap = cfg.get("max_output") or 0
         out_log = _LogFile(os.path.join(self.job_dir, STDOUT_LOG), cap, self._note_log_error)
@@ -1140,19 +1138,7 @@ class _Supervisor:
                     pass
             os.set_blocking(fd, False)
         try:
-            proc = subprocess.Popen(
-                cfg["argv"],
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=cfg["cwd"],
-                env=cfg["env"],
-                close_fds=True,
-                # A session of its own gives the workload its own process
-                # group (pgid == pid), which is what timeouts and kills target.
-                start_new_session=True,
-                restore_signals=True,
-            )
+            self.pid = self._start_workload(out_w, err_w)
         except BaseException:
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)
@@ -1162,16 +1148,73 @@ class _Supervisor:
             self.started_at = _now()
         os.close(out_w)
         os.close(err_w)
-        # We reap with wait4(-1) ourselves; keep Popen from trying later.
-        proc.returncode = 0
-        self.pid = proc.pid
-        self.pid_start = _proc_start_time(proc.pid)
+        self.pid_start = _proc_start_time(self.pid)
         self.streams = [_Stream("stdout", out_r, out_log), _Stream("stderr", err_r, err_log)]
         timeout_ms = cfg.get("timeout_ms") or 0
         self.deadline = self.started_mono + timeout_ms / 1000.0 if timeout_ms > 0 else None
         self.kill_deadline = None  # type: float | None
         if self.ready_port:
             self.next_probe = self.started_mono
+
+    def _start_workload(self, out_w: int, err_w: int) -> int:
+        """Start the workload on /dev/null and the two pipes; return its pid.
+
+        What subprocess would do, by hand, because importing subprocess is a
+        good part of the supervisor's start-up.  The workload gets a session
+        of its own (so its process group, pgid == pid, is what timeouts and
+        kills target), the job's cwd, and the default action for the signals
+        Python ignores (SIGPIPE, SIGXFSZ).  Exec errors come back through a
+        close-on-exec pipe, as in subprocess: EOF means the exec happened.
+        (posix_spawn was tried: glibc leaves its internal signals 32 and 33
+        ignored in the new program.)
+        """
+        import signal
+
+        cfg = self.cfg
+        argv, env, cwd = cfg["argv"], cfg["env"], cfg["cwd"]
+        try:
+            path = _resolve_command(argv[0], cwd, env)  # type: str | None
+        except AgentExecError:  # gone since `run` looked: let exec say why
+            path = os.path.join(cwd, argv[0]) if "/" in argv[0] else None
+        # Everything the child needs is ready before the fork: after it, the
+        # child only makes system calls, then execs or leaves by os._exit.
+        defaults = [signal.SIGPIPE] + [getattr(signal, "SIGXFSZ", signal.SIGPIPE)]
+        null = os.open(os.devnull, os.O_RDONLY)
+        errpipe_r, errpipe_w = os.pipe()  # both close-on-exec (PEP 446)
+        try:
+            pid = os.fork()
+            if pid == 0:  # child
+                code = 0
+                try:
+                    os.setsid()
+                    os.dup2(null, 0)  # dup2 makes 0, 1 and 2 inheritable
+                    os.dup2(out_w, 1)
+                    os.dup2(err_w, 2)
+                    os.chdir(cwd)
+                    for sig in defaults:
+                        signal.signal(sig, signal.SIG_DFL)
+                    if path is None:
+                        raise FileNotFoundError(2, "not found")
+                    os.execve(path, argv, env)
+                except BaseException as e:
+                    code = getattr(e, "errno", None) or 0
+                finally:
+                    try:
+                        os.write(errpipe_w, str(code or 8).encode())  # 8: ENOEXEC
+                    finally:
+                        os._exit(127)
+        finally:
+            os.close(errpipe_w)
+            os.close(null)
+        try:
+            report = _read_all_fd(errpipe_r)
+        finally:
+            os.close(errpipe_r)
+        if report:
+            os.waitpid(pid, 0)  # the child that could not exec
+            code = int(report) if report.isdigit() else 8
+            raise OSError(code, os.strerror(code))
+        return pid
 
     # -- the loop ----------------------------------------------------------
 
@@ -1904,13 +1947,14 @@ def _launch_supervisor(job_dir: str, lock_fd: int, cfg: dict) -> dict:
     script = _script_path()
     keep = {lock_fd, cfg_r, rdy_w}
     # Load the file through the import system rather than as a script, so its
-    # cached bytecode is used and the supervisor does not recompile it.
+    # cached bytecode is used and the supervisor does not recompile it; with
+    # the bare loader (importlib.util would cost about 10 ms of imports).
     # -I -S: no environment variables, user site or site-packages: the
     # supervisor needs nothing but the standard library.
     boot = (
-        "import sys,importlib.util as u;"
-        "s=u.spec_from_file_location('agent_exec_supervisor',sys.argv[1]);"
-        "m=u.module_from_spec(s);s.loader.exec_module(m);sys.exit(m.main(sys.argv[2:]))"
+        "import sys,importlib.machinery as im;n='agent_exec_supervisor';"
+        "l=im.SourceFileLoader(n,sys.argv[1]);m=type(sys)(n);"
+        "m.__file__=sys.argv[1];m.__loader__=l;l.exec_module(m);sys.exit(m.main(sys.argv[2:]))"
     )
     argv = [sys.executable, "-I", "-S", "-c", boot, script or "", "_supervise", job_dir]
     argv += ["--fds", "%d,%d,%d" % (lock_fd, cfg_r, rdy_w)]
