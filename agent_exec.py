@@ -536,9 +536,24 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _read_fd(fd: int) -> bytes:
+    """The rest of a small file, with plain reads (no file object to build)."""
+    data = os.read(fd, 65536)
+    if len(data) < 65536:  # a short read of a regular file is its end
+        return data
+    chunks = [data]
+    while data:
+        data = os.read(fd, 65536)
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 def _read_json(path: str) -> dict:
-    with open(path, "rb") as f:
-        obj = json.loads(f.read().decode("utf-8"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        obj = json.loads(_read_fd(fd).decode("utf-8"))
+    finally:
+        os.close(fd)
     if not isinstance(obj, dict):
         raise ValueError("%s is not a JSON object" % path)
     return obj
@@ -626,8 +641,9 @@ def load_job(root: str, job_id: str, meta_filter=None) -> "dict | None":
     (or that was written before the last boot) is reported as failed with
     failure.code supervisor_lost: the supervisor died without a word.
     """
-    job_dir = os.path.join(root, job_id)
-    meta_path = os.path.join(job_dir, META)
+    # Plain concatenation: list calls this for every job of the root.
+    job_dir = root + "/" + job_id if root != "/" else "/" + job_id
+    meta_path = job_dir + "/" + META
     try:
         fd = os.open(meta_path, os.O_RDONLY)
     except FileNotFoundError:
@@ -636,8 +652,7 @@ def load_job(root: str, job_id: str, meta_filter=None) -> "dict | None":
         raise AgentExecError("io_error", "cannot read %s: %s" % (meta_path, e.strerror))
     try:
         try:
-            with os.fdopen(os.dup(fd), "rb") as f:
-                meta = json.loads(f.read().decode("utf-8"))
+            meta = json.loads(_read_fd(fd).decode("utf-8"))
             if not isinstance(meta, dict):
                 raise ValueError("not an object")
         except (OSError, ValueError) as e:
@@ -675,7 +690,7 @@ def load_job(root: str, job_id: str, meta_filter=None) -> "dict | None":
 def _read_state(job_dir: str) -> "tuple":
     """(state dict or None, status string)."""
     try:
-        state = _read_json(os.path.join(job_dir, STATE))
+        state = _read_json(job_dir + "/" + STATE)
     except FileNotFoundError:
         # Created but not started yet: the lock tells whether anyone is on it.
         return None, "running"
@@ -2702,11 +2717,13 @@ def cmd_list(args) -> dict:
     try:
         # ULIDs sort by creation time: newest first, and stop at limit + 1.
         # Names are checked as they come: a short list never looks at the rest.
-        names = sorted(os.listdir(root), reverse=True)
+        # scandir tells symlinks apart from the directory entry itself.
+        with os.scandir(root) as it:
+            entries = sorted(((e.name, e) for e in it), reverse=True)
     except OSError as e:
         raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
-    for name in names:
-        if not is_job_id(name) or os.path.islink(os.path.join(root, name)):
+    for name, entry in entries:
+        if not is_job_id(name) or entry.is_symlink():
             continue  # not a job of this root, whatever its name
         try:
             job = load_job(root, name, meta_filter)
