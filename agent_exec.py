@@ -539,12 +539,13 @@ def _write_all(fd: int, data: bytes) -> None:
 def _read_fd(fd: int) -> bytes:
     """The rest of a small file, with plain reads (no file object to build)."""
     data = os.read(fd, 65536)
-    if len(data) < 65536:  # a short read of a regular file is its end
+    more = os.read(fd, 65536) if data else b""  # (a short read is not always the end)
+    if not more:
         return data
-    chunks = [data]
-    while data:
-        data = os.read(fd, 65536)
-        chunks.append(data)
+    chunks = [data, more]
+    while more:
+        more = os.read(fd, 65536)
+        chunks.append(more)
     return b"".join(chunks)
 
 
@@ -1194,41 +1195,64 @@ class _Supervisor:
         # Everything the child needs is ready before the fork: after it, the
         # child only makes system calls, then execs or leaves by os._exit.
         defaults = [signal.SIGPIPE] + [getattr(signal, "SIGXFSZ", signal.SIGPIPE)]
-        null = os.open(os.devnull, os.O_RDONLY)
-        errpipe_r, errpipe_w = os.pipe()  # both close-on-exec (PEP 446)
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            errpipe_r, errpipe_w = os.pipe()  # both close-on-exec (PEP 446)
+        except OSError:
+            os.close(null)
+            raise
+        pid = -1
         try:
             pid = os.fork()
             if pid == 0:  # child
-                code = 0
+                report = b"0:exec failed"
                 try:
                     os.setsid()
-                    os.dup2(null, 0)  # dup2 makes 0, 1 and 2 inheritable
-                    os.dup2(out_w, 1)
-                    os.dup2(err_w, 2)
+                    # 0-2 are /dev/null in the supervisor, so these fds are
+                    # all above 2; should one not be, move it up first, or
+                    # the dup2 below would leave it close-on-exec.
+                    src = [
+                        fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) if fd < 3 else fd
+                        for fd in (null, out_w, err_w)
+                    ]
+                    for target, fd in enumerate(src):
+                        os.dup2(fd, target)  # dup2 makes 0, 1 and 2 inheritable
+                    # Ours are close-on-exec already; anything inherited is not.
+                    for fd in _fds_to_close({errpipe_w}):
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
                     os.chdir(cwd)
                     for sig in defaults:
                         signal.signal(sig, signal.SIG_DFL)
                     if path is None:
                         raise FileNotFoundError(2, "not found")
                     os.execve(path, argv, env)
+                except OSError as e:
+                    report = b"%d:" % (e.errno or 0)
                 except BaseException as e:
-                    code = getattr(e, "errno", None) or 0
+                    report = b"0:" + ("%s: %s" % (type(e).__name__, e)).encode("utf-8", "replace")
                 finally:
                     try:
-                        os.write(errpipe_w, str(code or 8).encode())  # 8: ENOEXEC
+                        os.write(errpipe_w, report[:4096])
                     finally:
                         os._exit(127)
         finally:
             os.close(errpipe_w)
             os.close(null)
+            if pid == -1:  # the fork itself failed
+                os.close(errpipe_r)
         try:
             report = _read_all_fd(errpipe_r)
         finally:
             os.close(errpipe_r)
         if report:
             os.waitpid(pid, 0)  # the child that could not exec
-            code = int(report) if report.isdigit() else 8
-            raise OSError(code, os.strerror(code))
+            code, _, text = report.partition(b":")
+            if code.isdigit() and int(code):
+                raise OSError(int(code), os.strerror(int(code)))
+            raise ValueError(text.decode("utf-8", "replace") or "exec failed")
         return pid
 
     # -- the loop ----------------------------------------------------------
@@ -1831,6 +1855,8 @@ def _full_log_rows(s: _Stream, data: bytes, final: bool) -> list:
     buf = s.partial + data if s.partial else data
     s.partial = b""
     n = len(buf)
+    if not n:  # (--mask may hold a whole chunk back)
+        return []
     # A newline right after a row that was cut (a continuation row, or a
     # partial line written after quiet) only ends that row.
     pos = 1 if s.cut and buf[:1] == b"\n" else 0
@@ -2723,7 +2749,7 @@ def cmd_list(args) -> dict:
     except OSError as e:
         raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
     for name, entry in entries:
-        if not is_job_id(name) or entry.is_symlink():
+        if not is_job_id(name) or _is_symlink(entry):
             continue  # not a job of this root, whatever its name
         try:
             job = load_job(root, name, meta_filter)
@@ -2737,6 +2763,13 @@ def cmd_list(args) -> dict:
             break
         out["jobs"].append(_list_entry(job))
     return out
+
+
+def _is_symlink(entry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:  # (an lstat, where the listing gives no type, that failed)
+        return False
 
 
 def _list_entry(job: dict) -> dict:
@@ -3467,7 +3500,7 @@ def cli() -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # (None when fd 1 or 2 was closed)
         pass
     os._exit(code)
 
