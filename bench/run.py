@@ -351,6 +351,9 @@ class Bench:
         self.flags = opts.flags.split() if opts.flags else []
         self.runs = opts.runs
         self.quick = opts.quick
+        # The figures whose samples take ~0.1 s (1, 9, 10) have the most
+        # noise for their size: they get twice the runs (at least 15).
+        self.short_runs = opts.runs if opts.quick else max(2 * opts.runs, 15)
         self.base = tempfile.mkdtemp(prefix="agent-exec-bench-", dir=opts.tmp)
         self.workdir = os.path.join(self.base, "cwd")  # every job's cwd
         os.mkdir(self.workdir)
@@ -648,7 +651,7 @@ class Bench:
                 argv = self.tool(root, cmd, job, module=module)
                 env = self.env_m if module else self.env
                 variants.append(("%s%s" % (cmd, " -m" if module else ""), self._fn_tool(argv, env)))
-        res = self.rounds(variants)
+        res = self.rounds(variants, runs=self.short_runs)
         rows = []
         for sub, cmd in (("a", "status"), ("b", "tail"), ("c", "wait")):
             for module in (False, True):
@@ -1192,7 +1195,8 @@ class Bench:
             [
                 ("1 KiB", self._fn_tool(self.tool(root, "tail", jobs["1 KiB"]), self.env)),
                 ("big", self._fn_tool(self.tool(root, "tail", jobs["big"]), self.env)),
-            ]
+            ],
+            runs=self.short_runs,
         )
         name = self._size_name(big_n) + "iB"
         row = self.ratio_row(
@@ -1242,7 +1246,8 @@ class Bench:
                 ("F_py", self.floor_py),
                 ("list", self._fn_tool(argv, self.env, check=check)),
                 ("list -m", self._fn_tool(argv_m, self.env_m, check=check)),
-            ]
+            ],
+            runs=self.short_runs,
         )
         rows = []
         for key, fid, how in (

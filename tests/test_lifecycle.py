@@ -508,6 +508,27 @@ class TestDetachment(LifecycleTestCase):
         finally:
             os.close(r)
 
+    @unittest.skipUnless(LINUX, "needs /proc")
+    def test_workload_signals_and_stdin(self):
+        # The workload gets the default action for SIGPIPE and SIGXFSZ (which
+        # Python ignores in the supervisor), and /dev/null on stdin.
+        j = self.ok(
+            "run",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "grep '^SigIgn:' /proc/$$/status; readlink /proc/$$/fd/0; yes | head -n 1",
+        )
+        self.assertEqual(j["state"], "exited", j)
+        with open(j["stdout_log_path"]) as f:
+            ign_line, stdin, first = f.read().split("\n")[:3]
+        ignored = int(ign_line.split()[1], 16)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            self.assertFalse(ignored & (1 << (sig - 1)), "%s ignored: %s" % (sig, ign_line))
+        self.assertEqual(stdin, "/dev/null")
+        self.assertEqual(first, "y")
+
     def test_running_job_holds_no_caller_fd(self):
         # While the job runs, neither the supervisor nor the workload keeps the
         # caller's descriptor: once the caller's copies are closed, the pipe is at EOF.
