@@ -8,6 +8,7 @@ process behind.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,8 @@ SCRIPT = os.path.join(REPO, "agent_exec.py")
 PY = sys.executable
 # One bound for every CLI call: nothing in the suite may hang.
 CALL_TIMEOUT = 60
+# The timestamps agent-exec writes: RFC 3339, UTC, milliseconds.
+TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
 class Result:
@@ -114,6 +117,28 @@ def _kill_everything_in(root):
                     pass
 
 
+def only_regular(src, names):
+    """copytree ignore: skip FIFOs, sockets and the like (a job dir may hold a
+    control pipe, which copytree cannot copy)."""
+    skip = []
+    for n in names:
+        p = os.path.join(src, n)
+        if not (os.path.isdir(p) or os.path.isfile(p)) or os.path.islink(p):
+            skip.append(n)
+    return skip
+
+
+def clone_job(src_dir, dst_dir, src_id, dst_id):
+    """Copy a finished job's directory, renaming the id inside its JSON files."""
+    shutil.copytree(src_dir, dst_dir, ignore=only_regular)
+    for name in ("meta.json", "state.json"):
+        path = os.path.join(dst_dir, name)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace(src_id, dst_id))
+
+
 class CLITestCase(unittest.TestCase):
     """A test case with a private jobs root and a ``cli()`` runner."""
 
@@ -186,3 +211,33 @@ class CLITestCase(unittest.TestCase):
 
     def wait_job(self, job_id, timeout_ms=30000):
         return self.ok("wait", "--timeout-ms", str(timeout_ms), job_id)
+
+    def read_json(self, path):
+        with open(path) as f:
+            return json.load(f)
+
+    def assertTimestamp(self, value, what=""):
+        self.assertIsInstance(value, str, what)
+        self.assertRegex(value, TS_RE, what)
+
+    def kill_job(self, job_id):
+        """Best effort: stop a job this test started."""
+        try:
+            self.cli("kill", "--signal", "KILL", job_id, timeout=20)
+            self.cli("wait", "--timeout-ms", "5000", job_id, timeout=20)
+        except Exception:
+            pass
+
+    def start_bg(self, *cmd, opts=()):
+        """start(), and kill the job when the test ends."""
+        jid = self.start(*cmd, opts=opts)
+        self.addCleanup(self.kill_job, jid)
+        return jid
+
+    def job_pids(self, job_id):
+        """(workload pid, supervisor pid) once state.json has them."""
+        ok = wait_until(lambda: isinstance(self.read_state(job_id).get("pid"), int), 5)
+        self.assertTrue(ok, "state.json never got a pid")
+        st = self.read_state(job_id)
+        self.assertIsInstance(st.get("supervisor_pid"), int, st)
+        return st["pid"], st["supervisor_pid"]

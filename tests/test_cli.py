@@ -10,7 +10,7 @@ import stat
 import time
 import unittest
 
-from tests._util import CLITestCase
+from tests._util import CLITestCase, clone_job, only_regular
 
 ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -30,28 +30,6 @@ def job_ids_in(root):
     if not os.path.isdir(root):
         return []
     return sorted(n for n in os.listdir(root) if ULID_RE.match(n))
-
-
-def _only_regular(src, names):
-    """copytree ignore: skip FIFOs, sockets and the like (a job dir may hold a
-    control pipe, which copytree cannot copy)."""
-    skip = []
-    for n in names:
-        p = os.path.join(src, n)
-        if not (os.path.isdir(p) or os.path.isfile(p)) or os.path.islink(p):
-            skip.append(n)
-    return skip
-
-
-def clone_job(src_dir, dst_dir, src_id, dst_id):
-    """Copy a finished job's directory, renaming the id inside its JSON files."""
-    shutil.copytree(src_dir, dst_dir, ignore=_only_regular)
-    for name in ("meta.json", "state.json"):
-        path = os.path.join(dst_dir, name)
-        with open(path) as f:
-            text = f.read()
-        with open(path, "w") as f:
-            f.write(text.replace(src_id, dst_id))
 
 
 class OutputContractMixin:
@@ -830,7 +808,7 @@ class JobIdTests(OutputContractMixin, CLITestCase):
         ]
         for name in junk_dirs:
             # job-like contents, so only the name tells them apart
-            shutil.copytree(self.job_dir(jid), os.path.join(self.root, name), ignore=_only_regular)
+            shutil.copytree(self.job_dir(jid), os.path.join(self.root, name), ignore=only_regular)
         for name in ("README", "notes.txt", jid[:10] + ".lock"):
             with open(os.path.join(self.root, name), "w") as f:
                 f.write("not a job\n")

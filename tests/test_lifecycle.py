@@ -38,27 +38,6 @@ def open_bytes(path):
 
 
 class LifecycleTestCase(CLITestCase):
-    def assertTimestamp(self, value, what=""):
-        self.assertIsInstance(value, str, what)
-        self.assertRegex(value, TS_RE, what)
-
-    def read_json(self, path):
-        with open(path) as f:
-            return json.load(f)
-
-    def kill_job(self, job_id):
-        """Best effort: stop a job this test started."""
-        try:
-            self.cli("kill", "--signal", "KILL", job_id, timeout=20)
-            self.cli("wait", "--timeout-ms", "5000", job_id, timeout=20)
-        except Exception:
-            pass
-
-    def start_bg(self, *cmd, opts=()):
-        jid = self.start(*cmd, opts=opts)
-        self.addCleanup(self.kill_job, jid)
-        return jid
-
     def wait_for_output(self, job_id, text, timeout=10.0):
         path = os.path.join(self.job_dir(job_id), "stdout.log")
 
@@ -70,11 +49,6 @@ class LifecycleTestCase(CLITestCase):
                 return False
 
         self.assertTrue(wait_until(has, timeout), "job never printed %r" % text)
-
-    def job_pids(self, job_id):
-        self.assertTrue(wait_until(lambda: isinstance(self.read_state(job_id).get("pid"), int), 5))
-        st = self.read_state(job_id)
-        return st["pid"], st.get("supervisor_pid")
 
 
 # --------------------------------------------------------------------------

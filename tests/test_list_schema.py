@@ -15,7 +15,7 @@ import time
 import unittest
 
 from tests import _schema_check
-from tests._util import CLITestCase
+from tests._util import CLITestCase, clone_job, only_regular
 
 ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -31,27 +31,6 @@ def other_char(c):
 def sibling_id(job_id, n=6):
     """A ULID with the same timestamp as ``job_id`` but other last characters."""
     return job_id[: 26 - n] + "".join(other_char(c) for c in job_id[26 - n :])
-
-
-def _only_regular(src, names):
-    """copytree ignore: skip FIFOs, sockets and the like (a job dir may hold a
-    control pipe, which copytree cannot copy)."""
-    skip = []
-    for n in names:
-        p = os.path.join(src, n)
-        if not (os.path.isdir(p) or os.path.isfile(p)) or os.path.islink(p):
-            skip.append(n)
-    return skip
-
-
-def clone_job(src_dir, dst_dir, src_id, dst_id):
-    shutil.copytree(src_dir, dst_dir, ignore=_only_regular)
-    for name in ("meta.json", "state.json"):
-        path = os.path.join(dst_dir, name)
-        with open(path) as f:
-            text = f.read()
-        with open(path, "w") as f:
-            f.write(text.replace(src_id, dst_id))
 
 
 def write_json_atomic(path, obj):
@@ -383,7 +362,7 @@ class ListTests(JobsMixin, CLITestCase):
     def test_non_job_entries_are_not_skipped(self):
         good = self.finished("true")
         shutil.copytree(
-            self.job_dir(good), os.path.join(self.root, "not-a-job"), ignore=_only_regular
+            self.job_dir(good), os.path.join(self.root, "not-a-job"), ignore=only_regular
         )
         os.mkdir(os.path.join(self.root, good[:25]))
         with open(os.path.join(self.root, "README.txt"), "w") as f:

@@ -180,25 +180,6 @@ def run_script(code, *args, timeout=60):
 
 @unittest.skipUnless(LINUX, "these fault injections read /proc")
 class ReliabilityCase(CLITestCase):
-    def kill_job(self, jid):
-        try:
-            self.cli("kill", "--signal", "KILL", jid, timeout=20)
-            self.cli("wait", "--timeout-ms", "5000", jid, timeout=20)
-        except Exception:
-            pass
-
-    def start_bg(self, *cmd, opts=()):
-        jid = self.start(*cmd, opts=opts)
-        self.addCleanup(self.kill_job, jid)
-        return jid
-
-    def job_pids(self, jid):
-        """(workload pid, supervisor pid) once state.json has them."""
-        ok = wait_until(lambda: isinstance(self.read_state(jid).get("pid"), int), 5)
-        self.assertTrue(ok, "state.json never got a pid")
-        st = self.read_state(jid)
-        return st["pid"], st["supervisor_pid"]
-
     def cli_raw(self, *args, preexec_fn=None, env=None, timeout=60):
         argv = [PY, SCRIPT] + [str(a) for a in args]
         proc = subprocess.run(

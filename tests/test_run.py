@@ -53,14 +53,6 @@ def job_entries(root):
 
 
 class RunTestCase(CLITestCase):
-    def assertTimestamp(self, value, what=""):
-        self.assertIsInstance(value, str, what)
-        self.assertRegex(value, TS_RE, what)
-
-    def read_json(self, path):
-        with open(path) as f:
-            return json.load(f)
-
     def read_meta(self, job_id):
         return self.read_json(os.path.join(self.job_dir(job_id), "meta.json"))
 
@@ -72,14 +64,6 @@ class RunTestCase(CLITestCase):
         w = self.wait_job(job_id, timeout_ms)
         self.assertIn(w["state"], TERMINAL, w)
         return w
-
-    def kill_job(self, job_id):
-        """Best effort: stop a job this test started."""
-        try:
-            self.cli("kill", "--signal", "KILL", job_id, timeout=20)
-            self.cli("wait", "--timeout-ms", "5000", job_id, timeout=20)
-        except Exception:
-            pass
 
     def make_dir(self, name):
         path = os.path.join(self.tmp, name)
