@@ -1175,14 +1175,14 @@ class _Supervisor:
     def _start_workload(self, out_w: int, err_w: int) -> int:
         """Start the workload on /dev/null and the two pipes; return its pid.
 
-        What subprocess would do, by hand, because importing subprocess is a
-        good part of the supervisor's start-up.  The workload gets a session
-        of its own (so its process group, pgid == pid, is what timeouts and
-        kills target), the job's cwd, and the default action for the signals
-        Python ignores (SIGPIPE, SIGXFSZ).  Exec errors come back through a
-        close-on-exec pipe, as in subprocess: EOF means the exec happened.
-        (posix_spawn was tried: glibc leaves its internal signals 32 and 33
-        ignored in the new program.)
+        Fork and exec by hand, because importing subprocess is a good part of
+        the supervisor's start-up.  The workload gets a session of its own
+        (so its process group, pgid == pid, is what timeouts and kills
+        target), the job's cwd, and every signal at its default action, none
+        blocked.  Exec errors come back through a close-on-exec pipe, as in
+        subprocess: EOF means the exec happened.  (posix_spawn was tried:
+        glibc leaves its internal signals 32 and 33 ignored in the new
+        program.)
         """
         import signal
 
@@ -1194,7 +1194,11 @@ class _Supervisor:
             path = os.path.join(cwd, argv[0]) if "/" in argv[0] else None
         # Everything the child needs is ready before the fork: after it, the
         # child only makes system calls, then execs or leaves by os._exit.
-        defaults = [signal.SIGPIPE] + [getattr(signal, "SIGXFSZ", signal.SIGPIPE)]
+        # Every signal at its default action: Python ignores SIGPIPE and
+        # SIGXFSZ, and the caller may have ignored more (nohup: SIGHUP; a
+        # script's background job: SIGINT, SIGQUIT), which `kill --signal`
+        # must still be able to deliver.
+        defaults = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
         null = os.open(os.devnull, os.O_RDWR)
         try:
             errpipe_r, errpipe_w = os.pipe()  # both close-on-exec (PEP 446)
@@ -1225,7 +1229,12 @@ class _Supervisor:
                             pass
                     os.chdir(cwd)
                     for sig in defaults:
-                        signal.signal(sig, signal.SIG_DFL)
+                        try:
+                            signal.signal(sig, signal.SIG_DFL)
+                        except (OSError, ValueError):  # (one the OS keeps for itself)
+                            pass
+                    if hasattr(signal, "pthread_sigmask"):
+                        signal.pthread_sigmask(signal.SIG_SETMASK, ())
                     if path is None:
                         raise FileNotFoundError(2, "not found")
                     os.execve(path, argv, env)
@@ -2561,6 +2570,7 @@ def _wait_match(
     while True:
         job = load_job(root, job_id)
         terminal = job["status"] in TERMINAL_STATES
+        before = _log_sizes(job)  # before reading: see _wait_output
         for stream in streams:
             while True:
                 at = pos[stream] + len(pending[stream])
@@ -2600,28 +2610,31 @@ def _wait_match(
             return out
         if watch is None:
             watch = _LockWatch(meta_path)
-        _wait_output(job, watch, remaining)
+        _wait_output(job, watch, remaining, before)
 
 
-def _wait_output(job: dict, watch: _LockWatch, remaining: "float | None") -> None:
-    """Sleep until a log grows, the job ends (the lock), or time is up."""
-    paths = [os.path.join(job["dir"], n) for n in (STDOUT_LOG, STDERR_LOG)]
+def _log_sizes(job: dict) -> list:
+    """(size, inode) of stdout.log and stderr.log, to see them change."""
+    out = []
+    for name in (STDOUT_LOG, STDERR_LOG):
+        try:
+            st = os.stat(os.path.join(job["dir"], name))
+            out.append((st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return out
 
-    def sizes() -> list:
-        out = []
-        for path in paths:
-            try:
-                st = os.stat(path)
-                out.append((st.st_size, st.st_ino))
-            except OSError:
-                out.append(None)
-        return out
 
-    before = sizes()
+def _wait_output(job: dict, watch: _LockWatch, remaining: "float | None", before: list) -> None:
+    """Sleep until a log differs from ``before``, the job ends (the lock), or time is up.
+
+    ``before`` must be taken before the logs were last read: bytes written
+    between that read and this wait then still count as a change.
+    """
     deadline = None if remaining is None else time.monotonic() + remaining
     while True:
         step = READ_POLL_S if deadline is None else min(READ_POLL_S, deadline - time.monotonic())
-        if step <= 0 or watch.wait(step) or sizes() != before:
+        if step <= 0 or watch.wait(step) or _log_sizes(job) != before:
             return
 
 
@@ -2633,6 +2646,7 @@ def cmd_read(args) -> dict:
     while True:
         job = load_job(root, job_id)
         terminal = job["status"] in TERMINAL_STATES
+        before = _log_sizes(job)  # before reading: see _wait_output
         out_data, new_out, out_more = read_span(job, "stdout", out_pos, args.max_bytes, terminal)
         err_data, new_err, err_more = read_span(job, "stderr", err_pos, args.max_bytes, terminal)
         remaining = _remaining(deadline)
@@ -2640,7 +2654,7 @@ def cmd_read(args) -> dict:
             break
         if watch is None:
             watch = _LockWatch(os.path.join(job["dir"], META))
-        _wait_output(job, watch, remaining)
+        _wait_output(job, watch, remaining, before)
     more = out_more or err_more
     return {
         "job_id": job_id,

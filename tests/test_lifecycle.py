@@ -482,26 +482,51 @@ class TestDetachment(LifecycleTestCase):
         finally:
             os.close(r)
 
+    def run_ignoring_signals(self, *args):
+        """``agent_exec.py <args>`` from a caller that ignores SIGHUP, SIGINT,
+        SIGQUIT and SIGTERM and blocks SIGUSR1 (nohup ignores SIGHUP, a
+        script's background job SIGINT and SIGQUIT); return the JSON."""
+
+        def caller_setup():
+            for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+        proc = subprocess.run(
+            [PY, SCRIPT] + list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env(),
+            cwd=self.tmp,
+            timeout=CALL_TIMEOUT,
+            preexec_fn=caller_setup,
+        )
+        self.assertEqual(proc.returncode, 0, proc)
+        return json.loads(proc.stdout.decode())
+
     @unittest.skipUnless(LINUX, "needs /proc")
     def test_workload_signals_and_stdin(self):
-        # The workload gets the default action for SIGPIPE and SIGXFSZ (which
-        # Python ignores in the supervisor), and /dev/null on stdin.
-        j = self.ok(
-            "run",
-            "--wait",
-            "--",
-            "sh",
-            "-c",
-            "grep '^SigIgn:' /proc/$$/status; readlink /proc/$$/fd/0; yes | head -n 1",
-        )
+        # The workload starts with every signal at its default action and none
+        # blocked, whatever its caller ignored or blocked (and Python itself
+        # ignores SIGPIPE and SIGXFSZ), and with /dev/null on stdin.
+        script = "grep -E '^Sig(Blk|Ign):' /proc/$$/status; readlink /proc/$$/fd/0; yes | head -n 1"
+        j = self.run_ignoring_signals("run", "--wait", "--", "sh", "-c", script)
         self.assertEqual(j["state"], "exited", j)
         with open(j["stdout_log_path"]) as f:
-            ign_line, stdin, first = f.read().split("\n")[:3]
-        ignored = int(ign_line.split()[1], 16)
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            self.assertFalse(ignored & (1 << (sig - 1)), "%s ignored: %s" % (sig, ign_line))
+            blocked, ignored, stdin, first = f.read().split("\n")[:4]
+        self.assertEqual(int(blocked.split()[1], 16), 0, blocked)
+        self.assertEqual(int(ignored.split()[1], 16), 0, ignored)
         self.assertEqual(stdin, "/dev/null")
         self.assertEqual(first, "y")
+
+    def test_kill_hup_ends_a_job_started_under_nohup(self):
+        j = self.run_ignoring_signals("run", "--snapshot-after", "0", "--", "sleep", "30")
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.ok("kill", "--signal", "HUP", j["job_id"])
+        w = self.wait_job(j["job_id"], 10000)
+        self.assertEqual(w["state"], "killed", w)
+        self.assertEqual(w.get("signal"), "SIGHUP", w)
 
     def test_running_job_holds_no_caller_fd(self):
         # While the job runs, neither the supervisor nor the workload keeps the

@@ -352,6 +352,31 @@ class ReadTests(ObserveCase):
         self.assertIs(j["more"], False)
 
 
+class WaitOutputRaceTests(unittest.TestCase):
+    """_wait_output compares the logs with sizes taken before they were read."""
+
+    class _NeverEnds:
+        def wait(self, timeout):
+            time.sleep(timeout)
+            return False
+
+    def test_bytes_written_between_read_and_wait_wake_it(self):
+        if os.path.dirname(SCRIPT) not in sys.path:
+            sys.path.insert(0, os.path.dirname(SCRIPT))
+        import agent_exec
+
+        with tempfile.TemporaryDirectory() as d:
+            for name in ("stdout.log", "stderr.log"):
+                open(os.path.join(d, name), "wb").close()
+            job = {"dir": d}
+            before = agent_exec._log_sizes(job)  # the read happens here and finds nothing
+            with open(os.path.join(d, "stdout.log"), "ab") as f:
+                f.write(b"late line\n")  # ...then the line lands, before the wait starts
+            t0 = time.monotonic()
+            agent_exec._wait_output(job, self._NeverEnds(), 10.0, before)
+            self.assertLess(time.monotonic() - t0, 5.0, "the wait missed the line")
+
+
 class LongPollTests(ObserveCase):
     def test_wait_ms_wakes_on_new_output(self):
         # Three lines, 0.8 s apart; each read long-polls for the next one.
