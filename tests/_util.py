@@ -160,11 +160,21 @@ class CLITestCase(unittest.TestCase):
         env.update(extra)
         return env
 
-    def cli(self, *args, env=None, cwd=None, stdin=None, timeout=CALL_TIMEOUT, root=True):
+    def cli(
+        self,
+        *args,
+        env=None,
+        cwd=None,
+        stdin=None,
+        timeout=CALL_TIMEOUT,
+        root=True,
+        preexec_fn=None,
+    ):
         """Run ``agent_exec.py <args>`` and return a Result.
 
         The root comes from $AGENT_EXEC_ROOT (set to this test's root) unless
-        the test passes its own ``env``.
+        the test passes its own ``env``.  ``preexec_fn`` sets up the caller
+        process (signals ignored, a umask...), as in subprocess.
         """
         argv = [PY, SCRIPT] + [str(a) for a in args]
         proc = subprocess.run(
@@ -176,6 +186,7 @@ class CLITestCase(unittest.TestCase):
             cwd=cwd or self.tmp,
             timeout=timeout,
             universal_newlines=True,
+            preexec_fn=preexec_fn,
         )
         return Result(proc, argv)
 
