@@ -2,29 +2,60 @@
 """agent-exec: a job runner for AI agents, in one stdlib-only Python file.
 
 An agent calls ``agent-exec run -- make test`` and gets a ``job_id`` back at
-once; later it asks ``status``, ``tail``, ``wait`` or ``kill``.  Every answer is
-exactly one JSON object on stdout.  The job keeps running after the caller is
-gone, under a detached supervisor (this same file, re-executed as the hidden
-``_supervise`` subcommand) that owns the workload's output, timeout, final
-state and completion events.
+once; later it asks ``status``, ``tail``, ``read``, ``wait`` or ``kill``.
+Every answer is exactly one JSON object on stdout.  The job keeps running
+after the caller is gone, under a detached supervisor (this same file,
+re-executed as the hidden ``_supervise`` subcommand) that owns the workload's
+output, timeout, final state and completion events.
 
-What is stable (see ``CONTRACT.md`` and ``README.md``): the command line, the
-JSON fields of every response, the layout of a job directory, the states and
-the events.  What is not: the ``_supervise`` subcommand, the private helpers
-(names starting with ``_``) and the internal files of a job directory that the
+What is stable (README.md describes it): the command line, the JSON fields of
+every response, the layout of a job directory, the states and the events.
+What is not: the ``_supervise`` subcommand, the private helpers (names
+starting with ``_``) and the internal files of a job directory that the
 README does not list.
 
 The file runs on CPython 3.8+ on Linux and macOS, with nothing but the
 standard library, so it can be dropped into any container, or piped in:
 ``curl -fsSL URL | python3 - run -- make test``.
+
+File map (the sections, in order; each banner says what it owns):
+
+    Compatibility        cheap imports, platform flags
+    Constants            states, job-directory file names, signals, limits
+    Errors               AgentExecError, UsageError, the ERROR_CODES table
+    Small helpers        logging, time, durations, sizes, ULIDs, signal names
+    Processes            /proc/<pid>/stat, the process table, descendants
+    Files and locks      atomic JSON writes, fd reads, the job lock and its watchers
+    Job store            the root, _Job, _verdict, the walk over a root's jobs
+    Logs                 tails, snapshots, cursors, read spans, UTF-8 edges
+    Control protocol     caller -> live supervisor messages (framed JSON lines)
+    Supervisor           the detached watcher, in parts around a small loop
+    Declarations         Opt, Field, @command: one declaration per command
+    Commands             per command: its declaration, its handler, its helpers
+    Response schema      derived from the declarations
+    Front end: CLI       the parser derived from the declarations, dispatch, main
+
+Rules the file keeps:
+
+- Handlers return dicts and never print; ``dispatch()`` is the one place
+  where an outcome becomes the JSON envelope and an exit code.
+- Best effort (fsyncs, events, progress writes): log once at warn, and
+  never change a job's result.
+- Only cheap modules are imported at the top (see Compatibility).
+
+To add a command: declare it with ``@command(...)`` above its handler (its
+options, conflicts and response fields), write the handler, add its README
+section, add its tests.  The parser, the schema and the tool list follow.
 """
 
 # ==== Compatibility ==========================================================
 #
 # Only cheap modules are imported at the top: the read-only commands must cost
 # little more than the interpreter's own start-up.  subprocess, threading,
-# select, ctypes and friends are imported where they are used.
+# select, ctypes and friends are imported where they are used.  collections
+# is already loaded by json (through re), so it costs nothing here.
 
+import collections
 import json
 import os
 import sys
@@ -42,6 +73,9 @@ _IS_LINUX = sys.platform.startswith("linux")
 
 
 # ==== Constants ==============================================================
+#
+# Cross-cutting values only.  A tunable that belongs to one subsystem sits at
+# the head of that subsystem's section.
 
 SCHEMA_VERSION = "0.1"
 PROG = "agent-exec"
@@ -56,8 +90,14 @@ DEFAULT_MAX_BYTES = 65536
 DEFAULT_WAIT_POLL_MS = 200
 DEFAULT_LIST_LIMIT = 50
 DEFAULT_NOTIFY_TIMEOUT_MS = 30000
+DEFAULT_GC_OLDER_THAN_MS = 7 * 86400000
 # How long `kill` waits for the job to become terminal before it answers.
 KILL_SETTLE_S = 1.0
+
+# Signal numbers that are the same on Linux and macOS.  `signal` itself is
+# imported lazily (about 0.4 ms), so the hot paths use these names.
+_SIGTERM = 15
+_SIGKILL = 9
 
 # The supervisor asks Linux for pipes this large, so that bulk output costs
 # few system calls, and reads them in chunks a quarter that size: a chunk of
@@ -99,24 +139,54 @@ _LOG_LEVELS = {"error": 0, "warn": 1, "warning": 1, "info": 2, "debug": 3, "trac
 
 
 # ==== Errors =================================================================
+#
+# Every expected failure is an AgentExecError with a code from ERROR_CODES;
+# dispatch() turns it into the JSON envelope.  The schema's enum and the
+# README's table are checked against this table by the tests.
+
+# code -> (exit code, retryable, what it means)
+ERROR_CODES = {
+    "usage_error": (2, False, "a bad flag, value or combination, or no command"),
+    "job_not_found": (1, False, "the argument names no job of the root"),
+    "ambiguous_job_id": (1, False, "the prefix matches more than one job"),
+    "invalid_argument": (1, False, "a well-formed value that cannot be used"),
+    "cwd_not_found": (1, False, "run: the working directory does not exist"),
+    "command_not_found": (1, False, "run: the command is not an executable on the PATH"),
+    "invalid_state": (1, False, "the job is not in a state that allows this"),
+    "io_error": (1, False, "a filesystem operation failed"),
+    "insecure_root": (1, False, "the jobs root is a symlink, not a directory, or not private"),
+    "unsupported_platform": (1, False, "not Linux or macOS"),
+    "internal_error": (1, False, "an unexpected exception (a bug)"),
+    "interrupted": (1, True, "the CLI itself was interrupted (Ctrl-C)"),
+}
+
+# failure.code of a failed job (in state.json and every answer about the job)
+FAILURE_CODES = {
+    "spawn_failed": "the supervisor could not exec the workload",
+    "supervisor_lost": "the supervisor died (or the machine rebooted) while the job ran",
+    "supervisor_failed": "the supervisor never started",
+    "supervisor_error": "the supervisor crashed with an exception, and recorded it",
+}
 
 
 class AgentExecError(Exception):
-    """An expected failure: becomes the JSON error envelope in main()."""
+    """An expected failure: dispatch() makes it the JSON error envelope."""
 
-    exit_code = 1
-
-    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+    def __init__(self, code: str, message: str, retryable: "bool | None" = None) -> None:
         super().__init__(message)
+        exit_code, default_retryable, _meaning = ERROR_CODES[code]
         self.code = code
         self.message = message
-        self.retryable = retryable
+        self.exit_code = exit_code
+        self.retryable = default_retryable if retryable is None else retryable
 
 
 class UsageError(AgentExecError):
-    """A bad flag, value or combination: exit 2, usage text on stderr."""
+    """A bad flag, value or combination: exit 2, usage text on stderr.
 
-    exit_code = 2
+    ``usage`` and ``prog`` are set by argparse's errors; a usage error raised
+    after parsing (a conflict) gets its command's usage from the CLI front end.
+    """
 
     def __init__(self, message: str, usage: str = "", prog: str = PROG) -> None:
         super().__init__("usage_error", message if prog == PROG else prog + ": " + message)
@@ -382,6 +452,233 @@ def _descendants_of(root_pid: int, exclude: "set | None" = None) -> "list":
     return out
 
 
+# ==== Files and locks ========================================================
+#
+# Every file agent-exec writes for readers is replaced by write-then-rename,
+# never edited in place.  A job's meta.json doubles as its liveness lock (see
+# the Job store banner); the functions here wait on such locks, either in the
+# calling thread or through one shared watcher thread per lock.
+
+# How often a cancellable wait looks at its cancel flag (completion itself
+# wakes it at once, through the watcher's event).
+_CANCEL_POLL_S = 0.05
+
+
+def _write_json_atomic(
+    path: str, obj: dict, durable: bool = False, keep_locked: bool = False
+) -> "int | None":
+    """Replace ``path`` with ``obj`` so that no reader ever sees a torn file.
+
+    With ``keep_locked`` the new file is already under an exclusive flock when
+    it appears, and the locked fd is returned (the caller owns it): meta.json
+    is born that way, so no reader can see the job unlocked before its
+    supervisor exists.  On any error nothing is left behind: no temp file, no fd.
+    """
+    data = (json.dumps(obj, ensure_ascii=True, sort_keys=False) + "\n").encode()
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
+    mode = os.O_RDWR if keep_locked else os.O_WRONLY
+    fd = os.open(tmp, mode | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            if keep_locked:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            _write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            if not keep_locked:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if keep_locked:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        _fsync_dir(os.path.dirname(path))
+    return fd if keep_locked else None
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_fd(fd: int) -> bytes:
+    """Everything left to read on ``fd`` (a small file or a pipe), with plain reads.
+
+    A read shorter than asked is not proof of the end (pipes, FUSE and NFS
+    return short reads), so it reads until a read returns nothing.
+    """
+    data = os.read(fd, 65536)
+    more = os.read(fd, 65536) if data else b""
+    if not more:
+        return data
+    chunks = [data, more]
+    while more:
+        more = os.read(fd, 65536)
+        chunks.append(more)
+    return b"".join(chunks)
+
+
+def _read_json(path: str) -> dict:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        obj = json.loads(_read_fd(fd).decode("utf-8"))
+    finally:
+        os.close(fd)
+    if not isinstance(obj, dict):
+        raise ValueError("%s is not a JSON object" % path)
+    return obj
+
+
+def _lock_is_free(fd: int) -> bool:
+    """True when no supervisor holds the job's lock (try a shared lock)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _wait_lock(path: str, timeout: "float | None", cancel=None) -> bool:
+    """Block until nobody holds the lock on ``path`` (a job's meta.json).
+
+    Returns False when ``timeout`` seconds passed first, or when ``cancel``
+    (a threading.Event) was set.  This is event driven: flock(2) wakes the
+    waiter the moment the supervisor closes the lock (or dies), so there is
+    no polling delay.  Without a timeout or a cancel flag the calling thread
+    itself blocks in flock (Ctrl-C still interrupts it); otherwise the wait
+    goes through the lock's shared watcher.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        free = _lock_is_free(fd)
+        if free or (timeout is not None and timeout <= 0):
+            return free
+        if timeout is None and cancel is None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return True
+    finally:
+        os.close(fd)
+    watch = _LockWatch.acquire(path)
+    try:
+        return watch.wait(timeout, cancel)
+    finally:
+        watch.release()
+
+
+class _LockWatch:
+    """A flag that goes up when nobody holds the lock on ``path`` any more.
+
+    A daemon thread parks in a blocking flock(2); when the holder lets go
+    (or dies) it takes the lock for an instant, lets it go, and raises the
+    flag and every subscribed event.  Watchers are shared: ``acquire(path)``
+    gives the one watcher of that lock (starting it if needed) and
+    ``release()`` gives it back, so a long-lived process holds at most one
+    thread per lock however many waits it runs.  A flock(2) in progress
+    cannot be cancelled portably, so a watcher nobody holds any more stays
+    parked until the job ends, and is reused by the next wait on that job.
+    """
+
+    _by_path = {}  # type: dict
+    _guard = None  # a threading.Lock, made on first use
+
+    def __init__(self, path: str) -> None:
+        import threading
+
+        self.path = path
+        self.done = threading.Event()
+        self.events = []  # type: list
+        self.users = 0
+        threading.Thread(target=self._run, name="agent-exec-lock", daemon=True).start()
+
+    @classmethod
+    def acquire(cls, path: str, event=None) -> "_LockWatch":
+        """The shared watcher of ``path``; ``event`` is also set when it fires."""
+        import threading
+
+        if cls._guard is None:
+            cls._guard = threading.Lock()
+        with cls._guard:
+            watch = cls._by_path.get(path)
+            if watch is None:
+                watch = cls._by_path[path] = cls(path)
+            watch.users += 1
+            if event is not None:
+                watch.events.append(event)
+                if watch.done.is_set():
+                    event.set()
+        return watch
+
+    def release(self, event=None) -> None:
+        with self._guard:
+            self.users -= 1
+            if event is not None and event in self.events:
+                self.events.remove(event)
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            fd = None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+            with self._guard:
+                self.done.set()
+                if self._by_path.get(self.path) is self:
+                    del self._by_path[self.path]
+                for event in self.events:
+                    event.set()
+
+    def wait(self, timeout: "float | None", cancel=None) -> bool:
+        """True once the lock is free; False after ``timeout`` s or on ``cancel``."""
+        if cancel is None:
+            return self.done.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not cancel.is_set():
+            step = _CANCEL_POLL_S if deadline is None else min(_CANCEL_POLL_S, _remaining(deadline))
+            if self.done.wait(step):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return self.done.is_set()
+
+
+def _remaining(deadline: "float | None") -> "float | None":
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 # ==== Job store ==============================================================
 #
 # A job is a directory <root>/<ULID>/.  meta.json is written once, by `run`,
@@ -392,6 +689,9 @@ def _descendants_of(root_pid: int, exclude: "set | None" = None) -> "list":
 # releases at once if the supervisor dies: "running, but the lock is free"
 # means the supervisor was lost.  state.json is replaced atomically (temp
 # file + rename), never edited in place.
+#
+# Words: a job's *state* is the verdict as published ("running", "exited",
+# ...); its *record* is the state.json document.
 
 
 def resolve_root(explicit: "str | None") -> str:
@@ -454,6 +754,32 @@ def _ensure_root(root: str) -> None:
     _check_root(root)
 
 
+def _iter_jobs(root: str):
+    """The entries of ``root`` that may be jobs, newest first: (name, DirEntry).
+
+    The one walk over a root (list, gc, delete and prefix resolution use it).
+    Names that are not job ids are never looked at; symlinks are skipped, so
+    an id can never lead outside the root.  ULIDs sort by creation time, and
+    the entries are checked only as the caller reaches them, so a short
+    listing never stats the rest.
+    """
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(((e.name, e) for e in it if is_job_id(e.name)), reverse=True)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
+    for name, entry in entries:
+        if not _is_symlink(entry):
+            yield name, entry
+
+
+def _is_symlink(entry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:  # where the listing gives no type, an lstat is made; it failed
+        return False
+
+
 def resolve_job(root: str, ident: str) -> str:
     """Map a job id or an unambiguous prefix (>= 4 chars) to the full id.
 
@@ -468,11 +794,14 @@ def resolve_job(root: str, ident: str) -> str:
             return text
         raise AgentExecError("job_not_found", "no job %s in %s" % (text, root))
     try:
-        names = os.listdir(root)
-    except OSError:
-        names = []
-    hits = sorted(n for n in names if n.startswith(text) and is_job_id(n))
-    hits = [n for n in hits if _is_job_dir(os.path.join(root, n))]
+        hits = [
+            name
+            for name, entry in _iter_jobs(root)
+            if name.startswith(text) and entry.is_dir(follow_symlinks=False)
+        ]
+    except (AgentExecError, OSError):
+        hits = []
+    hits.sort()
     if not hits:
         raise AgentExecError("job_not_found", "no job matches %r in %s" % (text, root))
     if len(hits) > 1:
@@ -493,154 +822,77 @@ def _is_job_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path)
 
 
-def _write_json_atomic(path: str, obj: dict, durable: bool = False) -> None:
-    """Replace ``path`` with ``obj`` so that no reader ever sees a torn file."""
-    data = (json.dumps(obj, ensure_ascii=True, sort_keys=False) + "\n").encode()
-    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            _write_all(fd, data)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        _fsync_dir(os.path.dirname(path))
+# The result fields every answer about a terminal job carries, when known,
+# in this order; the schema's RESULT_FIELDS declares the same names.
+_RESULT_KEYS = ("exit_code", "signal", "duration_ms")
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class _Job:
+    """A job as read from disk: meta.json, state.json (its record), and the verdict.
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _read_fd(fd: int) -> bytes:
-    """The rest of a small file, with plain reads (no file object to build)."""
-    data = os.read(fd, 65536)
-    more = os.read(fd, 65536) if data else b""  # (a short read is not always the end)
-    if not more:
-        return data
-    chunks = [data, more]
-    while more:
-        more = os.read(fd, 65536)
-        chunks.append(more)
-    return b"".join(chunks)
-
-
-def _read_json(path: str) -> dict:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        obj = json.loads(_read_fd(fd).decode("utf-8"))
-    finally:
-        os.close(fd)
-    if not isinstance(obj, dict):
-        raise ValueError("%s is not a JSON object" % path)
-    return obj
-
-
-def _lock_is_free(fd: int) -> bool:
-    """True when no supervisor holds the job's lock (try a shared lock)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return True
-
-
-def _wait_lock(path: str, timeout: "float | None") -> bool:
-    """Block until nobody holds the lock on ``path`` (a job's meta.json).
-
-    Returns False when ``timeout`` seconds passed first.  This is event
-    driven: flock(2) wakes the waiter the moment the supervisor closes the
-    lock (or dies), so there is no polling delay.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return True
-    try:
-        free = _lock_is_free(fd)
-        if free or (timeout is not None and timeout <= 0):
-            return free
-        if timeout is None:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            return True
-    finally:
-        os.close(fd)
-    return _LockWatch(path).wait(timeout)
-
-
-class _LockWatch:
-    """A flag that goes up when nobody holds the lock on ``path`` any more.
-
-    A daemon thread parks in a blocking flock(2); when the holder lets go
-    (or dies) it takes the lock for an instant, lets it go, and raises the
-    flag, and the optional shared ``event``.  If we stop caring first, the
-    thread simply dies with the process.
+    ``record`` is the state.json document, {} when there is none (or it is
+    not ours); ``state`` is the verdict as published ("running", "exited",
+    ...); ``failure`` is {code, message} for a failed job, else None.
     """
 
-    def __init__(self, path: str, event=None) -> None:
-        import threading
+    __slots__ = ("id", "dir", "meta", "record", "state", "failure")
 
-        self.path = path
-        self.done = threading.Event()
-        self.event = event
-        threading.Thread(target=self._run, name="agent-exec-lock", daemon=True).start()
+    def __init__(self, job_id: str, job_dir: str, meta: dict, record, state: str, failure):
+        self.id, self.dir, self.meta, self.failure = job_id, job_dir, meta, failure
+        self.record = record or {}
+        self.state = state
 
-    def _run(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            fd = None
-        try:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError:
-            pass
-        finally:
-            if fd is not None:
-                os.close(fd)
-            self.done.set()
-            if self.event is not None:
-                self.event.set()
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
 
-    def wait(self, timeout: "float | None") -> bool:
-        return self.done.wait(timeout)
+    def path(self, name: str) -> str:
+        return self.dir + "/" + name  # concatenation: list builds thousands of these
+
+    def result_fields(self) -> dict:
+        """exit_code / signal / duration_ms / finished_at / failure, when known."""
+        out = {}
+        if self.state in TERMINAL_STATES:
+            result = self.record.get("result") or {}
+            for key in _RESULT_KEYS:
+                if result.get(key) is not None:
+                    out[key] = result[key]
+            if self.record.get("finished_at"):
+                out["finished_at"] = self.record["finished_at"]
+        if self.failure:
+            out["failure"] = self.failure
+        return out
+
+    def head(self) -> dict:
+        """What every per-job answer starts with: the id, the state, the result."""
+        out = {"job_id": self.id, "state": self.state}
+        out.update(self.result_fields())
+        return out
+
+    def started_at(self) -> str:
+        started = (self.record.get("job") or {}).get("started_at")
+        return started or self.meta.get("created_at") or ""
+
+    def log_paths(self) -> dict:
+        return {
+            "stdout_log_path": os.path.join(self.dir, STDOUT_LOG),
+            "stderr_log_path": os.path.join(self.dir, STDERR_LOG),
+        }
+
+    def dropped(self) -> dict:
+        """Bytes that --max-output gave up, per stream (0 without a cap)."""
+        return {
+            "stdout_dropped_bytes": self.record.get("stdout_dropped_bytes") or 0,
+            "stderr_dropped_bytes": self.record.get("stderr_dropped_bytes") or 0,
+        }
 
 
-def load_job(root: str, job_id: str, meta_filter=None) -> "dict | None":
-    """Read a job's meta and state, and say what its state truly is.
+def load_job(root: str, job_id: str, meta_filter=None) -> "_Job | None":
+    """Read a job's meta.json and state.json, and say what its state truly is.
 
-    Returns {"id", "dir", "meta", "state" (raw state.json or None), "status",
-    "failure"}, or None when ``meta_filter(meta)`` is false (list's cwd filter,
-    checked before state.json is read).  A state.json that says running while nobody holds the lock
-    (or that was written before the last boot) is reported as failed with
-    failure.code supervisor_lost: the supervisor died without a word.
+    Returns None when ``meta_filter(meta)`` is false (list's cwd filter,
+    checked before state.json is read).  See ``_verdict`` for how the state
+    is derived.
     """
     # Plain concatenation: list calls this for every job of the root.
     job_dir = root + "/" + job_id if root != "/" else "/" + job_id
@@ -660,59 +912,65 @@ def load_job(root: str, job_id: str, meta_filter=None) -> "dict | None":
             raise AgentExecError("io_error", "cannot read %s: %s" % (meta_path, e))
         if meta_filter is not None and not meta_filter(meta):
             return None
-        state, status = _read_state(job_dir)
-        failure = state.get("failure") if state else None
-        if status == "running" and _lock_is_free(fd):
+        record, written = _read_record(job_dir)
+        lock_free = False
+        if written == "running" and _lock_is_free(fd):
             # The supervisor writes the terminal state and only then lets go
             # of the lock, so read once more before calling it lost.
-            state, status = _read_state(job_dir)
-            failure = state.get("failure") if state else None
-            if status == "running" or state is None:
-                status = "failed"
-                failure = _lost_failure(state)
-        elif status == "running" and state is not None:
-            boot = state.get("boot_id")
-            current = _read_boot_id()
-            if boot and current and boot != current:
-                status = "failed"
-                failure = _lost_failure(state, rebooted=True)
+            lock_free = True
+            record, written = _read_record(job_dir)
+        boot_id = _read_boot_id() if written == "running" and record is not None else None
     finally:
         os.close(fd)
-    return {
-        "id": job_id,
-        "dir": job_dir,
-        "meta": meta,
-        "state": state,
-        "status": status,
-        "failure": failure,
-    }
+    state, failure = _verdict(record, written, lock_free, boot_id)
+    return _Job(job_id, job_dir, meta, record, state, failure)
 
 
-def _read_state(job_dir: str) -> "tuple":
-    """(state dict or None, status string)."""
+def _read_record(job_dir: str) -> "tuple":
+    """(state.json as a dict, or None; the state it states)."""
     try:
-        state = _read_json(job_dir + "/" + STATE)
+        record = _read_json(job_dir + "/" + STATE)
     except FileNotFoundError:
         # Created but not started yet: the lock tells whether anyone is on it.
         return None, "running"
     except (OSError, ValueError):
         return None, "unknown"
-    job = state.get("job")
+    job = record.get("job")
     if not isinstance(job, dict) or not all(
-        isinstance(state.get(k), (dict, type(None))) for k in ("result", "failure")
+        isinstance(record.get(k), (dict, type(None))) for k in ("result", "failure")
     ):
         return None, "unknown"  # not a state.json we wrote: say so, use none of it
-    status = job.get("status")
-    if status not in STATES:
-        status = "unknown"
-    return state, status
+    written = job.get("status")
+    if written not in STATES:
+        written = "unknown"
+    return record, written
 
 
-def _lost_failure(state: "dict | None", rebooted: bool = False) -> dict:
-    pid = (state or {}).get("supervisor_pid")
+def _verdict(record: "dict | None", written: str, lock_free: bool, boot_id) -> "tuple":
+    """A job's published state and failure, from what its files say: pure.
+
+    ``written`` is the state that state.json states ("running" when there
+    is no state.json yet); ``lock_free`` whether nobody held meta.json's
+    lock (read again after it was found free); ``boot_id`` the current boot
+    (None when unknown or not needed).  A job that says running while
+    nobody holds its lock, or that was written before the last boot, is
+    failed with failure.code supervisor_lost: its supervisor died without a
+    word.
+    """
+    failure = record.get("failure") if record else None
+    if lock_free and (written == "running" or record is None):
+        return "failed", _lost_failure(record)
+    recorded_boot = record.get("boot_id") if record and written == "running" else None
+    if recorded_boot and boot_id and recorded_boot != boot_id:
+        return "failed", _lost_failure(record, rebooted=True)
+    return written, failure
+
+
+def _lost_failure(record: "dict | None", rebooted: bool = False) -> dict:
+    pid = (record or {}).get("supervisor_pid")
     if rebooted:
         msg = "the machine rebooted while the job was running; its supervisor is gone"
-    elif state is None:
+    elif record is None:
         msg = "the job's supervisor exited before the job started"
     else:
         msg = "the job's supervisor (pid %s) is gone and the job's end was not " % pid
@@ -720,35 +978,30 @@ def _lost_failure(state: "dict | None", rebooted: bool = False) -> dict:
     return {"code": "supervisor_lost", "message": msg}
 
 
-def job_paths(job: dict) -> dict:
-    return {
-        "stdout_log_path": os.path.join(job["dir"], STDOUT_LOG),
-        "stderr_log_path": os.path.join(job["dir"], STDERR_LOG),
-    }
+def _is_alive(pid, token) -> bool:
+    """True when ``pid`` runs and is provably the process recorded with ``token``."""
+    return isinstance(pid, int) and pid > 1 and token is not None and _proc_start_time(pid) == token
 
 
-def job_result_fields(job: dict) -> dict:
-    """exit_code / signal / finished_at / duration_ms / failure, when known."""
-    state = job["state"] or {}
-    result = state.get("result") or {}
-    out = {}
-    if job["status"] in TERMINAL_STATES:
-        for key in ("exit_code", "signal", "duration_ms"):
-            if result.get(key) is not None:
-                out[key] = result[key]
-        if state.get("finished_at"):
-            out["finished_at"] = state["finished_at"]
-    if job["failure"]:
-        out["failure"] = job["failure"]
-    return out
+def _supervisor_alive(job: _Job) -> bool:
+    record = job.record
+    return _is_alive(record.get("supervisor_pid"), record.get("supervisor_start_time"))
 
 
-def job_started_at(job: dict) -> str:
-    state = job["state"] or {}
-    return (state.get("job") or {}).get("started_at") or job["meta"].get("created_at") or ""
+# ==== Logs ===================================================================
+#
+# Tails, snapshots, cursors and incremental reads of stdout.log and
+# stderr.log.  A cursor names a position in each stream, counted in bytes
+# from the very start of the workload's output, bytes that --max-output
+# dropped included, so a cursor stays valid while a capped log is compacted
+# under it.
 
-
-# ---- Reading the logs -------------------------------------------------------
+_STREAMS = ("stdout", "stderr")
+_CURSOR_PREFIX = "c1."
+_HEX = frozenset("0123456789abcdef")
+# How often a long-poll looks at the logs for new bytes (the end of the job
+# wakes it at once, through the lock).
+READ_POLL_S = 0.02
 
 
 def tail_bytes(path: str, max_lines: int, max_bytes: int) -> "tuple":
@@ -806,36 +1059,38 @@ def _skip_partial_utf8(data: bytes) -> bytes:
     return data[i:]
 
 
-def snapshot(job: dict, tail_lines: int, max_bytes: int) -> "tuple":
-    """The snapshot object of the contract, and a cursor just past what it saw."""
+def _utf8_width(lead: int) -> int:
+    """How many bytes the UTF-8 sequence that starts with byte ``lead`` takes."""
+    return 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+
+
+def _complete_lines(buf: bytes, final: bool, longest: int) -> int:
+    """Where the complete lines of ``buf`` end: after its last newline.
+
+    At the end of the stream (``final``) everything counts; and a line
+    longer than ``longest`` is taken as it is, so an endless line is still
+    looked at.
+    """
+    cut = len(buf) if final else buf.rfind(b"\n") + 1
+    return len(buf) if len(buf) - cut > longest else cut
+
+
+def take_snapshot(job: _Job, tail_lines: int, max_bytes: int) -> "tuple":
+    """(the snapshot object of the answers, a cursor just past what it saw)."""
     out = {}
     truncated = False
     ends = []
-    state = job["state"] or {}
-    for stream, name in (("stdout", STDOUT_LOG), ("stderr", STDERR_LOG)):
-        data, observed, cut = tail_bytes(os.path.join(job["dir"], name), tail_lines, max_bytes)
+    for stream, name in zip(_STREAMS, (STDOUT_LOG, STDERR_LOG)):
+        data, observed, cut = tail_bytes(job.path(name), tail_lines, max_bytes)
         text = _decode(data)
         out[stream + "_tail"] = text
         out[stream + "_observed_bytes"] = observed
         out[stream + "_included_bytes"] = len(text.encode("utf-8"))
         truncated = truncated or cut
-        ends.append((state.get(stream + "_dropped_bytes") or 0) + observed)
+        ends.append((job.record.get(stream + "_dropped_bytes") or 0) + observed)
     out["truncated"] = truncated
     out["encoding"] = "utf-8-lossy"
     return out, make_cursor(ends[0], ends[1])
-
-
-# ---- Cursors and incremental reads -----------------------------------------
-#
-# A cursor names a position in each stream, counted in bytes from the very
-# start of the workload's output, bytes that --max-output dropped included,
-# so a cursor stays valid while a capped log is compacted under it.
-
-_CURSOR_PREFIX = "c1."
-_HEX = frozenset("0123456789abcdef")
-# How often a long-poll looks at the logs for new bytes (the end of the job
-# wakes it at once, through the lock).
-READ_POLL_S = 0.02
 
 
 def make_cursor(stdout_pos: int, stderr_pos: int) -> str:
@@ -851,20 +1106,33 @@ def parse_cursor(text: str) -> "tuple":
     return int(parts[0], 16), int(parts[1], 16)
 
 
-def _log_extent(job: dict, stream: str) -> "tuple":
-    """(dropped, size): bytes given up by --max-output, bytes in the log now."""
-    state = job["state"] or {}
-    dropped = state.get(stream + "_dropped_bytes") or 0
-    try:
-        size = os.stat(os.path.join(job["dir"], stream + ".log")).st_size
-    except OSError:
-        size = 0
-    return dropped, size
+def _log_stats(job: _Job) -> list:
+    """os.stat of stdout.log and stderr.log (None where missing): one stat per log.
+
+    Sizes (for cursors), inodes (to see a compaction) and the time of the
+    last write (status) all come from here.
+    """
+    out = []
+    for name in (STDOUT_LOG, STDERR_LOG):
+        try:
+            out.append(os.stat(job.path(name)))
+        except OSError:
+            out.append(None)
+    return out
 
 
-def job_cursor(job: dict) -> str:
+def _log_sizes(job: _Job) -> list:
+    """(size, inode) of each log, to see them change (see _wait_output)."""
+    return [None if st is None else (st.st_size, st.st_ino) for st in _log_stats(job)]
+
+
+def job_cursor(job: _Job) -> str:
     """A cursor just past everything the logs hold right now."""
-    ends = [sum(_log_extent(job, stream)) for stream in ("stdout", "stderr")]
+    dropped = job.dropped()
+    ends = [
+        dropped[stream + "_dropped_bytes"] + (st.st_size if st is not None else 0)
+        for stream, st in zip(_STREAMS, _log_stats(job))
+    ]
     return make_cursor(ends[0], ends[1])
 
 
@@ -876,20 +1144,19 @@ def _utf8_cut(data: bytes) -> int:
         if b < 0x80:
             return n  # ASCII: complete
         if b >= 0xC0:  # a lead byte: is its sequence complete?
-            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
-            return n if i >= need else n - i
+            return n if i >= _utf8_width(b) else n - i
     return n  # only continuation bytes: invalid anyway, keep them
 
 
-def read_span(job: dict, stream: str, pos: int, max_bytes: int, final: bool) -> "tuple":
+def read_span(job: _Job, stream: str, pos: int, max_bytes: int, final: bool) -> "tuple":
     """Bytes of one stream from absolute position ``pos``, at most ``max_bytes``.
 
     Never ends inside a multi-byte character, unless the job is over and
     the file ends there (``final``).  Returns (data, new_pos, more).
     """
-    dropped, _ = _log_extent(job, stream)
+    dropped = job.record.get(stream + "_dropped_bytes") or 0
     try:
-        fd = os.open(os.path.join(job["dir"], stream + ".log"), os.O_RDONLY)
+        fd = os.open(job.path(stream + ".log"), os.O_RDONLY)
     except OSError:
         return b"", pos, False
     try:
@@ -899,8 +1166,7 @@ def read_span(job: dict, stream: str, pos: int, max_bytes: int, final: bool) -> 
         end = _utf8_cut(data)
         if end < len(data) and not (final and off + len(data) == size):
             if end == 0:  # one character wider than max_bytes: give it whole
-                lead = data[0]
-                need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+                need = _utf8_width(data[0])
                 char = os.pread(fd, need, off)
                 if not all(0x80 <= b <= 0xBF for b in char[1:]):
                     end = 1  # an invalid lead byte: on its own, one U+FFFD
@@ -2075,21 +2341,576 @@ def _launch_supervisor(job_dir: str, lock_fd: int, cfg: dict) -> dict:
         return {}
 
 
+# ==== Declarations ===========================================================
+#
+# Each command is declared once, by @command above its handler: its options
+# (Opt), the checks that run after parsing (conflicts, as data), and the
+# fields of its answer (Field).  The CLI parser, the response schema and the
+# tool list of a second front end are all derived from that declaration, so
+# they cannot disagree.  Handlers take an options object ``o`` (attributes
+# named after the Opts, plus ``root``, ``started`` and ``cancel``) and
+# return the answer's fields as a dict.
+
+# One option or positional of one command.  ``name`` is the attribute of
+# ``o`` ("tail_lines" is --tail-lines); ``kind`` is a key of _KINDS (how the
+# value is parsed and described); ``fronts=("cli",)`` keeps a flag for the
+# command line only (old scripts), out of any tool list; ``flags`` overrides
+# the option strings derived from the name.
+Opt = collections.namedtuple(
+    "Opt",
+    "name kind default help metavar choices fronts flags",
+    defaults=("str", None, "", None, None, ("cli", "mcp"), None),
+)
+
+# How a kind of value is parsed (``parse``, a function that raises
+# ValueError; ``what`` names it in argparse's messages), described (``json``,
+# a JSON Schema) and taken (``action``, ``nargs``; ``positional`` kinds have
+# no flag).
+_Kind = collections.namedtuple(
+    "_Kind", "parse what json action nargs metavar positional", defaults=(None,) * 7
+)
+
+# A field of an answer, with its JSON Schema and whether it is always there.
+Field = collections.namedtuple("Field", "name schema required", defaults=(False,))
+
+_Command = collections.namedtuple(
+    "_Command", "name help handler opts returns checks variants annotations"
+)
+COMMANDS = {}  # name -> _Command, in the order --help and a tool list show them
+
+
+def command(name, help, opts=(), returns=(), checks=(), variants=None, annotations=None):
+    """Declare a command beside its handler.
+
+    ``checks`` are functions of ``o`` that return a usage message when the
+    options do not go together (None when they do); they run in order,
+    after parsing, whichever front end asked.  ``variants`` is an ``anyOf``
+    list added to the answer's schema, for a command whose answer has two
+    forms (wait: one job, or several).  ``annotations`` are hints for a tool
+    list (readOnlyHint, destructiveHint, idempotentHint).
+    """
+
+    def register(handler):
+        COMMANDS[name] = _Command(
+            name, help, handler, tuple(opts), tuple(returns), tuple(checks), variants, annotations
+        )
+        return handler
+
+    return register
+
+
+def conflict(a: str, b: str, message: "str | None" = None):
+    """A check: options ``a`` and ``b`` may not both be given."""
+
+    def check(o) -> "str | None":
+        if getattr(o, a, None) and getattr(o, b, None):
+            flag_a, flag_b = ("--" + x.replace("_", "-") for x in (a, b))
+            return message or "%s and %s conflict" % (flag_a, flag_b)
+        return None
+
+    return check
+
+
+# -- JSON Schema pieces ---------------------------------------------------------
+
+STR = {"type": "string"}
+INT = {"type": "integer"}
+COUNT = {"type": "integer", "minimum": 0}
+BOOL = {"type": "boolean"}
+STR_OR_NULL = {"type": ["string", "null"]}
+BOOL_OR_NULL = {"type": ["boolean", "null"]}
+JOB_STATE = {"enum": list(STATES)}
+
+
+def array(items: dict) -> dict:
+    return {"type": "array", "items": items}
+
+
+def ref(name: str) -> dict:
+    return {"$ref": "#/definitions/%s" % name}
+
+
+def obj(fields, nullable: bool = False) -> dict:
+    """The JSON Schema of an object with these Fields (later names win)."""
+    props = {}
+    required = []
+    for f in fields:
+        props[f.name] = f.schema
+        if f.required and f.name not in required:
+            required.append(f.name)
+    kind = ["object", "null"] if nullable else "object"
+    return {"type": kind, "required": required, "properties": props}
+
+
+STRS = array(STR)
+FAILURE = obj(
+    (
+        Field("code", {"enum": sorted(FAILURE_CODES)}, True),
+        Field("message", STR, True),
+    ),
+    nullable=True,
+)
+
+# -- shared groups of fields ------------------------------------------------------
+
+JOB_HEAD = (Field("job_id", STR, True), Field("state", JOB_STATE, True))
+# What every answer about a terminal job carries, when known (see _Job.result_fields).
+RESULT_FIELDS = (
+    Field("exit_code", INT),
+    Field("signal", STR),
+    Field("finished_at", STR),
+    Field("duration_ms", COUNT),
+    Field("failure", FAILURE),
+)
+DROPPED_FIELDS = (Field("stdout_dropped_bytes", COUNT), Field("stderr_dropped_bytes", COUNT))
+LOG_PATH_FIELDS = (Field("stdout_log_path", STR, True), Field("stderr_log_path", STR, True))
+# The snapshot object (see take_snapshot); in sorted order, as its schema lists them.
+SNAPSHOT_FIELDS = (
+    Field("encoding", {"const": "utf-8-lossy"}, True),
+    Field("stderr_included_bytes", COUNT, True),
+    Field("stderr_observed_bytes", COUNT, True),
+    Field("stderr_tail", STR, True),
+    Field("stdout_included_bytes", COUNT, True),
+    Field("stdout_observed_bytes", COUNT, True),
+    Field("stdout_tail", STR, True),
+    Field("truncated", BOOL, True),
+)
+CURSOR_FIELD = Field("cursor", STR)
+ERROR_FIELDS = (
+    Field("code", {"enum": sorted(ERROR_CODES)}, True),
+    Field("message", STR, True),
+    Field("retryable", BOOL, True),
+)
+
+# -- kinds of values --------------------------------------------------------------------
+
+_NUMBER_OR_TEXT = {"type": ["integer", "string"]}
+
+
+def _nonneg_int(text: str) -> int:
+    s = str(text).strip()
+    if not s or not all(c in _DIGITS for c in s) or len(s) > 18:
+        raise ValueError("expected a whole number >= 0, got %r" % _short(text))
+    return int(s)
+
+
+def _positive_duration(text: str) -> int:
+    ms = parse_duration_ms(text)
+    if ms <= 0:
+        raise ValueError("expected a duration > 0, got %r" % text)
+    return ms
+
+
+def _port(text: str) -> int:
+    port = _nonneg_int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError("expected a TCP port 1-65535, got %r" % text)
+    return port
+
+
+def _env_pair(text: str) -> str:
+    key, eq, _ = text.partition("=")
+    if not eq or not _valid_env_key(key):
+        raise ValueError("expected KEY=VALUE, got %r" % _short(text.partition("=")[0] + "=..."))
+    return text
+
+
+def _env_key(text: str) -> str:
+    if not _valid_env_key(text):
+        raise ValueError("expected an environment variable name, got %r" % _short(text))
+    return text
+
+
+def _valid_env_key(key: str) -> bool:
+    return bool(key) and key[0] not in _DIGITS and all(c in _ENV_KEY_CHARS for c in key)
+
+
+_KINDS = {
+    "flag": _Kind(json=BOOL, action="store_true"),
+    "verbosity": _Kind(json=COUNT, action="count"),
+    "str": _Kind(json=STR),
+    "strs": _Kind(json=STRS, action="append"),
+    "choice": _Kind(json=STR),
+    "count": _Kind(_nonneg_int, "count", COUNT, metavar="N"),
+    "duration": _Kind(parse_duration_ms, "duration", _NUMBER_OR_TEXT, metavar="MS"),
+    "positive_duration": _Kind(_positive_duration, "duration", _NUMBER_OR_TEXT, metavar="MS"),
+    "size": _Kind(parse_size, "size", _NUMBER_OR_TEXT, metavar="N"),
+    "signal": _Kind(parse_signal, "signal", _NUMBER_OR_TEXT, metavar="NAME"),
+    "cursor": _Kind(parse_cursor, "cursor", STR, metavar="C"),
+    "port": _Kind(
+        _port, "port", {"type": "integer", "minimum": 1, "maximum": 65535}, metavar="PORT"
+    ),
+    "env_pairs": _Kind(_env_pair, "env", STRS, "append", metavar="KEY=VALUE"),
+    "env_keys": _Kind(_env_key, "key", STRS, "append", metavar="KEY"),
+    "job_id": _Kind(json=STR, positional=True),
+    "job_ids": _Kind(json=dict(STRS, minItems=1), nargs="+", positional=True),
+    "argv": _Kind(json=dict(STRS, minItems=1), nargs="...", positional=True),
+}
+
+# Options every command takes.  The top-level parser lists them in the
+# opposite order, and a command's --help words --root more briefly, as they
+# always have.
+GLOBAL_OPTS = (
+    Opt("root", "str", help="jobs root directory", metavar="DIR"),
+    Opt(
+        "verbose", "verbosity", 0, "-v info, -vv debug", fronts=("cli",), flags=("-v", "--verbose")
+    ),
+)
+_GLOBAL_HELP_IN_COMMAND = {"root": "jobs root"}
+
+# Options that several commands share.
+JOB_ID = Opt("job_id", "job_id")
+JOB_IDS = Opt("job_ids", "job_ids", metavar="job_id")
+TAIL_LINES = Opt("tail_lines", "count", DEFAULT_TAIL_LINES)
+MAX_BYTES = Opt("max_bytes", "size", DEFAULT_MAX_BYTES)
+DRY_RUN = Opt("dry_run", "flag", help="say what would go; delete nothing")
+
+
+def _flags(opt: Opt) -> tuple:
+    return opt.flags or ("--" + opt.name.replace("_", "-"),)
+
+
 # ==== Commands ===============================================================
 #
-# Each cmd_<name>(args) returns the response dict (without the envelope keys
-# schema_version/ok/type, which main() adds) and never prints.
+# Per command, in --help order: its declaration, its handler, then the
+# helpers only it uses.  A handler returns the answer's fields (dispatch()
+# adds schema_version, ok and type) and never prints.
 
 
-def _root(args) -> str:
-    return resolve_root(getattr(args, "root", None))
+def _root(o) -> str:
+    return resolve_root(getattr(o, "root", None))
 
 
-def _find_job(args, ident: str) -> "tuple":
-    root = _root(args)
+def _open_job(o, ident: str) -> _Job:
+    """The job that ``ident`` (an id or a prefix) names in the root of ``o``."""
+    root = _root(o)
     _check_root(root)
-    job_id = resolve_job(root, ident)
-    return root, job_id
+    return load_job(root, resolve_job(root, ident))
+
+
+def _cancelled(o) -> "object | None":
+    """The cancel flag of a front end that can cancel a call (None for the CLI)."""
+    return getattr(o, "cancel", None)
+
+
+# ---- run ----------------------------------------------------------------------
+
+
+def _needs_command(o) -> "str | None":
+    if not _argv_of(o):
+        return "run needs a command: agent-exec run [options] -- <command> [args...]"
+    return None
+
+
+def _argv_of(o) -> list:
+    argv = list(o.command or [])
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def _regex_error(pattern: "str | None", option: str) -> "str | None":
+    try:
+        _compile_regex(pattern, option) if pattern is not None else None
+    except UsageError as e:
+        return e.message
+    return None
+
+
+def _notify_argv(text: "str | None") -> "list | None":
+    """--notify-command's JSON array, or None when it is not one."""
+    try:
+        argv = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv):
+        return argv
+    return None
+
+
+def _notify_command_error(o) -> "str | None":
+    if o.notify_command is not None and _notify_argv(o.notify_command) is None:
+        return "--notify-command must be a non-empty JSON array of strings"
+    return None
+
+
+_RUN_OPTS = (
+    Opt(
+        "snapshot_after",
+        "duration",
+        DEFAULT_SNAPSHOT_AFTER_MS,
+        "observe the job this long before answering (max 10000; 0 = at once)",
+    ),
+    Opt("timeout", "duration", 0, "SIGTERM the job's process group at this deadline (0 = none)"),
+    Opt("kill_after", "duration", 0, "SIGKILL this long after the timeout's SIGTERM"),
+    TAIL_LINES,
+    MAX_BYTES,
+    Opt("cwd", help="working directory (default: the caller's)", metavar="DIR"),
+    Opt("env", "env_pairs"),
+    Opt("env_file", "strs", metavar="FILE"),
+    Opt("no_inherit_env", "flag", help="start from an empty environment"),
+    # Accepted so that it can be said explicitly; it only conflicts.
+    Opt("inherit_env", "flag", help="inherit the environment (default)", fronts=("cli",)),
+    Opt("mask", "env_keys", help="never show KEY's value in any output or file"),
+    Opt("log", help="where full.log goes", metavar="PATH"),
+    Opt("progress_every", "duration", 0),
+    Opt("wait", "flag", help="block until the job is terminal"),
+    # Accepted for scripts written for the first versions; not used.
+    Opt("wait_poll_ms", "duration", DEFAULT_WAIT_POLL_MS, fronts=("cli",)),
+    Opt("notify_command", metavar="JSON_ARGV"),
+    Opt("notify_file", metavar="PATH"),
+    Opt(
+        "notify_timeout",
+        "positive_duration",
+        DEFAULT_NOTIFY_TIMEOUT_MS,
+        "kill a notify command after this long",
+    ),
+    Opt("ready_match", help="the job is ready when a line matches", metavar="REGEX"),
+    Opt("ready_port", "port", help="the job is ready when localhost:PORT accepts a connection"),
+    Opt(
+        "max_output",
+        "size",
+        0,
+        "keep at most SIZE bytes per stream on disk, the newest (0 = no limit)",
+        metavar="SIZE",
+    ),
+    Opt("command", "argv", help="the command and its arguments"),
+)
+
+
+@command(
+    "run",
+    "start a background job",
+    opts=_RUN_OPTS,
+    checks=(
+        _needs_command,
+        lambda o: _regex_error(o.ready_match, "--ready-match"),
+        conflict("no_inherit_env", "inherit_env"),
+        _notify_command_error,
+    ),
+    returns=JOB_HEAD
+    + LOG_PATH_FIELDS
+    + (
+        Field("waited_ms", COUNT, True),
+        Field("elapsed_ms", COUNT, True),
+        Field("env_vars", STRS),
+        Field("snapshot", ref("snapshot")),
+        Field("final_snapshot", ref("snapshot")),
+        CURSOR_FIELD,
+        Field("ready", BOOL),
+    )
+    + RESULT_FIELDS,
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+)
+def cmd_run(o) -> dict:
+    """Start a job: check everything, create its directory, hand it to a supervisor.
+
+    Nothing is created until every check has passed.  The answer comes once
+    meta.json and state.json exist, after the snapshot wait (or --wait).
+    """
+    spec = _job_spec(o)
+    root = _root(o)
+    _ensure_root(root)
+    job_id, job_dir = _create_job_dir(root)
+    meta = _meta_document(job_id, root, job_dir, spec)
+    # meta.json appears already locked: no reader can see the job unlocked
+    # (that is: lost) before its supervisor holds the lock.
+    meta_path = job_dir + "/" + META
+    try:
+        lock_fd = _write_json_atomic(meta_path, meta, keep_locked=True)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot write %s: %s" % (meta_path, e.strerror or e))
+    try:
+        ready = _launch_supervisor(job_dir, lock_fd, _supervisor_config(spec))
+    finally:
+        os.close(lock_fd)  # the supervisor holds its own copy now
+    if not ready.get("ok"):
+        # The supervisor never came up: no one else will write this job's
+        # state, so record the failure here.
+        _write_json_atomic(
+            os.path.join(job_dir, STATE),
+            _bare_state(job_id, "failed", "supervisor_failed", "the supervisor did not start"),
+            durable=True,
+        )
+    return _run_answer(o, root, job_id, spec)
+
+
+def _job_spec(o) -> dict:
+    """What the job is, from the options: checked, resolved, nothing created yet.
+
+    meta.json (for readers) and the supervisor's configuration (which also
+    carries the environment's values) are both projections of it.
+    """
+    argv = _argv_of(o)
+    cwd = _job_cwd(o.cwd)
+    env, env_keys, explicit = _job_env(o)
+    masks = list(dict.fromkeys(o.mask or ()))
+    _resolve_command(argv[0], cwd, env)
+    return {
+        "argv": argv,
+        "cwd": cwd,
+        "env": env,
+        "env_keys": env_keys,
+        "explicit_env": explicit,
+        "masks": masks,
+        "secrets": [env[k] for k in masks if env.get(k)],
+        "inherit_env": not o.no_inherit_env,
+        "timeout_ms": o.timeout,
+        "kill_after_ms": o.kill_after,
+        "progress_every_ms": o.progress_every,
+        "max_output": o.max_output,
+        "ready_match": o.ready_match,
+        "ready_port": o.ready_port,
+        "log_path": _full_log_path(o.log),
+        "notify_command": _notify_argv(o.notify_command) if o.notify_command else None,
+        "notify_file": os.path.abspath(o.notify_file) if o.notify_file else None,
+        "notify_timeout_ms": o.notify_timeout,
+    }
+
+
+def _job_cwd(cwd: "str | None") -> str:
+    try:
+        path = os.path.realpath(cwd) if cwd else os.path.realpath(os.getcwd())
+    except OSError as e:
+        raise AgentExecError("cwd_not_found", "the current directory is gone: %s" % e.strerror)
+    if not os.path.isdir(path):
+        raise AgentExecError("cwd_not_found", "working directory %s does not exist" % path)
+    return path
+
+
+def _job_env(o) -> "tuple":
+    """(env, env_keys, explicit): inherited (or not), then env files in order, then --env."""
+    env = {} if o.no_inherit_env else dict(os.environ)
+    env_keys = []  # type: list
+    for path in o.env_file or ():
+        for key, value in _parse_env_file(path):
+            env[key] = value
+            env_keys.append(key)
+    explicit = []
+    for item in o.env or ():
+        key, _, value = item.partition("=")
+        env[key] = value
+        env_keys.append(key)
+        explicit.append((key, value))
+    return env, list(dict.fromkeys(env_keys)), explicit
+
+
+def _full_log_path(log: "str | None") -> "str | None":
+    """--log's absolute path (its directory created), or None for the job's own full.log."""
+    if not log:
+        return None
+    path = os.path.abspath(log)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise AgentExecError("invalid_argument", "cannot use --log %s: %s" % (path, e))
+    if os.path.isdir(path):
+        raise AgentExecError("invalid_argument", "--log %s is a directory" % path)
+    return path
+
+
+def _create_job_dir(root: str) -> "tuple":
+    while True:
+        job_id = new_ulid()
+        job_dir = os.path.join(root, job_id)
+        try:
+            os.mkdir(job_dir, 0o700)
+            os.chmod(job_dir, 0o700)
+            return job_id, job_dir
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise AgentExecError("io_error", "cannot create job directory: %s" % e.strerror)
+
+
+def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
+    """meta.json: the job's definition, for readers; no environment values."""
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "job": {"id": job_id},
+        "command": spec["argv"],
+        "created_at": _now(),
+        "root": root,
+        "cwd": spec["cwd"],
+        "env_keys": spec["env_keys"],
+        "mask": spec["masks"],
+        "inherit_env": spec["inherit_env"],
+        "timeout_ms": spec["timeout_ms"],
+        "kill_after_ms": spec["kill_after_ms"],
+        "max_output": spec["max_output"] or None,
+        "ready_match": spec["ready_match"],
+        "ready_port": spec["ready_port"],
+        "log_path": spec["log_path"] or os.path.join(job_dir, FULL_LOG),
+        "agent_exec_version": __version__,
+    }
+    if spec["notify_command"] or spec["notify_file"]:
+        meta["notification"] = {
+            "notify_command": spec["notify_command"],
+            "notify_file": spec["notify_file"],
+        }
+    return meta
+
+
+# What the supervisor is told (through a pipe, never argv): the spec's keys
+# it reads, environment values and secrets included.
+_SUPERVISOR_KEYS = (
+    "argv",
+    "cwd",
+    "env",
+    "secrets",
+    "timeout_ms",
+    "kill_after_ms",
+    "progress_every_ms",
+    "log_path",
+    "notify_command",
+    "notify_file",
+    "notify_timeout_ms",
+    "max_output",
+    "ready_match",
+    "ready_port",
+)
+
+
+def _supervisor_config(spec: dict) -> dict:
+    return {key: spec[key] for key in _SUPERVISOR_KEYS}
+
+
+def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
+    """Watch the new job as asked (--snapshot-after, --wait, readiness), then answer."""
+    t_start = time.monotonic()
+    job_dir = os.path.join(root, job_id)
+    meta_path = os.path.join(job_dir, META)
+    snapshot_after = min(o.snapshot_after, MAX_SNAPSHOT_AFTER_MS)
+    readiness = bool(o.ready_match or o.ready_port)
+    if o.wait:
+        _wait_lock(meta_path, None, _cancelled(o))
+    elif snapshot_after > 0:
+        # With a readiness condition, answer as soon as the job is ready: the
+        # supervisor lets go of ready.lock then (or when the job ends).
+        lock = os.path.join(job_dir, READY_LOCK) if readiness else meta_path
+        _wait_lock(lock, snapshot_after / 1000.0, _cancelled(o))
+    waited_ms = int(round((time.monotonic() - t_start) * 1000))
+    job = load_job(root, job_id)
+    out = {"job_id": job_id, "state": job.state}
+    out.update(job.log_paths())
+    out["waited_ms"] = waited_ms
+    if spec["explicit_env"]:
+        masked = set(spec["masks"])
+        out["env_vars"] = [
+            "%s=%s" % (k, "***" if k in masked else v) for k, v in spec["explicit_env"]
+        ]
+    if snapshot_after > 0 or o.wait:
+        snap, out["cursor"] = take_snapshot(job, o.tail_lines, o.max_bytes)
+        if snapshot_after > 0:
+            out["snapshot"] = snap
+        if o.wait:
+            out["final_snapshot"] = snap
+    else:
+        out["cursor"] = make_cursor(0, 0)  # nothing seen yet
+    if readiness:
+        out["ready"] = bool(job.record.get("ready"))
+    out.update(job.result_fields())
+    out.pop("duration_ms", None)
+    out["elapsed_ms"] = int(round((time.monotonic() - o.started) * 1000))
+    return out
 
 
 def _parse_env_file(path: str) -> "list":
@@ -2125,10 +2946,6 @@ def _parse_env_file(path: str) -> "list":
     return pairs
 
 
-def _valid_env_key(key: str) -> bool:
-    return bool(key) and key[0] not in _DIGITS and all(c in _ENV_KEY_CHARS for c in key)
-
-
 def _resolve_command(argv0: str, cwd: str, env: dict) -> str:
     """Check the command the way exec will resolve it; return the path."""
     if "/" in argv0:
@@ -2151,161 +2968,6 @@ def _resolve_command(argv0: str, cwd: str, env: dict) -> str:
     )
 
 
-def cmd_run(args) -> dict:
-    t0 = args._t0
-    cmd = list(args.command or [])
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        raise UsageError("run needs a command: agent-exec run [options] -- <command> [args...]")
-    if args.ready_match is not None:
-        _compile_regex(args.ready_match, "--ready-match")
-    if args.no_inherit_env and args.inherit_env:
-        raise UsageError("--no-inherit-env and --inherit-env conflict")
-    notify_command = None
-    if args.notify_command is not None:
-        try:
-            notify_command = json.loads(args.notify_command)
-        except ValueError:
-            notify_command = None
-        if (
-            not isinstance(notify_command, list)
-            or not notify_command
-            or not all(isinstance(a, str) for a in notify_command)
-        ):
-            raise UsageError("--notify-command must be a non-empty JSON array of strings")
-    # The working directory.
-    try:
-        cwd = os.path.realpath(args.cwd) if args.cwd else os.path.realpath(os.getcwd())
-    except OSError as e:
-        raise AgentExecError("cwd_not_found", "the current directory is gone: %s" % e.strerror)
-    if not os.path.isdir(cwd):
-        raise AgentExecError("cwd_not_found", "working directory %s does not exist" % cwd)
-    # The environment: inherited (or not), then env files in order, then --env.
-    env = {} if args.no_inherit_env else dict(os.environ)
-    env_keys = []  # type: list
-    for path in args.env_file or ():
-        for key, value in _parse_env_file(path):
-            env[key] = value
-            env_keys.append(key)
-    explicit = []
-    for item in args.env or ():
-        key, _, value = item.partition("=")
-        env[key] = value
-        env_keys.append(key)
-        explicit.append((key, value))
-    env_keys = list(dict.fromkeys(env_keys))
-    masks = list(dict.fromkeys(args.mask or ()))
-    _resolve_command(cmd[0], cwd, env)
-    log_path = None
-    if args.log:
-        log_path = os.path.abspath(args.log)
-        parent = os.path.dirname(log_path)
-        try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as e:
-            raise AgentExecError("invalid_argument", "cannot use --log %s: %s" % (log_path, e))
-        if os.path.isdir(log_path):
-            raise AgentExecError("invalid_argument", "--log %s is a directory" % log_path)
-    notify_file = os.path.abspath(args.notify_file) if args.notify_file else None
-    # Create the job: directory, then meta.json born locked.
-    root = _root(args)
-    _ensure_root(root)
-    while True:
-        job_id = new_ulid()
-        job_dir = os.path.join(root, job_id)
-        try:
-            os.mkdir(job_dir, 0o700)
-            os.chmod(job_dir, 0o700)
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise AgentExecError("io_error", "cannot create job directory: %s" % e.strerror)
-    meta = {
-        "schema_version": SCHEMA_VERSION,
-        "job": {"id": job_id},
-        "command": cmd,
-        "created_at": _now(),
-        "root": root,
-        "cwd": cwd,
-        "env_keys": env_keys,
-        "mask": masks,
-        "inherit_env": not args.no_inherit_env,
-        "timeout_ms": args.timeout,
-        "kill_after_ms": args.kill_after,
-        "max_output": args.max_output or None,
-        "ready_match": args.ready_match,
-        "ready_port": args.ready_port,
-        "log_path": log_path or os.path.join(job_dir, FULL_LOG),
-        "agent_exec_version": __version__,
-    }
-    if notify_command or notify_file:
-        meta["notification"] = {"notify_command": notify_command, "notify_file": notify_file}
-    lock_fd = _create_locked_meta(job_dir, meta)
-    cfg = {
-        "argv": cmd,
-        "cwd": cwd,
-        "env": env,
-        "secrets": [env[k] for k in masks if env.get(k)],
-        "timeout_ms": args.timeout,
-        "kill_after_ms": args.kill_after,
-        "progress_every_ms": args.progress_every,
-        "log_path": log_path,
-        "notify_command": notify_command,
-        "notify_file": notify_file,
-        "notify_timeout_ms": args.notify_timeout,
-        "max_output": args.max_output,
-        "ready_match": args.ready_match,
-        "ready_port": args.ready_port,
-    }
-    try:
-        ready = _launch_supervisor(job_dir, lock_fd, cfg)
-    finally:
-        os.close(lock_fd)  # the supervisor holds its own copy now
-    if not ready.get("ok"):
-        # The supervisor never came up: no one else will write this job's
-        # state, so record the failure here.
-        _write_json_atomic(
-            os.path.join(job_dir, STATE),
-            _bare_state(job_id, "failed", "supervisor_failed", "the supervisor did not start"),
-            durable=True,
-        )
-    t_start = time.monotonic()
-    meta_path = os.path.join(job_dir, META)
-    snapshot_after = min(args.snapshot_after, MAX_SNAPSHOT_AFTER_MS)
-    readiness = bool(args.ready_match or args.ready_port)
-    if args.wait:
-        _wait_lock(meta_path, None)
-    elif snapshot_after > 0:
-        # With a readiness condition, answer as soon as the job is ready: the
-        # supervisor lets go of ready.lock then (or when the job ends).
-        lock = os.path.join(job_dir, READY_LOCK) if readiness else meta_path
-        _wait_lock(lock, snapshot_after / 1000.0)
-    waited_ms = int(round((time.monotonic() - t_start) * 1000))
-    job = load_job(root, job_id)
-    out = {"job_id": job_id, "state": job["status"]}
-    out.update(job_paths(job))
-    out["waited_ms"] = waited_ms
-    if explicit:
-        masked = set(masks)
-        out["env_vars"] = ["%s=%s" % (k, "***" if k in masked else v) for k, v in explicit]
-    if snapshot_after > 0 or args.wait:
-        snap, out["cursor"] = snapshot(job, args.tail_lines, args.max_bytes)
-        if snapshot_after > 0:
-            out["snapshot"] = snap
-        if args.wait:
-            out["final_snapshot"] = snap
-    else:
-        out["cursor"] = make_cursor(0, 0)  # nothing seen yet
-    if readiness:
-        out["ready"] = bool((job["state"] or {}).get("ready"))
-    out.update(job_result_fields(job))
-    out.pop("duration_ms", None)
-    out["elapsed_ms"] = int(round((time.monotonic() - t0) * 1000))
-    return out
-
-
 def _bare_state(job_id: str, status: str, code: str, message: str) -> dict:
     now = _now()
     return {
@@ -2320,45 +2982,59 @@ def _bare_state(job_id: str, status: str, code: str, message: str) -> dict:
     }
 
 
-def _create_locked_meta(job_dir: str, meta: dict) -> int:
-    """Write meta.json so that it appears already locked; return the lock fd."""
-    path = os.path.join(job_dir, META)
-    tmp = path + ".tmp"
-    try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _write_all(fd, (json.dumps(meta, ensure_ascii=True) + "\n").encode())
-        os.rename(tmp, path)
-    except OSError as e:
-        raise AgentExecError("io_error", "cannot write %s: %s" % (path, e.strerror or e))
-    return fd
+# ---- status, tail ---------------------------------------------------------------
+
+RUSAGE_FIELDS = (
+    Field("max_rss_kb", COUNT, True),
+    Field("user_ms", COUNT, True),
+    Field("sys_ms", COUNT, True),
+)
 
 
-def cmd_status(args) -> dict:
-    root, job_id = _find_job(args, args.job_id)
-    job = load_job(root, job_id)
-    state = job["state"] or {}
-    running = job["status"] == "running"
-    out = {"job_id": job_id, "state": job["status"], "started_at": job_started_at(job)}
-    out.update(job_result_fields(job))
-    if state.get("pid") is not None:
-        out["pid"] = state["pid"]
-    out["log_error"] = state.get("log_error")
-    out.update(_dropped(state))
-    if running and state.get("updated_at"):
-        out["updated_at"] = state["updated_at"]
+@command(
+    "status",
+    "show a job's state",
+    opts=(JOB_ID,),
+    returns=JOB_HEAD
+    + (Field("started_at", STR, True),)
+    + RESULT_FIELDS
+    + DROPPED_FIELDS
+    + (
+        Field("pid", COUNT),
+        Field("updated_at", STR),
+        Field("log_error", STR_OR_NULL),
+        Field("descendants", array(COUNT)),
+        Field("stdout_bytes", COUNT),
+        Field("stderr_bytes", COUNT),
+        Field("last_output_at", STR_OR_NULL),
+        Field("idle_ms", COUNT),
+        Field("ready", BOOL),
+        Field("ready_at", STR_OR_NULL),
+        Field("rusage", obj(RUSAGE_FIELDS)),
+        Field("ports", array(COUNT)),
+    ),
+    annotations={"readOnlyHint": True, "idempotentHint": True},
+)
+def cmd_status(o) -> dict:
+    job = _open_job(o, o.job_id)
+    record = job.record
+    running = job.state == "running"
+    out = {"job_id": job.id, "state": job.state, "started_at": job.started_at()}
+    out.update(job.result_fields())
+    if record.get("pid") is not None:
+        out["pid"] = record["pid"]
+    out["log_error"] = record.get("log_error")
+    out.update(job.dropped())
+    if running and record.get("updated_at"):
+        out["updated_at"] = record["updated_at"]
     # Output so far: sizes and the time of the last write, from the logs
     # themselves, so the supervisor need not rewrite state.json per chunk.
     last = None
-    for stream in ("stdout", "stderr"):
-        try:  # one stat gives both the size and the time of the last write
-            st = os.stat(os.path.join(job["dir"], stream + ".log"))
-            size, mtime = st.st_size, st.st_mtime
-        except OSError:
-            size, mtime = 0, None
-        out[stream + "_bytes"] = (state.get(stream + "_dropped_bytes") or 0) + size
+    for stream, st in zip(_STREAMS, _log_stats(job)):
+        size = st.st_size if st is not None else 0
+        out[stream + "_bytes"] = (record.get(stream + "_dropped_bytes") or 0) + size
         if size:
-            last = mtime if last is None else max(last, mtime)
+            last = st.st_mtime if last is None else max(last, st.st_mtime)
     out["last_output_at"] = _rfc3339(last) if last is not None else None
     if running:
         since = last
@@ -2369,18 +3045,18 @@ def cmd_status(args) -> dict:
                 since = None
         if since is not None:
             out["idle_ms"] = max(0, int((time.time() - since) * 1000))
-    if state.get("ready") is not None:
-        out["ready"] = bool(state["ready"])
-        out["ready_at"] = state.get("ready_at")
-    if not running and isinstance(state.get("rusage"), dict):
-        out["rusage"] = state["rusage"]
+    if record.get("ready") is not None:
+        out["ready"] = bool(record["ready"])
+        out["ready_at"] = record.get("ready_at")
+    if not running and isinstance(record.get("rusage"), dict):
+        out["rusage"] = record["rusage"]
     descendants = _live_descendants(job)
     if descendants is not None:
         out["descendants"] = descendants
     if _IS_LINUX:
         pids = list(descendants or [])
-        if running and isinstance(state.get("pid"), int):
-            pids.insert(0, state["pid"])
+        if running and isinstance(record.get("pid"), int):
+            pids.insert(0, record["pid"])
         out["ports"] = _listening_ports(pids)
     return out
 
@@ -2419,108 +3095,161 @@ def _listening_ports(pids: list) -> list:
     return sorted(ports)
 
 
-def _live_descendants(job: dict) -> "list | None":
+def _live_descendants(job: _Job) -> "list | None":
     """Pids still alive in the job's tree, via its live supervisor, or None."""
-    state = job["state"] or {}
-    sup = state.get("supervisor_pid")
+    sup = job.record.get("supervisor_pid")
     if not isinstance(sup, int) or sup <= 1:
         return None
-    token = state.get("supervisor_start_time")
-    if token is None or _proc_start_time(sup) != token:
-        return [] if job["status"] in TERMINAL_STATES else None
-    main_pid = state.get("pid")
+    if not _supervisor_alive(job):
+        return [] if job.terminal else None
+    main_pid = job.record.get("pid")
     return [p for p in _descendants_of(sup) if p != main_pid]
 
 
-def cmd_tail(args) -> dict:
-    root, job_id = _find_job(args, args.job_id)
-    job = load_job(root, job_id)
-    out = {"job_id": job_id, "state": job["status"]}
-    snap, out["cursor"] = snapshot(job, args.tail_lines, args.max_bytes)
+@command(
+    "tail",
+    "show the end of a job's output",
+    opts=(TAIL_LINES, MAX_BYTES, JOB_ID),
+    returns=(Field("job_id", STR, True), Field("state", JOB_STATE))
+    + LOG_PATH_FIELDS
+    + SNAPSHOT_FIELDS
+    + DROPPED_FIELDS
+    + (CURSOR_FIELD,),
+    annotations={"readOnlyHint": True, "idempotentHint": True},
+)
+def cmd_tail(o) -> dict:
+    job = _open_job(o, o.job_id)
+    out = {"job_id": job.id, "state": job.state}
+    snap, out["cursor"] = take_snapshot(job, o.tail_lines, o.max_bytes)
     out.update(snap)
-    out.update(job_paths(job))
-    out.update(_dropped(job["state"] or {}))
+    out.update(job.log_paths())
+    out.update(job.dropped())
     return out
 
 
-def _dropped(state: dict) -> dict:
-    """Bytes that --max-output gave up, per stream (0 without a cap)."""
-    return {
-        "stdout_dropped_bytes": state.get("stdout_dropped_bytes") or 0,
-        "stderr_dropped_bytes": state.get("stderr_dropped_bytes") or 0,
-    }
+# ---- wait, read -------------------------------------------------------------------
 
 
-def cmd_wait(args) -> dict:
-    ids = list(dict.fromkeys(args.job_ids))
-    several = len(ids) > 1 or args.any
-    if several and (args.match is not None or args.ready or args.cursor is not None):
-        raise UsageError("--match, --ready and --cursor take a single job id")
-    if args.match is None and (args.cursor is not None or args.stream is not None):
-        raise UsageError("--cursor and --stream go with --match")
-    root = _root(args)
+def _wait_single_job_options(o) -> "str | None":
+    several = len(set(o.job_ids)) > 1 or o.any
+    if several and (o.match is not None or o.ready or o.cursor is not None):
+        return "--match, --ready and --cursor take a single job id"
+    return None
+
+
+def _wait_match_options(o) -> "str | None":
+    if o.match is None and (o.cursor is not None or o.stream is not None):
+        return "--cursor and --stream go with --match"
+    return None
+
+
+# One job of a wait on several.
+_BRIEF = obj(JOB_HEAD + (Field("exit_code", INT), Field("signal", STR)))
+
+
+@command(
+    "wait",
+    "block until a job is terminal (or ready, or prints a match)",
+    opts=(
+        Opt("timeout_ms", "duration", 0, "0 = no limit"),
+        # Accepted for scripts written for the first versions; not used.
+        Opt("poll_ms", "duration", DEFAULT_WAIT_POLL_MS, fronts=("cli",)),
+        Opt("match", help="return when an output line matches", metavar="REGEX"),
+        Opt("stream", "choice", help="with --match", choices=("stdout", "stderr", "both")),
+        Opt("cursor", "cursor", help="with --match: search from C"),
+        Opt("any", "flag", help="with several ids: the first to end"),
+        Opt("ready", "flag", help="return when ready or terminal"),
+        JOB_IDS,
+    ),
+    checks=(_wait_single_job_options, _wait_match_options),
+    returns=(
+        Field("job_id", STR),
+        Field("state", JOB_STATE),
+        Field("timed_out", BOOL, True),
+        CURSOR_FIELD,
+        Field("ready", BOOL),
+        Field("matched", BOOL),
+        Field(
+            "match",
+            obj(
+                (
+                    Field("stream", {"enum": ["stdout", "stderr"]}, True),
+                    Field("line", STR, True),
+                    Field("cursor", STR, True),
+                )
+            ),
+        ),
+        Field("jobs", array(_BRIEF)),
+        Field("first_job_id", STR_OR_NULL),
+    )
+    + RESULT_FIELDS,
+    variants=[{"required": ["job_id", "state"]}, {"required": ["jobs"]}],
+    annotations={"readOnlyHint": True, "idempotentHint": True},
+)
+def cmd_wait(o) -> dict:
+    ids = list(dict.fromkeys(o.job_ids))
+    root = _root(o)
     _check_root(root)
     job_ids = [resolve_job(root, ident) for ident in ids]
-    deadline = time.monotonic() + args.timeout_ms / 1000.0 if args.timeout_ms > 0 else None
-    if several:
-        return _wait_many(root, job_ids, args.any, deadline)
+    deadline = time.monotonic() + o.timeout_ms / 1000.0 if o.timeout_ms > 0 else None
+    if len(ids) > 1 or o.any:
+        return _wait_many(root, job_ids, o.any, deadline, _cancelled(o))
     job_id = job_ids[0]
-    if args.match is not None:
-        regex = _compile_regex(args.match, "--match")
-        start = args.cursor if args.cursor is not None else (0, 0)
-        return _wait_match(root, job_id, regex, args.stream or "both", start, deadline)
+    if o.match is not None:
+        regex = _compile_regex(o.match, "--match")
+        start = o.cursor if o.cursor is not None else (0, 0)
+        return _wait_match(root, job_id, regex, o.stream or "both", start, deadline, _cancelled(o))
     job_dir = os.path.join(root, job_id)
     lock = os.path.join(job_dir, META)
-    if args.ready and os.path.exists(os.path.join(job_dir, READY_LOCK)):
+    if o.ready and os.path.exists(os.path.join(job_dir, READY_LOCK)):
         lock = os.path.join(job_dir, READY_LOCK)
-    _wait_lock(lock, None if deadline is None else deadline - time.monotonic())
+    _wait_lock(lock, _remaining(deadline), _cancelled(o))
     job = load_job(root, job_id)
-    out = {"job_id": job_id, "state": job["status"]}
-    out.update(job_result_fields(job))
-    ready = (job["state"] or {}).get("ready")
-    if args.ready:
+    out = job.head()
+    ready = job.record.get("ready")
+    if o.ready:
         out["ready"] = bool(ready)
-    out["timed_out"] = job["status"] == "running" and not (args.ready and ready)
+    out["timed_out"] = job.state == "running" and not (o.ready and ready)
     out["cursor"] = job_cursor(job)
     return out
 
 
-def _remaining(deadline: "float | None") -> "float | None":
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _wait_many(root: str, job_ids: list, any_: bool, deadline: "float | None") -> dict:
+def _wait_many(root: str, job_ids: list, any_job: bool, deadline, cancel=None) -> dict:
     """Block until every job (or, with --any, the first) is terminal."""
     import threading
 
     event = threading.Event()
-    watches = [_LockWatch(os.path.join(root, j, META), event) for j in job_ids]
+    watches = [_LockWatch.acquire(os.path.join(root, j, META), event) for j in job_ids]
     first = None
-    while True:
-        done = [j for j, w in zip(job_ids, watches) if w.done.is_set()]
-        jobs = {j: load_job(root, j) for j in done}
-        finished = [j for j in done if jobs[j]["status"] in TERMINAL_STATES]
-        if any_ and finished:
-            first = finished[0]
-            break
-        if not any_ and len(finished) == len(job_ids):
-            break
-        remaining = _remaining(deadline)
-        if remaining == 0:
-            break
-        event.wait(remaining)
-        event.clear()
+    try:
+        while True:
+            done = [j for j, w in zip(job_ids, watches) if w.done.is_set()]
+            finished = [j for j in done if load_job(root, j).terminal]
+            if any_job and finished:
+                first = finished[0]
+                break
+            if not any_job and len(finished) == len(job_ids):
+                break
+            remaining = _remaining(deadline)
+            if remaining == 0 or (cancel is not None and cancel.is_set()):
+                break
+            step = remaining if cancel is None else min(_CANCEL_POLL_S, remaining or 1.0)
+            event.wait(step)
+            event.clear()
+    finally:
+        for watch in watches:
+            watch.release(event)
     entries = []
     for j in job_ids:
         job = load_job(root, j)
-        entry = {"job_id": j, "state": job["status"]}
+        entry = {"job_id": j, "state": job.state}
+        result = job.result_fields()
         for key in ("exit_code", "signal"):
-            value = job_result_fields(job).get(key)
-            if value is not None:
-                entry[key] = value
+            if result.get(key) is not None:
+                entry[key] = result[key]
         entries.append(entry)
     out = {"jobs": entries}
-    if any_:
+    if any_job:
         out["first_job_id"] = first
         out["timed_out"] = first is None
     else:
@@ -2558,74 +3287,66 @@ def _match_line(regex, data: bytes) -> "tuple | None":
     return None
 
 
-def _wait_match(
-    root: str, job_id: str, regex, which: str, start: tuple, deadline: "float | None"
-) -> dict:
+def _wait_match(root: str, job_id: str, regex, which: str, start: tuple, deadline, cancel=None):
     """wait --match: block until an output line matches, the job ends, or time is up."""
-    streams = ["stdout", "stderr"] if which == "both" else [which]
+    streams = list(_STREAMS) if which == "both" else [which]
     pos = {"stdout": start[0], "stderr": start[1]}  # start of the unscanned bytes
     pending = {"stdout": b"", "stderr": b""}  # a line still being written
     watch = None
-    meta_path = os.path.join(root, job_id, META)
-    while True:
-        job = load_job(root, job_id)
-        terminal = job["status"] in TERMINAL_STATES
-        before = _log_sizes(job)  # before reading: see _wait_output
-        for stream in streams:
-            while True:
-                at = pos[stream] + len(pending[stream])
-                data, new_pos, more = read_span(job, stream, at, READ_CHUNK, terminal)
-                if not data and not (terminal and pending[stream]):
-                    break
-                if new_pos - len(data) != at:  # bytes dropped by --max-output
-                    pos[stream], pending[stream] = new_pos - len(data), b""
-                buf = pending[stream] + data
-                final = terminal and not more
-                cut = len(buf) if final else buf.rfind(b"\n") + 1
-                if len(buf) - cut > READ_CHUNK:  # an endless line: test it as it is
-                    cut = len(buf)
-                hit = _match_line(regex, buf[:cut]) if cut else None
+    try:
+        while True:
+            job = load_job(root, job_id)
+            before = _log_sizes(job)  # before reading: see _wait_output
+            hit = _scan_for_match(job, regex, streams, pos, pending)
+            remaining = _remaining(deadline)
+            cancelled = cancel is not None and cancel.is_set()
+            if hit is not None or job.terminal or remaining == 0 or cancelled:
+                out = job.head()
+                out["matched"] = hit is not None
+                cursor = make_cursor(pos["stdout"], pos["stderr"])
                 if hit is not None:
-                    line, offset = hit
-                    pos[stream] += offset
-                    out = {"job_id": job_id, "state": job["status"]}
-                    out.update(job_result_fields(job))
-                    out["matched"] = True
-                    cursor = make_cursor(pos["stdout"], pos["stderr"])
-                    out["match"] = {"stream": stream, "line": line, "cursor": cursor}
-                    out["timed_out"] = False
-                    out["cursor"] = cursor
-                    return out
-                pos[stream] += cut
-                pending[stream] = buf[cut:]
-                if not data:
-                    break
-        remaining = _remaining(deadline)
-        if terminal or remaining == 0:
-            out = {"job_id": job_id, "state": job["status"]}
-            out.update(job_result_fields(job))
-            out["matched"] = False
-            out["timed_out"] = not terminal
-            out["cursor"] = make_cursor(pos["stdout"], pos["stderr"])
-            return out
-        if watch is None:
-            watch = _LockWatch(meta_path)
-        _wait_output(job, watch, remaining, before)
+                    out["match"] = {"stream": hit[0], "line": hit[1], "cursor": cursor}
+                out["timed_out"] = hit is None and not job.terminal
+                out["cursor"] = cursor
+                return out
+            if watch is None:
+                watch = _LockWatch.acquire(job.path(META))
+            _wait_output(job, watch, remaining, before, cancel)
+    finally:
+        if watch is not None:
+            watch.release()
 
 
-def _log_sizes(job: dict) -> list:
-    """(size, inode) of stdout.log and stderr.log, to see them change."""
-    out = []
-    for name in (STDOUT_LOG, STDERR_LOG):
-        try:
-            st = os.stat(os.path.join(job["dir"], name))
-            out.append((st.st_size, st.st_ino))
-        except OSError:
-            out.append(None)
-    return out
+def _scan_for_match(job: _Job, regex, streams: list, pos: dict, pending: dict):
+    """Look at the new bytes of ``streams`` for a matching line: (stream, line) or None.
+
+    ``pos`` and ``pending`` carry the scan over calls: after a hit, ``pos``
+    of its stream is just past the matching line.
+    """
+    terminal = job.terminal
+    for stream in streams:
+        while True:
+            at = pos[stream] + len(pending[stream])
+            data, new_pos, more = read_span(job, stream, at, READ_CHUNK, terminal)
+            if not data and not (terminal and pending[stream]):
+                break
+            if new_pos - len(data) != at:  # bytes dropped by --max-output
+                pos[stream], pending[stream] = new_pos - len(data), b""
+            buf = pending[stream] + data
+            cut = _complete_lines(buf, terminal and not more, READ_CHUNK)
+            hit = _match_line(regex, buf[:cut]) if cut else None
+            if hit is not None:
+                line, offset = hit
+                pos[stream] += offset
+                return stream, line
+            pos[stream] += cut
+            pending[stream] = buf[cut:]
+            if not data:
+                break
+    return None
 
 
-def _wait_output(job: dict, watch: _LockWatch, remaining: "float | None", before: list) -> None:
+def _wait_output(job: _Job, watch: _LockWatch, remaining, before: list, cancel=None) -> None:
     """Sleep until a log differs from ``before``, the job ends (the lock), or time is up.
 
     ``before`` must be taken before the logs were last read: bytes written
@@ -2636,29 +3357,57 @@ def _wait_output(job: dict, watch: _LockWatch, remaining: "float | None", before
         step = READ_POLL_S if deadline is None else min(READ_POLL_S, deadline - time.monotonic())
         if step <= 0 or watch.wait(step) or _log_sizes(job) != before:
             return
+        if cancel is not None and cancel.is_set():
+            return
 
 
-def cmd_read(args) -> dict:
-    root, job_id = _find_job(args, args.job_id)
-    out_pos, err_pos = args.cursor if args.cursor is not None else (0, 0)
-    deadline = time.monotonic() + args.wait_ms / 1000.0
+@command(
+    "read",
+    "read the output that arrived after a cursor",
+    opts=(
+        Opt("cursor", "cursor", help="default: the start"),
+        MAX_BYTES,
+        Opt("wait_ms", "duration", 0, "block until there is new output, the job ends, or MS pass"),
+        JOB_ID,
+    ),
+    returns=JOB_HEAD
+    + (
+        Field("stdout", STR, True),
+        Field("stderr", STR, True),
+        Field("cursor", STR, True),
+        Field("more", BOOL, True),
+        Field("eof", BOOL, True),
+    ),
+    annotations={"readOnlyHint": True, "idempotentHint": True},
+)
+def cmd_read(o) -> dict:
+    job = _open_job(o, o.job_id)
+    out_pos, err_pos = o.cursor if o.cursor is not None else (0, 0)
+    deadline = time.monotonic() + o.wait_ms / 1000.0
+    cancel = _cancelled(o)
     watch = None
-    while True:
-        job = load_job(root, job_id)
-        terminal = job["status"] in TERMINAL_STATES
-        before = _log_sizes(job)  # before reading: see _wait_output
-        out_data, new_out, out_more = read_span(job, "stdout", out_pos, args.max_bytes, terminal)
-        err_data, new_err, err_more = read_span(job, "stderr", err_pos, args.max_bytes, terminal)
-        remaining = _remaining(deadline)
-        if out_data or err_data or terminal or not remaining:
-            break
-        if watch is None:
-            watch = _LockWatch(os.path.join(job["dir"], META))
-        _wait_output(job, watch, remaining, before)
+    try:
+        while True:
+            terminal = job.terminal
+            before = _log_sizes(job)  # before reading: see _wait_output
+            out_data, new_out, out_more = read_span(job, "stdout", out_pos, o.max_bytes, terminal)
+            err_data, new_err, err_more = read_span(job, "stderr", err_pos, o.max_bytes, terminal)
+            remaining = _remaining(deadline)
+            if out_data or err_data or terminal or not remaining:
+                break
+            if cancel is not None and cancel.is_set():
+                break
+            if watch is None:
+                watch = _LockWatch.acquire(job.path(META))
+            _wait_output(job, watch, remaining, before, cancel)
+            job = load_job(os.path.dirname(job.dir), job.id)
+    finally:
+        if watch is not None:
+            watch.release()
     more = out_more or err_more
     return {
-        "job_id": job_id,
-        "state": job["status"],
+        "job_id": job.id,
+        "state": job.state,
         "stdout": _decode(out_data),
         "stderr": _decode(err_data),
         "cursor": make_cursor(new_out, new_err),
@@ -2667,20 +3416,29 @@ def cmd_read(args) -> dict:
     }
 
 
-def cmd_kill(args) -> dict:
-    root, job_id = _find_job(args, args.job_id)
-    sig = args.signal
-    job = load_job(root, job_id)
-    sent = _ask_supervisor_to_signal(job, sig)
-    if not sent:
-        sent = _signal_without_supervisor(job, sig)
-    if sent and job["status"] == "running":
+# ---- kill -------------------------------------------------------------------------
+
+
+@command(
+    "kill",
+    "signal every live process of a job",
+    opts=(Opt("signal", "signal", _SIGTERM), JOB_ID),
+    returns=JOB_HEAD[:1]
+    + (Field("signal", STR, True), JOB_HEAD[1], Field("sent", BOOL))
+    + RESULT_FIELDS,
+    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False},
+)
+def cmd_kill(o) -> dict:
+    job = _open_job(o, o.job_id)
+    sig = o.signal
+    sent = _ask_supervisor_to_signal(job, sig) or _signal_without_supervisor(job, sig)
+    if sent and job.state == "running":
         # Give the job a moment to end, so the answer is usually final.
-        _wait_lock(os.path.join(job["dir"], META), KILL_SETTLE_S)
-        job = load_job(root, job_id)
-    out = {"job_id": job_id, "signal": signal_name(sig), "state": job["status"], "sent": sent}
-    for key, value in job_result_fields(job).items():
-        if key != "signal":  # the job's own end signal is in `status`
+        _wait_lock(job.path(META), KILL_SETTLE_S, _cancelled(o))
+        job = load_job(os.path.dirname(job.dir), job.id)
+    out = {"job_id": job.id, "signal": signal_name(sig), "state": job.state, "sent": sent}
+    for key, value in job.result_fields().items():
+        if key != "signal":  # what was sent, not what the job died of (that is in status)
             out[key] = value
     return out
 
@@ -2712,14 +3470,10 @@ def _ask_supervisor_to_signal(job: dict, sig: int) -> bool:
     return True
 
 
-def _signal_without_supervisor(job: dict, sig: int) -> bool:
+def _signal_without_supervisor(job: _Job, sig: int) -> bool:
     """The supervisor is gone: signal the workload's group only if provably ours."""
-    state = job["state"] or {}
-    pid = state.get("pid")
-    token = state.get("pid_start_time")
-    if job["status"] in ("exited", "killed") or not isinstance(pid, int) or pid <= 1:
-        return False
-    if token is None or _proc_start_time(pid) != token:
+    pid = job.record.get("pid")
+    if job.state in ("exited", "killed") or not _is_alive(pid, job.record.get("pid_start_time")):
         return False
     try:
         os.killpg(pid, sig)
@@ -2732,85 +3486,123 @@ def _signal_without_supervisor(job: dict, sig: int) -> bool:
             return False
 
 
-def cmd_list(args) -> dict:
-    if args.cwd and args.all:
-        raise UsageError("--cwd and --all conflict")
-    if args.running and args.state not in (None, "running"):
-        raise UsageError("--running and --state %s conflict" % args.state)
-    want_state = "running" if args.running else args.state
-    root = _root(args)
+# ---- list, delete, gc ---------------------------------------------------------------
+
+_LIST_ENTRY = obj(
+    JOB_HEAD
+    + (
+        Field("started_at", STR, True),
+        Field("command", STRS, True),
+        Field("cwd", STR, True),
+        Field("updated_at", STR),
+        Field("ready", BOOL_OR_NULL),
+    )
+    + RESULT_FIELDS
+)
+
+
+def _running_state_conflict(o) -> "str | None":
+    if o.running and o.state not in (None, "running"):
+        return "--running and --state %s conflict" % o.state
+    return None
+
+
+@command(
+    "list",
+    "list jobs, newest first",
+    opts=(
+        Opt("state", "choice", choices=STATES),
+        Opt(
+            "limit",
+            "count",
+            DEFAULT_LIST_LIMIT,
+            "at most N jobs (0 = all; default %d)" % DEFAULT_LIST_LIMIT,
+        ),
+        Opt("cwd", help="jobs started in DIR (default: here)", metavar="DIR"),
+        Opt("all", "flag", help="jobs from every directory"),
+        Opt("running", "flag", help="same as --state running"),
+    ),
+    checks=(conflict("cwd", "all"), _running_state_conflict),
+    returns=(
+        Field("root", STR, True),
+        Field("jobs", array(_LIST_ENTRY), True),
+        Field("truncated", BOOL, True),
+        Field("skipped", COUNT, True),
+    ),
+    annotations={"readOnlyHint": True, "idempotentHint": True},
+)
+def cmd_list(o) -> dict:
+    want_state = "running" if o.running else o.state
+    root = _root(o)
     out = {"root": root, "jobs": [], "truncated": False, "skipped": 0}
     if not os.path.isdir(root):
         return out
     _check_root(root)
     meta_filter = None
-    if not args.all:
+    if not o.all:
         try:
-            want_cwd = os.path.realpath(args.cwd or os.getcwd())
+            want_cwd = os.path.realpath(o.cwd or os.getcwd())
         except OSError:
-            want_cwd = os.path.abspath(args.cwd or ".")
+            want_cwd = os.path.abspath(o.cwd or ".")
 
         def meta_filter(meta: dict) -> bool:
             return meta.get("cwd") == want_cwd
 
-    limit = args.limit
-    try:
-        # ULIDs sort by creation time: newest first, and stop at limit + 1.
-        # Names are checked as they come: a short list never looks at the rest.
-        # scandir tells symlinks apart from the directory entry itself.
-        with os.scandir(root) as it:
-            entries = sorted(((e.name, e) for e in it), reverse=True)
-    except OSError as e:
-        raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
-    for name, entry in entries:
-        if not is_job_id(name) or _is_symlink(entry):
-            continue  # not a job of this root, whatever its name
+    for name, _entry in _iter_jobs(root):
         try:
             job = load_job(root, name, meta_filter)
         except AgentExecError:
             out["skipped"] += 1
             continue
-        if job is None or (want_state and job["status"] != want_state):
+        if job is None or (want_state and job.state != want_state):
             continue
-        if limit and len(out["jobs"]) >= limit:
+        if o.limit and len(out["jobs"]) >= o.limit:
             out["truncated"] = True
             break
         out["jobs"].append(_list_entry(job))
     return out
 
 
-def _is_symlink(entry) -> bool:
-    try:
-        return entry.is_symlink()
-    except OSError:  # (an lstat, where the listing gives no type, that failed)
-        return False
-
-
-def _list_entry(job: dict) -> dict:
-    meta = job["meta"]
-    state = job["state"] or {}
+def _list_entry(job: _Job) -> dict:
+    meta = job.meta
     entry = {
-        "job_id": job["id"],
-        "state": job["status"],
-        "started_at": job_started_at(job),
+        "job_id": job.id,
+        "state": job.state,
+        "started_at": job.started_at(),
         "command": meta.get("command"),
         "cwd": meta.get("cwd"),
-        "ready": state.get("ready"),
+        "ready": job.record.get("ready"),
     }
-    result = job_result_fields(job)
+    result = job.result_fields()
     for key in ("exit_code", "signal", "finished_at", "failure"):
         if key in result:
             entry[key] = result[key]
-    if state.get("updated_at"):
-        entry["updated_at"] = state["updated_at"]
+    if job.record.get("updated_at"):
+        entry["updated_at"] = job.record["updated_at"]
     return entry
 
 
-def cmd_delete(args) -> dict:
-    root = _root(args)
+@command(
+    "delete",
+    "delete finished jobs",
+    opts=(DRY_RUN, JOB_IDS),
+    returns=(
+        Field("deleted", STRS, True),
+        Field(
+            "refused",
+            array(obj((Field("job_id", STR, True), Field("reason", STR, True)))),
+            True,
+        ),
+        Field("freed_bytes", COUNT, True),
+        Field("dry_run", BOOL, True),
+    ),
+    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True},
+)
+def cmd_delete(o) -> dict:
+    root = _root(o)
     _check_root(root)
     # Resolve every id first: a typo deletes nothing.
-    job_ids = list(dict.fromkeys(resolve_job(root, ident) for ident in args.job_ids))
+    job_ids = list(dict.fromkeys(resolve_job(root, ident) for ident in o.job_ids))
     deleted, refused, freed = [], [], 0
     for job_id in job_ids:
         try:
@@ -2818,20 +3610,21 @@ def cmd_delete(args) -> dict:
         except AgentExecError as e:
             refused.append({"job_id": job_id, "reason": e.message})
             continue
-        if job["status"] not in TERMINAL_STATES:
-            reason = "the job is %s; stop it first (agent-exec kill %s)" % (job["status"], job_id)
+        if not job.terminal:
+            reason = "the job is %s; stop it first (agent-exec kill %s)" % (job.state, job_id)
             refused.append({"job_id": job_id, "reason": reason})
             continue
-        freed += _remove_job(job["dir"], args.dry_run)
+        freed += _remove_job(job.dir, o.dry_run)
         deleted.append(job_id)
-    return {"deleted": deleted, "refused": refused, "freed_bytes": freed, "dry_run": args.dry_run}
+    return {"deleted": deleted, "refused": refused, "freed_bytes": freed, "dry_run": o.dry_run}
 
 
 def _remove_job(job_dir: str, dry_run: bool) -> int:
     """Delete a job directory (or only measure it); return the bytes it held.
 
-    The directory is first renamed out of the job namespace, so no reader
-    ever sees a half-deleted job.
+    The directory is first renamed out of the job namespace (to a name that
+    is not a job id, which every command ignores), so no reader ever sees a
+    half-deleted job.
     """
     size = 0
     try:
@@ -2847,53 +3640,83 @@ def _remove_job(job_dir: str, dry_run: bool) -> int:
     import shutil
 
     parent, name = os.path.split(job_dir)
-    doomed = os.path.join(parent, ".deleting-%s-%s" % (name, os.urandom(4).hex()))
+    going = os.path.join(parent, ".deleting-%s-%s" % (name, os.urandom(4).hex()))
     try:
-        os.rename(job_dir, doomed)
+        os.rename(job_dir, going)
     except OSError as e:
         raise AgentExecError("io_error", "cannot delete %s: %s" % (job_dir, e.strerror or e))
-    shutil.rmtree(doomed, ignore_errors=True)
+    shutil.rmtree(going, ignore_errors=True)
     return size
 
 
-def cmd_gc(args) -> dict:
-    root = _root(args)
-    out = {"deleted": 0, "job_ids": [], "skipped": 0, "freed_bytes": 0, "dry_run": args.dry_run}
+@command(
+    "gc",
+    "delete old finished jobs",
+    opts=(
+        Opt(
+            "older_than",
+            "duration",
+            DEFAULT_GC_OLDER_THAN_MS,
+            "finished longer ago than AGE (default 7d; s, m, h, d)",
+            metavar="AGE",
+        ),
+        Opt("max_jobs", "count", help="keep at most the newest N"),
+        DRY_RUN,
+    ),
+    returns=(
+        Field("deleted", COUNT, True),
+        Field("job_ids", STRS, True),
+        Field("skipped", COUNT, True),
+        Field("freed_bytes", COUNT, True),
+        Field("dry_run", BOOL, True),
+    ),
+    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True},
+)
+def cmd_gc(o) -> dict:
+    root = _root(o)
+    out = {"deleted": 0, "job_ids": [], "skipped": 0, "freed_bytes": 0, "dry_run": o.dry_run}
     if not os.path.isdir(root):
         return out
     _check_root(root)
     now = time.time()
-    try:
-        names = sorted((n for n in os.listdir(root) if is_job_id(n)), reverse=True)
-    except OSError as e:
-        raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
     rank = 0  # position among readable jobs, newest first
-    for name in names:
-        if os.path.islink(os.path.join(root, name)):
-            continue
+    for name, _entry in _iter_jobs(root):
         try:
             job = load_job(root, name)
         except AgentExecError:
             out["skipped"] += 1  # unreadable: never touched
             continue
         rank += 1
-        if job["status"] not in TERMINAL_STATES:
+        if not job.terminal:
             out["skipped"] += 1  # running (or unknown): never touched
             continue
-        stamp = (job["state"] or {}).get("finished_at") or job["meta"].get("created_at")
+        stamp = job.record.get("finished_at") or job.meta.get("created_at")
         try:
             age_ms = (now - _parse_rfc3339(stamp)) * 1000
         except (TypeError, ValueError):
             age_ms = 0
-        beyond = args.max_jobs is not None and rank > args.max_jobs
-        if age_ms >= args.older_than or beyond:
-            out["freed_bytes"] += _remove_job(job["dir"], args.dry_run)
+        beyond = o.max_jobs is not None and rank > o.max_jobs
+        if age_ms >= o.older_than or beyond:
+            out["freed_bytes"] += _remove_job(job.dir, o.dry_run)
             out["job_ids"].append(name)
     out["deleted"] = len(out["job_ids"])
     return out
 
 
-def cmd_schema(args) -> dict:
+# ---- schema -------------------------------------------------------------------------
+
+
+@command(
+    "schema",
+    "print the JSON Schema of every response",
+    returns=(
+        Field("schema_format", {"const": "json-schema-draft-07"}, True),
+        Field("schema", {"type": "object"}, True),
+        Field("generated_at", STR, True),
+    ),
+    annotations={"readOnlyHint": True, "idempotentHint": True},
+)
+def cmd_schema(o) -> dict:
     return {
         "schema_format": "json-schema-draft-07",
         "schema": response_schema(),
@@ -2909,7 +3732,24 @@ def cmd_supervise(job_dir: str, fds: str) -> int:
     return supervise_main(job_dir, lock_fd, cfg_fd, ready_fd)
 
 
-# ---- The response schema ------------------------------------------------------
+# ==== Response schema ========================================================
+#
+# Derived from the declarations, so a field a handler emits is a field some
+# declaration names.  Built only for `schema` (and a tool list): never on the
+# path of an ordinary command.
+
+_ENVELOPE_FIELDS = (Field("schema_version", {"const": SCHEMA_VERSION}, True),)
+
+
+def _answer_schema(cmd: _Command) -> dict:
+    head = _ENVELOPE_FIELDS + (
+        Field("ok", {"const": True}, True),
+        Field("type", {"const": cmd.name}, True),
+    )
+    schema = obj(head + cmd.returns)
+    if cmd.variants:
+        schema["anyOf"] = cmd.variants
+    return schema
 
 
 def response_schema() -> dict:
@@ -2920,221 +3760,118 @@ def response_schema() -> dict:
     additionalProperties: false) so that a field added later does not break
     an older client's validation.
     """
-    S = {"type": "string"}
-    I = {"type": "integer", "minimum": 0}
-    B = {"type": "boolean"}
-    NS = {"type": ["string", "null"]}
-    NB = {"type": ["boolean", "null"]}
-    ids = {"type": "array", "items": S}
-    state = {"enum": list(STATES)}
-    failure = {
-        "type": ["object", "null"],
-        "required": ["code", "message"],
-        "properties": {"code": S, "message": S},
-    }
-    snap_props = {
-        "stdout_tail": S,
-        "stderr_tail": S,
-        "truncated": B,
-        "encoding": {"const": "utf-8-lossy"},
-        "stdout_observed_bytes": I,
-        "stderr_observed_bytes": I,
-        "stdout_included_bytes": I,
-        "stderr_included_bytes": I,
-    }
-    snap = {"type": "object", "required": sorted(snap_props), "properties": snap_props}
-    result = {
-        "exit_code": {"type": "integer"},
-        "signal": S,
-        "finished_at": S,
-        "duration_ms": I,
-        "failure": failure,
-    }
-    dropped = {"stdout_dropped_bytes": I, "stderr_dropped_bytes": I}
-
-    def obj(required: list, props: dict) -> dict:
-        return {"type": "object", "required": required, "properties": props}
-
-    def resp(name: str, required: list, *parts: dict) -> dict:
-        props = {
-            "schema_version": {"const": SCHEMA_VERSION},
-            "ok": {"const": True},
-            "type": {"const": name},
-        }
-        for part in parts:
-            props.update(part)
-        return obj(["schema_version", "ok", "type"] + required, props)
-
-    job_entry = obj(
-        ["job_id", "state", "started_at", "command", "cwd"],
-        dict(
-            result,
-            job_id=S,
-            state=state,
-            started_at=S,
-            command=ids,
-            cwd=S,
-            updated_at=S,
-            ready=NB,
-        ),
+    error = obj(
+        _ENVELOPE_FIELDS
+        + (
+            Field("ok", {"const": False}, True),
+            Field("type", {"const": "error"}, True),
+            Field("error", obj(ERROR_FIELDS), True),
+        )
     )
-    brief = obj(
-        ["job_id", "state"],
-        {"job_id": S, "state": state, "exit_code": {"type": "integer"}, "signal": S},
-    )
-    rusage = obj(["max_rss_kb", "user_ms", "sys_ms"], {"max_rss_kb": I, "user_ms": I, "sys_ms": I})
-    defs = {
-        "snapshot": snap,
-        "error": {
-            "type": "object",
-            "required": ["schema_version", "ok", "type", "error"],
-            "properties": {
-                "schema_version": {"const": SCHEMA_VERSION},
-                "ok": {"const": False},
-                "type": {"const": "error"},
-                "error": obj(
-                    ["code", "message", "retryable"], {"code": S, "message": S, "retryable": B}
-                ),
-            },
-        },
-        "run": resp(
-            "run",
-            ["job_id", "state", "stdout_log_path", "stderr_log_path", "waited_ms", "elapsed_ms"],
-            result,
-            {
-                "job_id": S,
-                "state": state,
-                "stdout_log_path": S,
-                "stderr_log_path": S,
-                "waited_ms": I,
-                "elapsed_ms": I,
-                "env_vars": ids,
-                "snapshot": {"$ref": "#/definitions/snapshot"},
-                "final_snapshot": {"$ref": "#/definitions/snapshot"},
-                "cursor": S,
-                "ready": B,
-            },
-        ),
-        "status": resp(
-            "status",
-            ["job_id", "state", "started_at"],
-            result,
-            dropped,
-            {
-                "job_id": S,
-                "state": state,
-                "started_at": S,
-                "pid": I,
-                "updated_at": S,
-                "log_error": NS,
-                "descendants": {"type": "array", "items": I},
-                "stdout_bytes": I,
-                "stderr_bytes": I,
-                "last_output_at": NS,
-                "idle_ms": I,
-                "ready": B,
-                "ready_at": NS,
-                "rusage": rusage,
-                "ports": {"type": "array", "items": I},
-            },
-        ),
-        "tail": resp(
-            "tail",
-            ["job_id", "stdout_log_path", "stderr_log_path"] + snap["required"],
-            snap_props,
-            dropped,
-            {"job_id": S, "state": state, "stdout_log_path": S, "stderr_log_path": S, "cursor": S},
-        ),
-        "read": resp(
-            "read",
-            ["job_id", "state", "stdout", "stderr", "cursor", "more", "eof"],
-            {
-                "job_id": S,
-                "state": state,
-                "stdout": S,
-                "stderr": S,
-                "cursor": S,
-                "more": B,
-                "eof": B,
-            },
-        ),
-        "wait": dict(
-            resp(
-                "wait",
-                ["timed_out"],
-                result,
-                {
-                    "job_id": S,
-                    "state": state,
-                    "timed_out": B,
-                    "cursor": S,
-                    "ready": B,
-                    "matched": B,
-                    "match": obj(
-                        ["stream", "line", "cursor"],
-                        {"stream": {"enum": ["stdout", "stderr"]}, "line": S, "cursor": S},
-                    ),
-                    "jobs": {"type": "array", "items": brief},
-                    "first_job_id": NS,
-                },
-            ),
-            anyOf=[{"required": ["job_id", "state"]}, {"required": ["jobs"]}],
-        ),
-        "kill": resp(
-            "kill",
-            ["job_id", "signal", "state"],
-            result,
-            {"job_id": S, "signal": S, "state": state, "sent": B},
-        ),
-        "list": resp(
-            "list",
-            ["root", "jobs", "truncated", "skipped"],
-            {
-                "root": S,
-                "jobs": {"type": "array", "items": job_entry},
-                "truncated": B,
-                "skipped": I,
-            },
-        ),
-        "delete": resp(
-            "delete",
-            ["deleted", "refused", "freed_bytes", "dry_run"],
-            {
-                "deleted": ids,
-                "refused": {
-                    "type": "array",
-                    "items": obj(["job_id", "reason"], {"job_id": S, "reason": S}),
-                },
-                "freed_bytes": I,
-                "dry_run": B,
-            },
-        ),
-        "gc": resp(
-            "gc",
-            ["deleted", "job_ids", "skipped", "freed_bytes", "dry_run"],
-            {"deleted": I, "job_ids": ids, "skipped": I, "freed_bytes": I, "dry_run": B},
-        ),
-        "schema": resp(
-            "schema",
-            ["schema_format", "schema", "generated_at"],
-            {
-                "schema_format": {"const": "json-schema-draft-07"},
-                "schema": {"type": "object"},
-                "generated_at": S,
-            },
-        ),
-    }
+    defs = {"snapshot": obj(SNAPSHOT_FIELDS), "error": error}
+    for cmd in COMMANDS.values():
+        defs[cmd.name] = _answer_schema(cmd)
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "agent-exec response",
         "definitions": defs,
-        "oneOf": [
-            {"$ref": "#/definitions/%s" % name} for name in sorted(defs) if name != "snapshot"
-        ],
+        "oneOf": [ref(name) for name in sorted(defs) if name != "snapshot"],
     }
 
 
-# ==== CLI ====================================================================
+def tool_list() -> list:
+    """The commands as tools (name, description, inputSchema, annotations), for a
+    front end that is not the command line; from the same Opts as the parser."""
+    return [_tool(cmd) for cmd in COMMANDS.values()]
+
+
+def _tool(cmd: _Command) -> dict:
+    opts = [x for x in cmd.opts if "mcp" in x.fronts]
+    props = {}
+    for x in opts:
+        prop = dict(_KINDS[x.kind].json)
+        if x.choices:
+            prop = {"enum": list(x.choices)}
+        if x.help:
+            prop["description"] = x.help
+        if x.default is not None and x.kind != "flag":
+            prop["default"] = x.default
+        props[x.name] = prop
+    required = [x.name for x in opts if _KINDS[x.kind].positional and x.kind != "argv"]
+    if any(x.kind == "argv" for x in opts):
+        required.append("command")
+    schema = {"type": "object", "properties": props, "required": required}
+    schema["additionalProperties"] = False
+    tool = {"name": cmd.name, "description": cmd.help, "inputSchema": schema}
+    if cmd.annotations:
+        tool["annotations"] = dict(cmd.annotations)
+    return tool
+
+
+def options_from_arguments(name: str, arguments: dict, root: "str | None" = None):
+    """The options object of command ``name`` from a tool call's JSON arguments.
+
+    Each value goes through its kind's parser, as on the command line, and
+    a missing one takes its default; an unknown or malformed argument is a
+    usage_error with the words the CLI would use.
+    """
+    import types
+
+    cmd = COMMANDS[name]
+    opts = {x.name: x for x in cmd.opts if "mcp" in x.fronts}
+    unknown = sorted(set(arguments) - set(opts))
+    if unknown:
+        raise UsageError("%s: unknown argument %s" % (name, ", ".join(unknown)))
+    values = {x.name: x.default for x in cmd.opts}
+    for x in cmd.opts:
+        if _KINDS[x.kind].action == "store_true" and x.default is None:
+            values[x.name] = False
+    for key, value in arguments.items():
+        values[key] = _argument_value(opts[key], value)
+    for x in opts.values():
+        if _KINDS[x.kind].positional and x.kind != "argv" and values.get(x.name) is None:
+            raise UsageError("%s: the argument %s is required" % (name, x.name))
+    return types.SimpleNamespace(root=root, verbose=0, command_name=name, **values)
+
+
+def _argument_value(opt: Opt, value):
+    kind = _KINDS[opt.kind]
+    many = kind.action == "append" or kind.nargs is not None
+    if many:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError("argument %s: expected a list of strings" % opt.name)
+        return [_parse_value(opt, kind, v) for v in value]
+    if kind.action == "store_true":
+        if not isinstance(value, bool):
+            raise UsageError("argument %s: expected true or false" % opt.name)
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UsageError("argument %s: expected a string or a number" % opt.name)
+    return _parse_value(opt, kind, value)
+
+
+def _parse_value(opt: Opt, kind: _Kind, value):
+    if opt.choices and value not in opt.choices:
+        raise UsageError(
+            "argument %s: invalid choice: %r (choose from %s)"
+            % (opt.name, value, ", ".join(opt.choices))
+        )
+    if kind.parse is None:
+        return value if isinstance(value, str) else str(value)
+    try:
+        return kind.parse(str(value))
+    except ValueError as e:
+        raise UsageError(
+            "argument %s: %s" % (_flags(opt)[-1] if not kind.positional else opt.name, e)
+        )
+
+
+# ==== Front end: CLI =========================================================
+#
+# The parser is derived from the declarations, and built for the invoked
+# command only (the others are listed, so --help still shows every command):
+# building every command's options costs more than the work of a read-only
+# command.  main() is parse, dispatch, print.
 
 
 def _arg_type(parse, what: str):
@@ -3151,61 +3888,44 @@ def _arg_type(parse, what: str):
     return convert
 
 
-def _nonneg_int(text: str) -> int:
-    s = str(text).strip()
-    if not s or not all(c in _DIGITS for c in s) or len(s) > 18:
-        raise ValueError("expected a whole number >= 0, got %r" % _short(text))
-    return int(s)
+def _add_option(parser, opt: Opt, **override) -> None:
+    """One add_argument call for one declared Opt."""
+    kind = _KINDS[opt.kind]
+    kw = {}
+    if kind.action:
+        kw["action"] = kind.action
+    if kind.nargs:
+        import argparse
 
-
-def _positive_duration(text: str) -> int:
-    ms = parse_duration_ms(text)
-    if ms <= 0:
-        raise ValueError("expected a duration > 0, got %r" % text)
-    return ms
-
-
-def _port(text: str) -> int:
-    port = _nonneg_int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError("expected a TCP port 1-65535, got %r" % text)
-    return port
-
-
-def _env_pair(text: str) -> str:
-    key, eq, _ = text.partition("=")
-    if not eq or not _valid_env_key(key):
-        raise ValueError("expected KEY=VALUE, got %r" % _short(text.partition("=")[0] + "=..."))
-    return text
-
-
-def _env_key(text: str) -> str:
-    if not _valid_env_key(text):
-        raise ValueError("expected an environment variable name, got %r" % _short(text))
-    return text
+        kw["nargs"] = argparse.REMAINDER if kind.nargs == "..." else kind.nargs
+    if kind.parse is not None:
+        kw["type"] = _arg_type(kind.parse, kind.what)
+    if opt.default is not None:
+        kw["default"] = opt.default
+    metavar = opt.metavar or kind.metavar
+    if metavar and not opt.choices:
+        kw["metavar"] = metavar
+    if opt.choices:
+        kw["choices"] = opt.choices
+    if opt.help:
+        kw["help"] = opt.help
+    kw.update(override)
+    if kind.positional:
+        parser.add_argument(opt.name, **kw)
+    else:
+        parser.add_argument(*_flags(opt), **kw)
 
 
 def build_parser(command: "str | None" = None):
-    """The whole CLI, built in one place.
+    """The CLI, from COMMANDS: every command listed, ``command``'s options built.
 
-    With ``command``, only that subcommand gets its options (the others are
-    listed, so --help still shows every command): building all of them
-    costs more than the work of a read-only command.
+    The parser's ``commands`` attribute maps each name to its subparser.
     """
     import argparse
-
-    def want(name: str) -> bool:
-        return command is None or command == name
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # argparse's usage errors take the JSON path
             raise UsageError(message, self.format_usage(), self.prog)
-
-    duration = _arg_type(parse_duration_ms, "duration")
-    size = _arg_type(parse_size, "size")
-    count = _arg_type(_nonneg_int, "count")
-    sig = _arg_type(parse_signal, "signal")
-    cursor = _arg_type(parse_cursor, "cursor")
 
     parser = Parser(
         prog=PROG,
@@ -3214,193 +3934,61 @@ def build_parser(command: "str | None" = None):
         "See README.md for the fields.",
     )
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
-    parser.add_argument("--root", metavar="DIR", help="jobs root directory")
-
+    for opt in reversed(GLOBAL_OPTS):
+        _add_option(parser, opt)
     common = Parser(add_help=False)
-    common.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help="jobs root")
-    common.add_argument(
-        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="-v info, -vv debug"
-    )
-
+    for opt in GLOBAL_OPTS:
+        help_text = _GLOBAL_HELP_IN_COMMAND.get(opt.name, opt.help)
+        _add_option(common, opt, default=argparse.SUPPRESS, help=help_text)
     sub = parser.add_subparsers(dest="command_name", metavar="<command>", parser_class=Parser)
     sub.required = True
-
-    def add(name: str, help_text: str):
-        parents = [common] if want(name) else []
-        return sub.add_parser(name, parents=parents, description=help_text, help=help_text)
-
-    p = add("run", "start a background job")
-    if want("run"):
-        p.add_argument(
-            "--snapshot-after",
-            type=duration,
-            default=DEFAULT_SNAPSHOT_AFTER_MS,
-            metavar="MS",
-            help="observe the job this long before answering (max 10000; 0 = at once)",
+    parser.commands = {}
+    for name, cmd in COMMANDS.items():
+        wanted = command is None or command == name
+        p = sub.add_parser(
+            name, parents=[common] if wanted else [], description=cmd.help, help=cmd.help
         )
-        p.add_argument(
-            "--timeout",
-            type=duration,
-            default=0,
-            metavar="MS",
-            help="SIGTERM the job's process group at this deadline (0 = none)",
-        )
-        p.add_argument(
-            "--kill-after",
-            type=duration,
-            default=0,
-            metavar="MS",
-            help="SIGKILL this long after the timeout's SIGTERM",
-        )
-        p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
-        p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
-        p.add_argument("--cwd", metavar="DIR", help="working directory (default: the caller's)")
-        p.add_argument(
-            "--env", action="append", type=_arg_type(_env_pair, "env"), metavar="KEY=VALUE"
-        )
-        p.add_argument("--env-file", action="append", metavar="FILE")
-        p.add_argument(
-            "--no-inherit-env", action="store_true", help="start from an empty environment"
-        )
-        p.add_argument(
-            "--inherit-env", action="store_true", help="inherit the environment (default)"
-        )
-        p.add_argument(
-            "--mask",
-            action="append",
-            type=_arg_type(_env_key, "key"),
-            metavar="KEY",
-            help="never show KEY's value in any output or file",
-        )
-        p.add_argument("--log", metavar="PATH", help="where full.log goes")
-        p.add_argument("--progress-every", type=duration, default=0, metavar="MS")
-        p.add_argument("--wait", action="store_true", help="block until the job is terminal")
-        p.add_argument("--wait-poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
-        p.add_argument("--notify-command", metavar="JSON_ARGV")
-        p.add_argument("--notify-file", metavar="PATH")
-        p.add_argument(
-            "--notify-timeout",
-            type=_arg_type(_positive_duration, "duration"),
-            default=DEFAULT_NOTIFY_TIMEOUT_MS,
-            metavar="MS",
-            help="kill a notify command after this long",
-        )
-        p.add_argument(
-            "--ready-match", metavar="REGEX", help="the job is ready when a line matches"
-        )
-        p.add_argument(
-            "--ready-port",
-            type=_arg_type(_port, "port"),
-            metavar="PORT",
-            help="the job is ready when localhost:PORT accepts a connection",
-        )
-        p.add_argument(
-            "--max-output",
-            type=size,
-            default=0,
-            metavar="SIZE",
-            help="keep at most SIZE bytes per stream on disk, the newest (0 = no limit)",
-        )
-        p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
-    p.set_defaults(func=cmd_run)
-
-    p = add("status", "show a job's state")
-    if want("status"):
-        p.add_argument("job_id")
-    p.set_defaults(func=cmd_status)
-
-    p = add("tail", "show the end of a job's output")
-    if want("tail"):
-        p.add_argument("--tail-lines", type=count, default=DEFAULT_TAIL_LINES, metavar="N")
-        p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
-        p.add_argument("job_id")
-    p.set_defaults(func=cmd_tail)
-
-    p = add("wait", "block until a job is terminal (or ready, or prints a match)")
-    if want("wait"):
-        p.add_argument("--timeout-ms", type=duration, default=0, metavar="MS", help="0 = no limit")
-        p.add_argument("--poll-ms", type=duration, default=DEFAULT_WAIT_POLL_MS, metavar="MS")
-        p.add_argument("--match", metavar="REGEX", help="return when an output line matches")
-        p.add_argument("--stream", choices=("stdout", "stderr", "both"), help="with --match")
-        p.add_argument("--cursor", type=cursor, metavar="C", help="with --match: search from C")
-        p.add_argument("--any", action="store_true", help="with several ids: the first to end")
-        p.add_argument("--ready", action="store_true", help="return when ready or terminal")
-        p.add_argument("job_ids", nargs="+", metavar="job_id")
-    p.set_defaults(func=cmd_wait)
-
-    p = add("read", "read the output that arrived after a cursor")
-    if want("read"):
-        p.add_argument("--cursor", type=cursor, metavar="C", help="default: the start")
-        p.add_argument("--max-bytes", type=size, default=DEFAULT_MAX_BYTES, metavar="N")
-        p.add_argument(
-            "--wait-ms",
-            type=duration,
-            default=0,
-            metavar="MS",
-            help="block until there is new output, the job ends, or MS pass",
-        )
-        p.add_argument("job_id")
-    p.set_defaults(func=cmd_read)
-
-    p = add("kill", "signal every live process of a job")
-    if want("kill"):
-        p.add_argument("--signal", type=sig, default=15, metavar="NAME")
-        p.add_argument("job_id")
-    p.set_defaults(func=cmd_kill)
-
-    p = add("list", "list jobs, newest first")
-    if want("list"):
-        p.add_argument("--state", choices=STATES)
-        p.add_argument(
-            "--limit",
-            type=count,
-            default=DEFAULT_LIST_LIMIT,
-            metavar="N",
-            help="at most N jobs (0 = all; default %d)" % DEFAULT_LIST_LIMIT,
-        )
-        p.add_argument("--cwd", metavar="DIR", help="jobs started in DIR (default: here)")
-        p.add_argument("--all", action="store_true", help="jobs from every directory")
-        p.add_argument("--running", action="store_true", help="same as --state running")
-    p.set_defaults(func=cmd_list)
-
-    p = add("delete", "delete finished jobs")
-    if want("delete"):
-        p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
-        p.add_argument("job_ids", nargs="+", metavar="job_id")
-    p.set_defaults(func=cmd_delete)
-
-    p = add("gc", "delete old finished jobs")
-    if want("gc"):
-        p.add_argument(
-            "--older-than",
-            type=duration,
-            default=7 * 86400000,
-            metavar="AGE",
-            help="finished longer ago than AGE (default 7d; s, m, h, d)",
-        )
-        p.add_argument("--max-jobs", type=count, metavar="N", help="keep at most the newest N")
-        p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
-    p.set_defaults(func=cmd_gc)
-
-    p = add("schema", "print the JSON Schema of every response")
-    p.set_defaults(func=cmd_schema)
-
+        if wanted:
+            for opt in cmd.opts:
+                if "cli" in opt.fronts:
+                    _add_option(p, opt)
+        parser.commands[name] = p
     # `_supervise` is not here: main() recognises it before argparse runs,
     # so it stays out of --help and out of the choices that errors list.
     return parser
 
 
-# ==== Entry point ============================================================
+def _command_in(argv: list) -> "str | None":
+    """The command named in argv (None if there is none), before argparse runs."""
+    takes_value = {
+        flag for opt in GLOBAL_OPTS if _KINDS[opt.kind].action is None for flag in _flags(opt)
+    }
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in takes_value:
+            skip = True
+        elif arg == "--":
+            return None
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
-def _emit(obj: dict) -> None:
-    data = json.dumps(obj, ensure_ascii=True) + "\n"
-    try:
-        sys.stdout.write(data)
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        pass
+def _refuse_nul(cmd: _Command, o) -> None:
+    """No path, command word or value may hold a NUL byte: the OS cannot take it.
+
+    Job ids are left alone: an id with a NUL simply names no job.
+    """
+    for opt in GLOBAL_OPTS + cmd.opts:
+        if opt.kind in ("job_id", "job_ids"):
+            continue
+        value = getattr(o, opt.name, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            where = "the command" if opt.kind == "argv" else _flags(opt)[-1]
+            raise AgentExecError("invalid_argument", "%s contains a NUL byte" % where)
 
 
 def _envelope_error(code: str, message: str, retryable: bool = False) -> dict:
@@ -3412,42 +4000,69 @@ def _envelope_error(code: str, message: str, retryable: bool = False) -> dict:
     }
 
 
-def _refuse_nul(args) -> None:
-    """No path, command word or value may hold a NUL byte: the OS cannot take it.
+def _internal_error(e: BaseException) -> dict:
+    """Log an unexpected exception (the traceback at -vv) and make its envelope."""
+    if _log_level >= 3:
+        import traceback
 
-    Job ids are left alone: an id with a NUL simply names no job.
+        traceback.print_exc(file=sys.stderr)
+    else:
+        _log(0, "internal error: %r (run with -vv for the traceback)" % (e,))
+    return _envelope_error("internal_error", "%s: %s" % (type(e).__name__, e))
+
+
+def dispatch(name: str, o) -> "tuple":
+    """Run one declared command on options ``o``: (exit code, envelope).
+
+    The one place where an outcome becomes the JSON envelope, for every
+    front end: the NUL check, the declared checks (the same words whichever
+    front end asked), the handler, and every error.  It never prints.
     """
-    for name, value in vars(args).items():
-        if name in ("job_id", "job_ids"):
-            continue
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, str) and "\x00" in v for v in values):
-            option = "the command" if name == "command" else "--" + name.replace("_", "-")
-            raise AgentExecError("invalid_argument", "%s contains a NUL byte" % option)
+    cmd = COMMANDS[name]
+    if getattr(o, "started", None) is None:
+        o.started = time.monotonic()
+    try:
+        _refuse_nul(cmd, o)
+        for check in cmd.checks:
+            message = check(o)
+            if message:
+                raise UsageError(message)
+        body = cmd.handler(o)
+    except AgentExecError as e:
+        if e.code != "usage_error":
+            _log(2, "%s: %s" % (e.code, e.message))
+        return e.exit_code, _envelope_error(e.code, e.message, e.retryable)
+    except KeyboardInterrupt:
+        return 1, _envelope_error("interrupted", "interrupted by the user", retryable=True)
+    except Exception as e:
+        return 1, _internal_error(e)
+    envelope = {"schema_version": SCHEMA_VERSION, "ok": True, "type": name}
+    envelope.update(body)
+    return 0, envelope
 
 
-def _command_in(argv: list) -> "str | None":
-    """The subcommand named in argv (None if there is none)."""
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--root":
-            skip = True
-        elif arg == "--":
-            return None
-        elif not arg.startswith("-"):
-            return arg
-    return None
+def _emit(envelope: dict) -> None:
+    """Print one answer: the only write to stdout."""
+    data = json.dumps(envelope, ensure_ascii=True) + "\n"
+    try:
+        sys.stdout.write(data)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _print_usage_error(usage: str, prog: str, message: str) -> None:
+    try:
+        sys.stderr.write("%s%s: error: %s\n" % (usage, prog, message))
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: "list | None" = None) -> int:
-    """Run one command; print one JSON object; return the exit code."""
+    """Run one command: parse, dispatch, print one JSON object; return the exit code."""
     global _log_level
-    t0 = time.monotonic()
-    if argv is None:
-        argv = sys.argv[1:]
-    argv = list(argv)
+    started = time.monotonic()
+    argv = list(sys.argv[1:] if argv is None else argv)
     _log_level = _level_from_env()
     if not _IS_POSIX:
         _emit(_envelope_error("unsupported_platform", "agent-exec runs on Linux and macOS only"))
@@ -3460,46 +4075,32 @@ def main(argv: "list | None" = None) -> int:
             _emit(_envelope_error("usage_error", "_supervise is internal to agent-exec"))
             return 2
         return cmd_supervise(argv[1], argv[3])
-    parser = None
     try:
         parser = build_parser(_command_in(argv))
-        args = parser.parse_args(argv)
-        _refuse_nul(args)
-        if args.verbose:
-            _log_level = max(_log_level, 1 + min(args.verbose, 2))
-        args._t0 = t0
-        result = args.func(args)
-        out = {"schema_version": SCHEMA_VERSION, "ok": True, "type": args.command_name}
-        out.update(result)
-        _emit(out)
-        return 0
+        o = parser.parse_args(argv)
     except UsageError as e:
-        try:
-            usage = e.usage or (parser.format_usage() if parser is not None else "")
-            sys.stderr.write("%s%s: error: %s\n" % (usage, e.prog, e.bare))
-        except (OSError, ValueError):
-            pass
+        _print_usage_error(e.usage, e.prog, e.bare)
         _emit(_envelope_error(e.code, e.message))
         return e.exit_code
-    except AgentExecError as e:
-        _log(2, "%s: %s" % (e.code, e.message))
-        _emit(_envelope_error(e.code, e.message, e.retryable))
-        return e.exit_code
-    except SystemExit as e:  # --help, --version, and the supervisor's exit
+    except SystemExit as e:  # --help and --version
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except KeyboardInterrupt:
         _emit(_envelope_error("interrupted", "interrupted by the user", retryable=True))
         return 1
     except Exception as e:
-        if _log_level >= 3:
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
-        else:
-            _log(0, "internal error: %r (run with -vv for the traceback)" % (e,))
-        _emit(_envelope_error("internal_error", "%s: %s" % (type(e).__name__, e)))
+        _emit(_internal_error(e))
         return 1
+    if o.verbose:
+        _log_level = max(_log_level, 1 + min(o.verbose, 2))
+    o.started = started
+    code, envelope = dispatch(o.command_name, o)
+    if not envelope["ok"] and envelope["error"]["code"] == "usage_error":
+        # A conflict found after parsing: the command's usage, as argparse gives.
+        sub = parser.commands[o.command_name]
+        _print_usage_error(sub.format_usage(), sub.prog, envelope["error"]["message"])
+    _emit(envelope)
+    return code
 
 
 def cli() -> None:
@@ -3518,6 +4119,8 @@ def cli() -> None:
         pass
     os._exit(code)
 
+
+# ==== Entry point ============================================================
 
 if __name__ == "__main__":
     cli()
