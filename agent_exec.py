@@ -94,10 +94,10 @@ DEFAULT_GC_OLDER_THAN_MS = 7 * 86400000
 # How long `kill` waits for the job to become terminal before it answers.
 KILL_SETTLE_S = 1.0
 
-# Signal numbers that are the same on Linux and macOS.  `signal` itself is
-# imported lazily (about 0.4 ms), so the hot paths use these names.
-_SIGTERM = 15
-_SIGKILL = 9
+# Signal numbers, named here because `signal` is imported only where it is
+# used (it costs about 0.4 ms of start-up); both are the same on every POSIX.
+_SIGKILL = 9  # cannot be caught: what a timeout ends with, and kill_tree repeats
+_SIGTERM = 15  # the request to stop that a timeout sends first
 
 # The supervisor asks Linux for pipes this large, so that bulk output costs
 # few system calls, and reads them in chunks a quarter that size: a chunk of
@@ -357,12 +357,53 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
+# ==== Processes ==============================================================
+#
+# Who is alive, who is whose parent, and how to tell a pid from a recycled
+# one.  Linux reads /proc/<pid>/stat; elsewhere (macOS) ps(1) answers.  A
+# zombie (state Z, or X) counts as dead everywhere here: it can no longer be
+# signalled usefully, and where PID 1 does not reap orphans it stays a zombie
+# for good.
+
+
 def _read_boot_id() -> "str | None":
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip() or None
     except OSError:
         return None
+
+
+def _proc_stat(pid: int) -> "tuple | None":
+    """(state letter, ppid, start time) of a live process, from /proc/<pid>/stat.
+
+    None when there is no such process, or when it is a zombie (Z, X).  The
+    start time is field 22 (clock ticks since boot), kept as text: it is an
+    identity token, only ever compared.  Linux only.
+    """
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 2, the command name, may hold spaces and ")": split after its end.
+    # fields[0] is then field 3 (the state), so field 22 is fields[19].
+    fields = stat.rsplit(b")", 1)[1].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return fields[0].decode(), int(fields[1]), fields[19].decode()
+
+
+def _ps(args: list, timeout: float) -> bytes:
+    """The output of ``ps`` with ``args`` (the fallback where there is no /proc); b"" on error."""
+    try:
+        import subprocess
+
+        return subprocess.run(
+            ["ps"] + args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=timeout
+        ).stdout
+    except Exception:
+        return b""
 
 
 def _proc_start_time(pid: int) -> "str | None":
@@ -375,28 +416,9 @@ def _proc_start_time(pid: int) -> "str | None":
     if pid is None or pid <= 1:
         return None
     if _IS_LINUX:
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as f:
-                stat = f.read()
-        except OSError:
-            return None
-        fields = stat.rsplit(b")", 1)[1].split()
-        if fields[0] in (b"Z", b"X"):
-            return None
-        # fields[0] is field 3 (state), so field 22 is fields[19].
-        return fields[19].decode()
-    try:
-        import subprocess
-
-        out = subprocess.run(
-            ["ps", "-o", "lstart=", "-p", str(pid)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, ValueError, Exception):
-        return None
-    return out.decode() or None
+        stat = _proc_stat(pid)
+        return stat[2] if stat is not None else None
+    return _ps(["-o", "lstart=", "-p", str(pid)], 5).strip().decode() or None
 
 
 def _process_table() -> "dict":
@@ -404,28 +426,12 @@ def _process_table() -> "dict":
     table = {}
     if _IS_LINUX:
         for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open("/proc/%s/stat" % name, "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] in (b"Z", b"X"):
-                continue
-            table[int(name)] = int(fields[1])
+            if name.isdigit():
+                stat = _proc_stat(int(name))
+                if stat is not None:
+                    table[int(name)] = stat[1]
         return table
-    try:
-        import subprocess
-
-        out = subprocess.run(
-            ["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "stat="],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            timeout=10,
-        ).stdout
-    except Exception:
-        return table
+    out = _ps(["-A", "-o", "pid=", "-o", "ppid=", "-o", "stat="], 10)
     for line in out.decode(errors="replace").splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
@@ -1178,6 +1184,110 @@ def read_span(job: _Job, stream: str, pos: int, max_bytes: int, final: bool) -> 
     return data, dropped + off + len(data), off + len(data) < size
 
 
+# ==== Control protocol =======================================================
+#
+# How a caller talks to a job's live supervisor: through the job's control
+# FIFO.  A message is one line of JSON, an object with a "verb", such as
+# {"verb": "kill", "signal": 15}; the supervisor keeps a table of verbs, so a
+# new request is one entry there.  The line `kill <n>` of earlier versions is
+# still read.  A writer sends each message with a single write(2) of at most
+# PIPE_BUF bytes, which the kernel never interleaves with another writer's;
+# the reader keeps the bytes after the last newline for the next read, so a
+# message split across two reads is never taken for two.  Bulk data (stdin
+# for a job, say) belongs in a file or FIFO of its own, not in this one.
+
+# A line longer than this is not a message of ours: it is dropped whole.
+_CONTROL_LINE_MAX = 64 * 1024
+# POSIX guarantees that a pipe write of up to 512 bytes is atomic (Linux and
+# macOS: 4096); a control message must fit in one such write.
+_CONTROL_MESSAGE_MAX = 512
+
+
+def _split_control(data: bytes, carry: bytes) -> "tuple":
+    """Split bytes read from the control FIFO into messages.
+
+    ``carry`` is what the previous call returned as the unfinished last line.
+    Returns (messages, carry, rejected): the dicts of the complete lines, the
+    new carry, and a short reason for each line that is not a message (bad
+    JSON, no verb, an unknown legacy form, too long).  Empty lines are
+    skipped.  A line that grows past _CONTROL_LINE_MAX is dropped: only its
+    first _CONTROL_LINE_MAX + 1 bytes are carried, enough to know it is too
+    long when its newline comes, so memory stays bounded.  Pure: no I/O.
+    """
+    lines = (carry + data).split(b"\n")
+    carry = lines.pop()[: _CONTROL_LINE_MAX + 1]
+    messages = []
+    rejected = []
+    for line in lines:
+        if len(line) > _CONTROL_LINE_MAX:
+            rejected.append("a control line of more than %d bytes" % _CONTROL_LINE_MAX)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        msg = _parse_control_line(line)
+        if isinstance(msg, dict):
+            messages.append(msg)
+        else:
+            rejected.append("%s: %r" % (msg, line[:80]))
+    return messages, carry, rejected
+
+
+def _parse_control_line(line: bytes) -> "dict | str":
+    """One stripped, non-empty control line: its message, or why it is none."""
+    if line[:1] != b"{":
+        parts = line.split()  # the legacy form: `kill <n>`
+        if len(parts) == 2 and parts[0] == b"kill" and parts[1].isdigit():
+            return {"verb": "kill", "signal": int(parts[1])}
+        return "not a control message"
+    try:
+        msg = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError too
+        return "bad JSON"
+    if not isinstance(msg, dict) or not isinstance(msg.get("verb"), str):
+        return "no verb"
+    return msg
+
+
+def _send_control(job_dir: str, msg: dict) -> bool:
+    """Send one message to the job's live supervisor; False when none reads.
+
+    O_NONBLOCK makes the open fail at once (ENXIO) when no supervisor has the
+    FIFO open, and the write fail rather than wait when its buffer is full.
+    """
+    line = (json.dumps(msg, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
+    return _send_control_line(job_dir, line)
+
+
+def _send_control_line(job_dir: str, line: bytes) -> bool:
+    """One write(2) of one whole line to the control FIFO (see _send_control)."""
+    if len(line) > _CONTROL_MESSAGE_MAX:
+        raise ValueError("control message too long (%d bytes)" % len(line))
+    try:
+        fd = os.open(os.path.join(job_dir, CONTROL), os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return os.write(fd, line) == len(line)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _open_control(job_dir: str) -> "int | None":
+    """Create the job's control FIFO and open its reading end (None on error)."""
+    path = os.path.join(job_dir, CONTROL)
+    try:
+        os.mkfifo(path, 0o600)
+        # O_RDWR keeps a writer open ourselves, so the FIFO never reads as
+        # EOF between two messages; O_NONBLOCK so opening never waits.
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    except OSError as e:
+        _log(1, "cannot create control FIFO: %s" % e)
+        return None
+
+
 # ==== Supervisor =============================================================
 #
 # The supervisor is the workload's direct parent.  It runs in a session of its
@@ -1188,6 +1298,349 @@ def read_span(job: _Job, stream: str, pos: int, max_bytes: int, final: bool) -> 
 # descendants come back to it), writes the terminal state exactly once, lets
 # go of the job lock (waking every waiter), delivers the completion events and
 # then lives on only while descendants still hold the pipes or still run.
+#
+# It is built of parts around one small loop, and the parts talk through plain
+# method calls.  What goes into state.json is one shared record, _JobFacts, so
+# no part reaches into another's attributes:
+#
+#   _spawn_workload  fork and exec the workload, as a _ChildSetup prepared first
+#   _Capture         the output: logs, --mask, full.log rows, --ready-match
+#   _ProcessTree     subreaper, reaping, whole-tree kills
+#   _StateWriter     state.json (built by _state_document) and the disk reserve
+#   _Notifier        the completion event and its sinks
+#   _Timers          named deadlines; the loop sleeps until the first
+#   _Supervisor      the loop, its timer and control-verb tables, the end
+#
+# `run` starts it through _launch_supervisor (at the end of this section).
+
+# fcntl(2) command to resize a pipe (Linux); fcntl.F_SETPIPE_SZ exists only in 3.10+.
+_F_SETPIPE_SZ = 1031
+# prctl(2) option: orphaned descendants are re-parented to us, not to PID 1.
+_PR_SET_CHILD_SUBREAPER = 36
+
+# --ready-port: how often to try connecting, and how long one attempt may take.
+READY_PROBE_S = 0.1
+_PROBE_CONNECT_S = 0.2
+# A SIGKILL to the tree is sent this many times at most, this far apart, so
+# that a process forked meanwhile is caught too.
+_KILL_ROUNDS = 20
+_KILL_ROUND_S = 0.01
+# A terminal state.json write is tried this many times (a disk may be full).
+_STATE_WRITE_ATTEMPTS = 20
+# One read of the control FIFO; a longer message arrives in two reads.
+_CONTROL_READ = 4096
+# How often a running notify command is checked on (and output drained).
+_NOTIFY_POLL_S = 0.01
+
+
+# ---- The record -------------------------------------------------------------
+
+
+class _JobFacts:
+    """What is known about the job, as state.json reports it: a plain record.
+
+    The parts fill it in (the process tree the wait status, the capture the
+    log error, the loop the kill signal and readiness); _state_document turns
+    it into the document.  A default record is a job about which nothing is
+    known, which is what the failure path of `run` writes.
+    """
+
+    __slots__ = (
+        "pid",
+        "pid_start",
+        "wait_status",
+        "rusage",
+        "kill_signal",
+        "timed_out",
+        "ready",
+        "ready_at",
+        "log_error",
+        "started_at",
+        "started_mono",
+        "ended_mono",
+        "supervisor_pid",
+        "supervisor_start",
+        "boot_id",
+    )
+
+    def __init__(self) -> None:
+        self.pid = None  # type: int | None  (the workload; also its pgid)
+        self.pid_start = None  # type: str | None  (its _proc_start_time token)
+        self.wait_status = None  # type: int | None  (raw, from wait4)
+        self.rusage = None
+        self.kill_signal = None  # type: int | None  (the last signal asked for)
+        self.timed_out = False
+        # None: no readiness condition; False: not yet; True: ready.
+        self.ready = None  # type: bool | None
+        self.ready_at = None  # type: str | None
+        self.log_error = None  # type: str | None  (the first one only)
+        self.started_at = None  # type: str | None
+        self.started_mono = 0.0
+        self.ended_mono = 0.0
+        self.supervisor_pid = None  # type: int | None
+        self.supervisor_start = None  # type: str | None
+        self.boot_id = None  # type: str | None
+
+
+# The output counters of state.json, in the order the document lists them.
+_OUTPUT_COUNTS = ("stdout_bytes", "stderr_bytes", "stdout_dropped_bytes", "stderr_dropped_bytes")
+
+
+def _state_document(
+    job_id: str,
+    state: str,
+    facts: "_JobFacts",
+    counts: "dict | None" = None,
+    failure: "dict | None" = None,
+    now: "str | None" = None,
+) -> dict:
+    """The state.json document of a job in ``state``, from what ``facts`` know.
+
+    Pure but for the clock (``now`` defaults to the current time).  The
+    result comes from the wait status once there is one: a signal death names
+    its signal, an exit its code, plus the signal asked for when the job was
+    killed but exited by itself.  A failed job that never ran lasted 0 ms.
+    ``counts`` holds the _OUTPUT_COUNTS (0 when absent).  The supervisor and
+    the failure path of `run` (_bare_state) both build their documents here,
+    so every state.json has the same keys.
+    """
+    now = now or _now()
+    result = {"exit_code": None, "signal": None, "duration_ms": None}
+    finished_at = None
+    wait_status = facts.wait_status
+    if wait_status is not None:
+        if os.WIFSIGNALED(wait_status):
+            result["signal"] = signal_name(os.WTERMSIG(wait_status))
+        else:
+            result["exit_code"] = os.WEXITSTATUS(wait_status)
+            if facts.kill_signal is not None:
+                result["signal"] = signal_name(facts.kill_signal)
+        result["duration_ms"] = int(round((facts.ended_mono - facts.started_mono) * 1000))
+        finished_at = now
+    elif state == "failed":
+        result["duration_ms"] = 0
+        finished_at = now
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "job": {"id": job_id, "status": state, "started_at": facts.started_at or now},
+        "result": result,
+        "pid": facts.pid,
+        "pgid": facts.pid,
+        "pid_start_time": facts.pid_start,
+        "supervisor_pid": facts.supervisor_pid,
+        "supervisor_start_time": facts.supervisor_start,
+        "boot_id": facts.boot_id,
+        "finished_at": finished_at,
+        "updated_at": now,
+        "failure": failure,
+        "timed_out": facts.timed_out,
+        "log_error": facts.log_error,
+        # The control FIFO speaks framed JSON messages (see Control protocol).
+        "control_protocol": 1 if facts.supervisor_pid else None,
+    }
+    for key in _OUTPUT_COUNTS:
+        doc[key] = counts.get(key, 0) if counts else 0
+    doc["ready"] = facts.ready
+    doc["ready_at"] = facts.ready_at
+    if facts.rusage is not None:
+        ru = facts.rusage
+        rss = ru.ru_maxrss if _IS_LINUX else ru.ru_maxrss // 1024  # macOS counts bytes
+        doc["rusage"] = {
+            "max_rss_kb": int(rss),
+            "user_ms": int(ru.ru_utime * 1000),
+            "sys_ms": int(ru.ru_stime * 1000),
+        }
+    return doc
+
+
+def _end_state(facts: "_JobFacts") -> str:
+    """The terminal state of a job whose main process has been reaped."""
+    assert facts.wait_status is not None
+    if os.WIFSIGNALED(facts.wait_status) or facts.kill_signal is not None:
+        return "killed"
+    return "exited"
+
+
+# ---- Timers -----------------------------------------------------------------
+
+
+class _Timers:
+    """Named deadlines on the monotonic clock; the loop sleeps until the first.
+
+    A name is set at most once: starting it again moves its deadline.
+    """
+
+    def __init__(self) -> None:
+        self.due = {}  # type: dict  (name -> monotonic time)
+
+    def start(self, name: str, delay_s: float) -> None:
+        """Let ``name`` expire ``delay_s`` seconds from now."""
+        self.due[name] = time.monotonic() + delay_s
+
+    def start_at(self, name: str, when: float) -> None:
+        """Let ``name`` expire at ``when`` (a time.monotonic() value)."""
+        self.due[name] = when
+
+    def cancel(self, name: str) -> None:
+        """Forget ``name``, set or not."""
+        self.due.pop(name, None)
+
+    def poll_ms(self) -> "int | None":
+        """The poll(2) timeout until the first deadline; None when nothing is timed."""
+        if not self.due:
+            return None  # wait for I/O alone
+        left = min(self.due.values()) - time.monotonic()
+        return int(min(max(left, 0.0), 86400.0) * 1000) + 1  # poll() takes a C int of ms
+
+    def pop_expired(self) -> list:
+        """The names whose time has come, earliest first; they are no longer set."""
+        now = time.monotonic()
+        expired = [(t, n) for n, t in self.due.items() if t <= now]
+        if not expired:
+            return []
+        expired.sort()
+        for _t, name in expired:
+            del self.due[name]
+        return [name for _t, name in expired]
+
+
+# ---- Starting the workload --------------------------------------------------
+
+
+class _ChildSetup:
+    """Everything the workload's process needs, computed before the fork.
+
+    After the fork the child only makes system calls, then execs or leaves
+    by os._exit; so whatever needs Python work (resolving the program,
+    listing the signals, and later rlimits or a terminal) is done here.
+    """
+
+    __slots__ = ("path", "argv", "env", "cwd", "stdout", "stderr", "default_signals")
+
+    def __init__(self, argv: list, env: dict, cwd: str, stdout: int, stderr: int) -> None:
+        import signal
+
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.stdout = stdout  # the fds that become 1 and 2 (0 is /dev/null)
+        self.stderr = stderr
+        try:
+            path = _resolve_command(argv[0], cwd, env)  # type: str | None
+        except AgentExecError:  # gone since `run` looked: let exec say why
+            path = os.path.join(cwd, argv[0]) if "/" in argv[0] else None
+        self.path = path
+        # Every signal at its default action: Python ignores SIGPIPE and
+        # SIGXFSZ, and the caller may have ignored more (nohup: SIGHUP; a
+        # script's background job: SIGINT, SIGQUIT), which `kill --signal`
+        # must still be able to deliver.
+        self.default_signals = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+
+
+def _spawn_workload(setup: "_ChildSetup") -> int:
+    """Start the workload on /dev/null and the two pipes; return its pid.
+
+    Fork and exec by hand, because importing subprocess is a good part of
+    the supervisor's start-up.  The workload gets a session of its own (so
+    its process group, pgid == pid, is what timeouts and kills target), the
+    job's cwd, and every signal at its default action, none blocked.  Exec
+    errors come back through a close-on-exec pipe, as in subprocess: EOF
+    means the exec happened.  (posix_spawn was tried: glibc leaves its
+    internal signals 32 and 33 ignored in the new program.)  Raises OSError
+    (with the exec's errno) or ValueError when the program did not start.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        errpipe_r, errpipe_w = os.pipe()  # both close-on-exec (PEP 446)
+    except OSError:
+        os.close(null)
+        raise
+    pid = -1
+    try:
+        # Ours are close-on-exec already; anything inherited is not.
+        inherited = _fds_to_close({errpipe_w})
+        pid = os.fork()
+        if pid == 0:
+            _exec_workload(setup, (null, setup.stdout, setup.stderr), inherited, errpipe_w)
+    finally:
+        os.close(errpipe_w)
+        os.close(null)
+        if pid == -1:  # the fork itself failed
+            os.close(errpipe_r)
+    try:
+        report = _read_fd(errpipe_r)
+    finally:
+        os.close(errpipe_r)
+    if report:
+        os.waitpid(pid, 0)  # the child that could not exec
+        code, _, text = report.partition(b":")
+        if code.isdigit() and int(code):
+            raise OSError(int(code), os.strerror(int(code)))
+        raise ValueError(text.decode("utf-8", "replace") or "exec failed")
+    return pid
+
+
+def _exec_workload(setup: "_ChildSetup", stdio: tuple, inherited: list, errpipe_w: int) -> None:
+    """In the forked child: set up the process as ``setup`` says, then exec.
+
+    Never returns: on any failure it writes "errno:" (or "0:message") to
+    ``errpipe_w`` and leaves by os._exit(127).
+    """
+    import signal  # loaded by _ChildSetup already: a dictionary lookup
+
+    report = b"0:exec failed"
+    try:
+        os.setsid()
+        # 0-2 are /dev/null in the supervisor, so these fds are all above 2;
+        # should one not be, it is moved up first, or the dup2 below would
+        # leave it close-on-exec.
+        src = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) if fd < 3 else fd for fd in stdio]
+        for target, fd in enumerate(src):
+            os.dup2(fd, target)  # dup2 makes 0, 1 and 2 inheritable
+        for fd in inherited:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        os.chdir(setup.cwd)
+        for sig in setup.default_signals:
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):  # a signal the OS keeps for itself
+                pass
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        if setup.path is None:
+            raise FileNotFoundError(2, "not found")
+        os.execve(setup.path, setup.argv, setup.env)
+    except OSError as e:
+        report = b"%d:" % (e.errno or 0)
+    except BaseException as e:
+        report = b"0:" + ("%s: %s" % (type(e).__name__, e)).encode("utf-8", "replace")
+    finally:
+        try:
+            os.write(errpipe_w, report[:4096])
+        finally:
+            os._exit(127)
+
+
+def _output_pipe() -> "tuple":
+    """(read end, write end) of a pipe for one output stream.
+
+    The read end is non-blocking, and on Linux as large as PIPE_SIZE, so
+    that bulk output costs few system calls.
+    """
+    r, w = os.pipe()
+    if _IS_LINUX:
+        try:
+            fcntl.fcntl(r, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size: the default size works too
+    os.set_blocking(r, False)
+    return r, w
+
+
+# ---- Output capture ---------------------------------------------------------
 
 
 class _LogFile:
@@ -1299,323 +1752,100 @@ class _Stream:
         self.total = 0
 
 
-class _Supervisor:
-    def __init__(self, job_dir: str, lock_fd: int, cfg: dict) -> None:
+class _Capture:
+    """The workload's output: two pipes drained into stdout.log, stderr.log and full.log.
+
+    Each read of a pipe (at most READ_CHUNK bytes) goes through emit() once:
+    --mask secrets are replaced, the bytes are appended to the stream's log,
+    turned into full.log rows in one writev(2), and tested against
+    --ready-match.  A partial line (no newline yet) waits, and is written as
+    a row of its own after PARTIAL_FLUSH_S of quiet (flush_due() says when).
+    What the rest of the supervisor must know comes back through callbacks:
+    ``on_dropped()`` when --max-output dropped bytes, ``on_ready()`` when a
+    line matched, ``on_log_error(message)`` when a log could not be written
+    or a pipe not read.
+    """
+
+    def __init__(self, job_dir: str, cfg: dict, on_dropped, on_ready, on_log_error) -> None:
         self.job_dir = job_dir
-        self.lock_fd = lock_fd  # type: int | None
-        self.cfg = cfg
-        self.job_id = os.path.basename(job_dir)
+        self.cap = cfg.get("max_output") or 0
+        self.full_path = cfg.get("log_path") or os.path.join(job_dir, FULL_LOG)
         self.secrets = sorted(
             (s.encode("utf-8", "surrogateescape") for s in cfg.get("secrets") or () if s),
             key=len,
             reverse=True,
         )
-        self.pid = None  # type: int | None
-        self.pid_start = None  # type: str | None
-        self.status = None  # type: int | None  (raw wait status)
-        self.rusage = None
-        self.started_mono = 0.0
-        self.ended_mono = 0.0
-        self.started_at = None  # type: str | None
-        self.kill_signal = None  # type: int | None  (last signal asked for)
-        self.timed_out = False
-        self.log_error = None  # type: str | None
-        self.terminal = False
-        self.notify_pid = None  # type: int | None
-        self.notify_status = None  # type: int | None
-        self.streams = []  # type: list
-        self.full = None  # type: _LogFile | None
-        self.control_fd = None  # type: int | None
-        self.reserve = None  # type: str | None
-        self.boot_id = _read_boot_id()
-        self.ready_re = None
+        self.ready_re = None  # cleared once the job is ready
         if cfg.get("ready_match"):
             import re
 
             self.ready_re = re.compile(cfg["ready_match"], re.M)
-        self.ready_port = cfg.get("ready_port") or None
-        # None: no readiness condition; False: not yet; True: ready.
-        self.ready = False if (self.ready_re or self.ready_port) else None  # type: bool | None
-        self.ready_at = None  # type: str | None
-        self.ready_fd = None  # type: int | None
-        self.next_probe = None  # type: float | None
-        # Lets readers tell our pid from a recycled one.
-        self.start_token = _proc_start_time(os.getpid())
+        self.on_dropped = on_dropped
+        self.on_ready = on_ready
+        self.on_log_error = on_log_error
+        self.logs = ()  # type: tuple  (stdout.log, stderr.log), once opened
+        self.full = None  # type: _LogFile | None
+        self.streams = []  # type: list  (stdout, stderr), once attached
 
-    # -- start -------------------------------------------------------------
-
-    def run(self, ready_fd: int) -> int:
-        import signal
-
-        # A full disk or RLIMIT_FSIZE must give EFBIG, not kill us.
-        if hasattr(signal, "SIGXFSZ"):
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self._become_subreaper()
-        wake_r, wake_w = os.pipe()
-        for fd in (wake_r, wake_w):
-            os.set_blocking(fd, False)
-        # SIGCHLD must have a Python handler for the wakeup fd to be written;
-        # the poll loop below does the reaping.
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        signal.set_wakeup_fd(wake_w)
-        self.wake_r = wake_r
-        self._make_control()
-        self._make_reserve()
-        if self.ready is not None:
-            self.ready_fd = _open_locked(os.path.join(self.job_dir, READY_LOCK))
-        try:
-            self._spawn()
-        except Exception as e:  # OSError from exec; ValueError, SubprocessError
-            reason = getattr(e, "strerror", None) or e
-            msg = "cannot start %s: %s" % (_short(self.cfg["argv"][0]), reason)
-            self._finish_failed("spawn_failed", msg)
-            _send_ready(ready_fd, {"ok": True})
-            self._after_terminal()
-            return 0
-        self._write_state(durable=False)
-        _send_ready(ready_fd, {"ok": True})
-        self._loop()
-        return 0
-
-    def _become_subreaper(self) -> None:
-        """On Linux, adopt orphaned descendants so a whole-tree kill finds them."""
-        if not _IS_LINUX:
-            return
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            PR_SET_CHILD_SUBREAPER = 36
-            libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        except Exception as e:  # best effort: without it, double-forks escape
-            _log(3, "prctl(PR_SET_CHILD_SUBREAPER) failed: %s" % e)
-
-    def _make_control(self) -> None:
-        path = os.path.join(self.job_dir, CONTROL)
-        try:
-            os.mkfifo(path, 0o600)
-            # O_RDWR keeps a writer open ourselves, so the FIFO never reads as
-            # EOF between two `kill` calls; O_NONBLOCK so opening never waits.
-            self.control_fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
-        except OSError as e:
-            _log(1, "cannot create control FIFO: %s" % e)
-            self.control_fd = None
-
-    def _spawn(self) -> None:
-        cfg = self.cfg
-        cap = cfg.get("max_output") or 0
-        out_log = _LogFile(os.path.join(self.job_dir, STDOUT_LOG), cap, self._note_log_error)
-        err_log = _LogFile(os.path.join(self.job_dir, STDERR_LOG), cap, self._note_log_error)
-        full_path = cfg.get("log_path") or os.path.join(self.job_dir, FULL_LOG)
+    def open_logs(self) -> None:
+        """Create (truncate) the three logs, before the workload starts."""
+        cap = self.cap
+        out_log = _LogFile(os.path.join(self.job_dir, STDOUT_LOG), cap, self.on_log_error)
+        err_log = _LogFile(os.path.join(self.job_dir, STDERR_LOG), cap, self.on_log_error)
+        self.logs = (out_log, err_log)
         # full.log carries both streams plus a prefix per row.
-        self.full = _LogFile(full_path, 3 * cap, self._note_log_error)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        for fd in (out_r, err_r):
-            if _IS_LINUX:
-                try:
-                    fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
-                except OSError:
-                    pass
-            os.set_blocking(fd, False)
-        try:
-            self.pid = self._start_workload(out_w, err_w)
-        except BaseException:
-            for fd in (out_r, out_w, err_r, err_w):
-                os.close(fd)
-            raise
-        finally:
-            self.started_mono = time.monotonic()
-            self.started_at = _now()
-        os.close(out_w)
-        os.close(err_w)
-        self.pid_start = _proc_start_time(self.pid)
+        self.full = _LogFile(self.full_path, 3 * cap, self.on_log_error)
+
+    def attach(self, out_r: int, err_r: int) -> None:
+        """Start capturing from the read ends of the workload's two pipes."""
+        out_log, err_log = self.logs
         self.streams = [_Stream("stdout", out_r, out_log), _Stream("stderr", err_r, err_log)]
-        timeout_ms = cfg.get("timeout_ms") or 0
-        self.deadline = self.started_mono + timeout_ms / 1000.0 if timeout_ms > 0 else None
-        self.kill_deadline = None  # type: float | None
-        if self.ready_port:
-            self.next_probe = self.started_mono
 
-    def _start_workload(self, out_w: int, err_w: int) -> int:
-        """Start the workload on /dev/null and the two pipes; return its pid.
+    def counts(self) -> dict:
+        """The _OUTPUT_COUNTS of state.json, as they stand."""
+        if not self.streams:
+            return {}
+        out, err = self.streams
+        return {
+            "stdout_bytes": out.total,
+            "stderr_bytes": err.total,
+            "stdout_dropped_bytes": out.log.dropped,
+            "stderr_dropped_bytes": err.log.dropped,
+        }
 
-        Fork and exec by hand, because importing subprocess is a good part of
-        the supervisor's start-up.  The workload gets a session of its own
-        (so its process group, pgid == pid, is what timeouts and kills
-        target), the job's cwd, and every signal at its default action, none
-        blocked.  Exec errors come back through a close-on-exec pipe, as in
-        subprocess: EOF means the exec happened.  (posix_spawn was tried:
-        glibc leaves its internal signals 32 and 33 ignored in the new
-        program.)
-        """
-        import signal
+    def all_eof(self) -> bool:
+        """True once both pipes have been read to their end."""
+        return all(s.eof for s in self.streams)
 
-        cfg = self.cfg
-        argv, env, cwd = cfg["argv"], cfg["env"], cfg["cwd"]
-        try:
-            path = _resolve_command(argv[0], cwd, env)  # type: str | None
-        except AgentExecError:  # gone since `run` looked: let exec say why
-            path = os.path.join(cwd, argv[0]) if "/" in argv[0] else None
-        # Everything the child needs is ready before the fork: after it, the
-        # child only makes system calls, then execs or leaves by os._exit.
-        # Every signal at its default action: Python ignores SIGPIPE and
-        # SIGXFSZ, and the caller may have ignored more (nohup: SIGHUP; a
-        # script's background job: SIGINT, SIGQUIT), which `kill --signal`
-        # must still be able to deliver.
-        defaults = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
-        null = os.open(os.devnull, os.O_RDWR)
-        try:
-            errpipe_r, errpipe_w = os.pipe()  # both close-on-exec (PEP 446)
-        except OSError:
-            os.close(null)
-            raise
-        pid = -1
-        try:
-            pid = os.fork()
-            if pid == 0:  # child
-                report = b"0:exec failed"
-                try:
-                    os.setsid()
-                    # 0-2 are /dev/null in the supervisor, so these fds are
-                    # all above 2; should one not be, move it up first, or
-                    # the dup2 below would leave it close-on-exec.
-                    src = [
-                        fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) if fd < 3 else fd
-                        for fd in (null, out_w, err_w)
-                    ]
-                    for target, fd in enumerate(src):
-                        os.dup2(fd, target)  # dup2 makes 0, 1 and 2 inheritable
-                    # Ours are close-on-exec already; anything inherited is not.
-                    for fd in _fds_to_close({errpipe_w}):
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
-                    os.chdir(cwd)
-                    for sig in defaults:
-                        try:
-                            signal.signal(sig, signal.SIG_DFL)
-                        except (OSError, ValueError):  # (one the OS keeps for itself)
-                            pass
-                    if hasattr(signal, "pthread_sigmask"):
-                        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-                    if path is None:
-                        raise FileNotFoundError(2, "not found")
-                    os.execve(path, argv, env)
-                except OSError as e:
-                    report = b"%d:" % (e.errno or 0)
-                except BaseException as e:
-                    report = b"0:" + ("%s: %s" % (type(e).__name__, e)).encode("utf-8", "replace")
-                finally:
-                    try:
-                        os.write(errpipe_w, report[:4096])
-                    finally:
-                        os._exit(127)
-        finally:
-            os.close(errpipe_w)
-            os.close(null)
-            if pid == -1:  # the fork itself failed
-                os.close(errpipe_r)
-        try:
-            report = _read_all_fd(errpipe_r)
-        finally:
-            os.close(errpipe_r)
-        if report:
-            os.waitpid(pid, 0)  # the child that could not exec
-            code, _, text = report.partition(b":")
-            if code.isdigit() and int(code):
-                raise OSError(int(code), os.strerror(int(code)))
-            raise ValueError(text.decode("utf-8", "replace") or "exec failed")
-        return pid
+    def stop_ready_matching(self) -> None:
+        """The job is ready (or its port answered): stop testing lines."""
+        self.ready_re = None
 
-    # -- the loop ----------------------------------------------------------
-
-    def _loop(self) -> None:
-        import select
-
-        poller = select.poll()
-        by_fd = {}
-        for s in self.streams:
-            poller.register(s.fd, select.POLLIN)
-            by_fd[s.fd] = s
-        poller.register(self.wake_r, select.POLLIN)
-        if self.control_fd is not None:
-            poller.register(self.control_fd, select.POLLIN)
-        progress_ms = self.cfg.get("progress_every_ms") or 0
-        next_progress = time.monotonic() + progress_ms / 1000.0 if progress_ms else None
-        children_left = True
-        while True:
-            now = time.monotonic()
-            timeout = None  # type: float | None
-            probe = self.next_probe if self.ready is False else None
-            for t in (self.deadline, self.kill_deadline, next_progress, self._flush_due(), probe):
-                if t is not None:
-                    timeout = t - now if timeout is None else min(timeout, t - now)
-            if timeout is not None:  # poll() takes a C int of milliseconds
-                timeout = min(max(0.0, timeout), 86400.0)
-            events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
-            for fd, _ev in events:
-                if fd == self.wake_r:
-                    _drain_fd(self.wake_r)
-                    children_left = self._reap()
-                elif fd == self.control_fd:
-                    self._read_control()
-                else:
-                    s = by_fd[fd]
-                    if not self._read_stream(s):
-                        poller.unregister(fd)
-            now = time.monotonic()
-            self._flush_partials(now)
-            if self.deadline is not None and now >= self.deadline and self.status is None:
-                self.deadline = None
-                self._on_timeout()
-            if self.kill_deadline is not None and now >= self.kill_deadline:
-                self.kill_deadline = None
-                self._kill_tree(9)
-            if probe is not None and now >= probe and not self.terminal:
-                if _probe_port(self.ready_port):
-                    self._mark_ready()
-                self.next_probe = time.monotonic() + READY_PROBE_S
-            if next_progress is not None and now >= next_progress and not self.terminal:
-                self._write_state(durable=False, quiet=True)
-                next_progress = now + progress_ms / 1000.0
-            if self.status is not None and not self.terminal:
-                self._final_drain()
-                self._finish()
-                next_progress = None
-            if self.terminal and all(s.eof for s in self.streams):
-                children_left = self._reap()
-                if not children_left:
-                    break
-        self._flush_partials(None)
-
-    def _read_stream(self, s: _Stream) -> bool:
-        """Read what one pipe has; False at EOF."""
+    def read(self, s: _Stream) -> bool:
+        """Read what one pipe has; False at EOF (the pipe is then closed)."""
         try:
             data = os.read(s.fd, READ_CHUNK)
         except BlockingIOError:
             return True
         except OSError as e:
-            self._note_log_error("read error on %s: %s" % (s.name, e.strerror))
+            self.on_log_error("read error on %s: %s" % (s.name, e.strerror))
             data = b""
         if not data:
             s.eof = True
-            self._emit(s, b"", final=True)
+            self.emit(s, b"", final=True)
             os.close(s.fd)
             return False
-        self._emit(s, data)
+        self.emit(s, data)
         return True
 
-    def _final_drain(self) -> None:
+    def final_drain(self) -> None:
         """After the main process ended: take what is already in the pipes."""
-        self._drain_available()
+        self.drain_available()
         for s in self.streams:
             if not s.eof:
-                self._flush_partial(s)
+                self.flush_partial(s)
 
-    def _drain_available(self) -> None:
+    def drain_available(self) -> None:
         """Read what the pipes hold right now, without blocking (bounded)."""
         budget = FINAL_DRAIN_MAX
         for s in self.streams:
@@ -1630,9 +1860,9 @@ class _Supervisor:
                     # Keep the fd registered: the loop sees EOF and closes it.
                     break
                 budget -= len(data)
-                self._emit(s, data)
+                self.emit(s, data)
 
-    def _emit(self, s: _Stream, data: bytes, final: bool = False) -> None:
+    def emit(self, s: _Stream, data: bytes, final: bool = False) -> None:
         """Write a chunk of one stream to its log and to full.log."""
         if self.secrets:
             data = self._redact(s, data, final)
@@ -1640,15 +1870,15 @@ class _Supervisor:
             s.total += len(data)
             dropped = s.log.dropped
             s.log.append(data)
-            if s.log.dropped != dropped and not self.terminal:
-                self._write_state(durable=False, quiet=True)
+            if s.log.dropped != dropped:
+                self.on_dropped()
         rows = _full_log_rows(s, data, final)
-        if rows:
-            self._full_append(rows)
+        if rows and self.full is not None:
+            self.full.append_parts(rows)
         if s.partial:
             s.partial_at = time.monotonic()
         # Last: whoever wakes on readiness must find the ready line in the log.
-        if self.ready is False and self.ready_re is not None:
+        if self.ready_re is not None:
             self._check_ready_output(s, data, final)
 
     def _check_ready_output(self, s: _Stream, data: bytes, final: bool) -> None:
@@ -1659,28 +1889,26 @@ class _Supervisor:
             cut = len(buf)
         lines, s.ready_buf = buf[:cut], buf[cut:]
         if lines and self.ready_re.search(lines.decode("utf-8", "replace")):
-            self._mark_ready()
-
-    def _mark_ready(self) -> None:
-        """Record readiness, then wake whoever waits for it."""
-        self.ready = True
-        self.ready_at = _now()
-        if not self.terminal:
-            self._write_state(durable=False, quiet=True)
-        self._release_ready()
-
-    def _release_ready(self) -> None:
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-            self.ready_fd = None
+            self.on_ready()
 
     def _redact(self, s: _Stream, data: bytes, final: bool) -> bytes:
+        """Replace every --mask secret in ``data`` with ***, across chunk ends.
+
+        A secret may arrive split between two reads, so it cannot be found
+        in either chunk alone.  Hence the carry-over: the longest tail of
+        the chunk that is the beginning of some secret (at most the longest
+        secret's length less one byte) is held back in ``s.carry`` instead
+        of being written, and the next chunk is appended to it before the
+        replacing; if the two together do not complete a secret, the held
+        bytes are simply written then.  At the end of the stream (``final``)
+        nothing is held back.  Secrets are replaced longest first, so one
+        that contains another is masked whole.
+        """
         data = s.carry + data
         s.carry = b""
         for secret in self.secrets:
             data = data.replace(secret, b"***")
         if not final:
-            # Hold back the longest tail that could begin a secret.
             hold = 0
             for secret in self.secrets:
                 for k in range(min(len(secret) - 1, len(data)), hold, -1):
@@ -1691,7 +1919,8 @@ class _Supervisor:
                 data, s.carry = data[:-hold], data[-hold:]
         return data
 
-    def _flush_due(self) -> "float | None":
+    def flush_due(self) -> "float | None":
+        """When the oldest pending partial line is due in full.log, or None."""
         due = None
         for s in self.streams:
             if s.partial and not s.eof:
@@ -1699,12 +1928,13 @@ class _Supervisor:
                 due = t if due is None else min(due, t)
         return due
 
-    def _flush_partials(self, now: "float | None") -> None:
+    def flush_partials(self, now: "float | None") -> None:
+        """Write the partial lines quiet since PARTIAL_FLUSH_S (all, with None)."""
         for s in self.streams:
             if s.partial and (now is None or now - s.partial_at >= PARTIAL_FLUSH_S):
-                self._flush_partial(s)
+                self.flush_partial(s)
 
-    def _flush_partial(self, s: _Stream) -> None:
+    def flush_partial(self, s: _Stream) -> None:
         """Write out a pending partial line as a full.log row.
 
         A --mask carry is never flushed here: bytes that may begin a secret
@@ -1714,402 +1944,8 @@ class _Supervisor:
             row = _timestamp_prefix(s) + s.partial + b"\n"
             s.partial = b""
             s.cut = True
-            self._full_append([row])
-
-    def _full_append(self, parts: list) -> None:
-        if self.full is not None:
-            self.full.append_parts(parts)
-
-    def _note_log_error(self, message: str) -> None:
-        if self.log_error is None:
-            self.log_error = message
-            _log(1, message)
-            if self.pid is not None and not self.terminal:
-                self._write_state(durable=False, quiet=True)
-
-    # -- children, signals, kills -------------------------------------------
-
-    def _reap(self) -> bool:
-        """Reap every child that has ended; True while any child remains."""
-        while True:
-            try:
-                pid, status, rusage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return False
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return True
-            if pid == self.pid and self.status is None:
-                self.status = status
-                self.rusage = rusage
-                self.ended_mono = time.monotonic()
-            elif pid == self.notify_pid:
-                self.notify_status = status
-
-    def _read_control(self) -> None:
-        try:
-            data = os.read(self.control_fd, 4096)
-        except (BlockingIOError, OSError):
-            return
-        for line in data.decode("ascii", "replace").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == "kill" and parts[1].isdigit():
-                sig = int(parts[1])
-                if self.status is None and not self.terminal:
-                    self.kill_signal = sig
-                self._kill_tree(sig)
-
-    def _on_timeout(self) -> None:
-        self.timed_out = True
-        self.kill_signal = 15
-        self._kill_tree(15)
-        kill_after = self.cfg.get("kill_after_ms") or 0
-        if kill_after <= 0:
-            self._kill_tree(9)
-        else:
-            self.kill_deadline = time.monotonic() + kill_after / 1000.0
-
-    def _kill_tree(self, sig: int) -> None:
-        """Send ``sig`` to the workload's group and to every live descendant.
-
-        Safe against pid reuse: the workload is our child, so its pid (and so
-        its process group id) cannot be recycled until we reap it; the other
-        targets are found as live descendants of this very process.
-        """
-        rounds = 20 if sig == 9 else 1
-        for i in range(rounds):
-            if self.pid and self.status is None:
-                try:
-                    os.killpg(self.pid, sig)
-                except OSError:
-                    pass
-            exclude = {self.notify_pid} if self.notify_pid else set()
-            targets = _descendants_of(os.getpid(), exclude)
-            for pid in targets:
-                if pid > 1 and pid != os.getpid():
-                    try:
-                        os.kill(pid, sig)
-                    except OSError:
-                        pass
-            if sig != 9:
-                return
-            if not targets and (self.status is not None or i > 0):
-                return
-            time.sleep(0.01)
-            self._reap()
-
-    # -- state ---------------------------------------------------------------
-
-    def _state_doc(self, status: str, failure: "dict | None" = None) -> dict:
-        result = {"exit_code": None, "signal": None, "duration_ms": None}
-        finished_at = None
-        if self.status is not None:
-            if os.WIFSIGNALED(self.status):
-                result["signal"] = signal_name(os.WTERMSIG(self.status))
-            else:
-                result["exit_code"] = os.WEXITSTATUS(self.status)
-                if self.kill_signal is not None:
-                    result["signal"] = signal_name(self.kill_signal)
-            result["duration_ms"] = int(round((self.ended_mono - self.started_mono) * 1000))
-            finished_at = _now()
-        elif status == "failed":
-            result["duration_ms"] = 0
-            finished_at = _now()
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "job": {"id": self.job_id, "status": status, "started_at": self.started_at or _now()},
-            "result": result,
-            "pid": self.pid,
-            "pgid": self.pid,
-            "pid_start_time": self.pid_start,
-            "supervisor_pid": os.getpid(),
-            "supervisor_start_time": self.start_token,
-            "boot_id": self.boot_id,
-            "finished_at": finished_at,
-            "updated_at": _now(),
-            "failure": failure,
-            "timed_out": self.timed_out,
-            "log_error": self.log_error,
-            "stdout_bytes": self.streams[0].total if self.streams else 0,
-            "stderr_bytes": self.streams[1].total if self.streams else 0,
-            "stdout_dropped_bytes": self.streams[0].log.dropped if self.streams else 0,
-            "stderr_dropped_bytes": self.streams[1].log.dropped if self.streams else 0,
-            "ready": self.ready,
-            "ready_at": self.ready_at,
-        }
-        if self.rusage is not None:
-            ru = self.rusage
-            rss = ru.ru_maxrss if _IS_LINUX else ru.ru_maxrss // 1024
-            doc["rusage"] = {
-                "max_rss_kb": int(rss),
-                "user_ms": int(ru.ru_utime * 1000),
-                "sys_ms": int(ru.ru_stime * 1000),
-            }
-        return doc
-
-    def _write_state(self, durable: bool, quiet: bool = False, doc: "dict | None" = None) -> None:
-        """Replace state.json; a durable (terminal) write is retried.
-
-        When the disk is full (the workload's own output may have filled
-        it), the terminal write first gives back the space reserved at
-        start-up, so the job's result is still recorded.
-        """
-        if doc is None:
-            doc = self._state_doc("running")
-        path = os.path.join(self.job_dir, STATE)
-        attempts = 20 if durable else 1
-        for i in range(attempts):
-            try:
-                # Terminal writes are fsynced by _after_terminal, after the
-                # waiters are woken; atomicity comes from the rename.
-                _write_json_atomic(path, doc)
-                return
-            except OSError as e:
-                if durable and self._release_reserve():
-                    continue
-                if i == attempts - 1:
-                    if not quiet:
-                        _log(0, "cannot write %s: %s" % (path, e))
-                    return
-                time.sleep(min(0.05 * (i + 1), 0.5))
-
-    def _make_reserve(self) -> None:
-        """Set some disk aside for the terminal state (see _write_state)."""
-        path = os.path.join(self.job_dir, RESERVE)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, b"\0" * RESERVE_BYTES)  # real blocks, even on tmpfs
-            finally:
-                os.close(fd)
-            self.reserve = path
-        except OSError:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-    def _release_reserve(self) -> bool:
-        """Delete the reserve; True if there was one to give back."""
-        path, self.reserve = self.reserve, None
-        if path is None:
-            return False
-        try:
-            os.unlink(path)
-        except OSError:
-            return False
-        return True
-
-    def _finish(self) -> None:
-        """Write the one terminal state, then wake the waiters."""
-        self._flush_partials(None)
-        status = self.status
-        assert status is not None
-        if os.WIFSIGNALED(status) or self.kill_signal is not None:
-            state = "killed"
-        else:
-            state = "exited"
-        doc = self._state_doc(state)
-        self._write_state(durable=True, doc=doc)
-        self.final_doc = doc
-        self._after_terminal()  # wakes the waiters, then fsyncs
-
-    def _finish_failed(self, code: str, message: str) -> None:
-        doc = self._state_doc("failed", {"code": code, "message": message})
-        self._write_state(durable=True, doc=doc)
-        self.final_doc = doc
-
-    def _after_terminal(self) -> None:
-        self.terminal = True
-        # The reserve has served (the terminal state is in place); giving it
-        # back now, before anyone wakes, leaves the directory as it stays.
-        self._release_reserve()
-        # Closing our only copy of the lock wakes every `wait` at once.
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
-        self._release_ready()  # over without being ready: wake those too
-        # Then make the terminal state durable.  Readers already see it (the
-        # rename is atomic); the fsyncs, which on a busy disk can take tens
-        # of milliseconds, would only delay every waiter if done first.
-        state_path = os.path.join(self.job_dir, STATE)
-        try:
-            fd = os.open(state_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            _log(1, "cannot fsync %s: %s" % (state_path, e))
-        _fsync_dir(self.job_dir)
-        try:
-            self._deliver_events()
-        except Exception as e:  # best effort: a sink never changes the job
-            _log(0, "event delivery failed: %s" % e)
-
-    # -- completion events -----------------------------------------------------
-
-    def _deliver_events(self) -> None:
-        cfg = self.cfg
-        command = cfg.get("notify_command")
-        nfile = cfg.get("notify_file")
-        if not command and not nfile:
-            return
-        doc = self.final_doc
-        result = doc["result"]
-        event = {
-            "schema_version": SCHEMA_VERSION,
-            "event_type": "job.finished",
-            "job_id": self.job_id,
-            "state": doc["job"]["status"],
-            "command": cfg["argv"],
-            "cwd": cfg["cwd"],
-            "started_at": doc["job"]["started_at"],
-            "finished_at": doc["finished_at"],
-            "duration_ms": result["duration_ms"],
-            "stdout_log_path": os.path.join(self.job_dir, STDOUT_LOG),
-            "stderr_log_path": os.path.join(self.job_dir, STDERR_LOG),
-        }
-        if result["exit_code"] is not None:
-            event["exit_code"] = result["exit_code"]
-        if result["signal"] is not None:
-            event["signal"] = result["signal"]
-        if doc.get("failure"):
-            event["failure"] = doc["failure"]
-        event_path = os.path.join(self.job_dir, EVENT_FILE)
-        payload = json.dumps(event, ensure_ascii=True)
-        results = []
-        # Write the event once before the sinks run, so a command sink can
-        # read AGENT_EXEC_EVENT_PATH; it is rewritten with the results after.
-        try:
-            _write_json_atomic(event_path, dict(event, delivery_results=[]))
-        except OSError as e:
-            _log(1, "cannot write %s: %s" % (event_path, e))
-        if command:
-            results.append(self._deliver_command(command, payload, event_path))
-        if nfile:
-            results.append(_deliver_file(nfile, payload))
-        try:
-            _write_json_atomic(event_path, dict(event, delivery_results=results), durable=True)
-        except OSError as e:
-            _log(1, "cannot write %s: %s" % (event_path, e))
-
-    def _deliver_command(self, argv: list, payload: str, event_path: str) -> dict:
-        import subprocess
-
-        res = {"sink_type": "command", "target": json.dumps(argv), "success": False}
-        res["attempted_at"] = _now()
-        env = dict(os.environ)
-        env["AGENT_EXEC_EVENT_PATH"] = event_path
-        env["AGENT_EXEC_JOB_ID"] = self.job_id
-        env["AGENT_EXEC_EVENT_TYPE"] = "job.finished"
-        timeout = (self.cfg.get("notify_timeout_ms") or DEFAULT_NOTIFY_TIMEOUT_MS) / 1000.0
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd=self.cfg["cwd"] if os.path.isdir(self.cfg["cwd"]) else "/",
-                env=env,
-                close_fds=True,
-                start_new_session=True,
-            )
-        except (OSError, ValueError) as e:
-            res["error"] = "cannot start notify command: %s" % (getattr(e, "strerror", None) or e)
-            return res
-        # We reap the hook ourselves (wait4(-1) also collects the orphans we
-        # adopt), and keep draining descendants' output while it runs, so a
-        # slow hook blocks nobody.
-        proc.returncode = 0
-        self.notify_pid, self.notify_status = proc.pid, None
-        try:
-            try:
-                _write_all(proc.stdin.fileno(), payload.encode())
-            except OSError as e:  # EPIPE: the hook ignores stdin; judge it by its exit
-                _log(2, "notify command stdin: %s" % e)
-            proc.stdin.close()
-            deadline = time.monotonic() + timeout
-            while self.notify_status is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-                self._reap()
-                self._drain_available()
-            status = self.notify_status
-            if status is None:
-                try:
-                    os.killpg(proc.pid, 9)
-                except OSError:
-                    pass
-                while self.notify_status is None and self._reap():
-                    time.sleep(0.01)
-                res["error"] = "notify command timed out after %d ms and was killed" % (
-                    timeout * 1000
-                )
-                res["timed_out"] = True
-                return res
-        finally:
-            self.notify_pid = None
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            res["success"] = True
-        elif os.WIFSIGNALED(status):
-            res["error"] = "notify command killed by %s" % signal_name(os.WTERMSIG(status))
-        else:
-            res["error"] = "notify command exited with %d" % os.WEXITSTATUS(status)
-        return res
-
-
-def _deliver_file(path: str, payload: str) -> dict:
-    res = {"sink_type": "file", "target": path, "success": False, "attempted_at": _now()}
-    line = (payload + "\n").encode()
-    try:
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            # One write(2) with O_APPEND: concurrent jobs never interleave
-            # inside a line.  A short write is an error, not something to
-            # complete with a second write that could land elsewhere.
-            n = os.write(fd, line)
-        finally:
-            os.close(fd)
-        if n != len(line):
-            res["error"] = "short write to notify file (%d of %d bytes)" % (n, len(line))
-        else:
-            res["success"] = True
-    except OSError as e:
-        res["error"] = "cannot append to notify file: %s" % (e.strerror or e)
-    return res
-
-
-READY_PROBE_S = 0.1
-
-
-def _probe_port(port: int) -> bool:
-    """True when something accepts a TCP connection on localhost:port."""
-    import socket
-
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.settimeout(0.2)
-                sock.connect((host, port))
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def _open_locked(path: str) -> "int | None":
-    """Create (or open) ``path`` and hold an exclusive flock on it."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-    except OSError as e:
-        _log(1, "cannot lock %s: %s" % (path, e))
-        return None
+            if self.full is not None:
+                self.full.append_parts([row])
 
 
 def _timestamp_prefix(s: _Stream) -> bytes:
@@ -2168,6 +2004,694 @@ def _full_log_rows(s: _Stream, data: bytes, final: bool) -> list:
     return parts
 
 
+# ---- The process tree -------------------------------------------------------
+
+
+class _ProcessTree:
+    """The supervisor's children: the workload, its descendants, the notify command.
+
+    Reaps every child (wait4(-1) also collects the orphans a subreaper
+    adopts) and records the workload's end in the facts; kills the whole
+    tree.  The notify command, while it runs, is watched here and spared
+    by kill_tree().
+    """
+
+    def __init__(self, facts: "_JobFacts") -> None:
+        self.facts = facts
+        self.hook_pid = None  # type: int | None
+        self.hook_status = None  # type: int | None
+
+    def become_subreaper(self) -> None:
+        """On Linux, adopt orphaned descendants so a whole-tree kill finds them."""
+        if not _IS_LINUX:
+            return
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except Exception as e:  # best effort: without it, double-forks escape
+            _log(3, "prctl(PR_SET_CHILD_SUBREAPER) failed: %s" % e)
+
+    def reap(self) -> bool:
+        """Reap every child that has ended; True while any child remains."""
+        facts = self.facts
+        while True:
+            try:
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return True
+            if pid == facts.pid and facts.wait_status is None:
+                facts.wait_status = status
+                facts.rusage = rusage
+                facts.ended_mono = time.monotonic()
+            elif pid == self.hook_pid:
+                self.hook_status = status
+
+    def watch_hook(self, pid: "int | None") -> None:
+        """Record the notify command's exit status from now on (None: stop)."""
+        self.hook_pid = pid
+        self.hook_status = None
+
+    def hook_exit(self) -> "int | None":
+        """The watched notify command's wait status, once reaped."""
+        return self.hook_status
+
+    def kill_tree(self, sig: int) -> None:
+        """Send ``sig`` to the workload's group and to every live descendant.
+
+        Safe against pid reuse: the workload is our child, so its pid (and so
+        its process group id) cannot be recycled until we reap it; the other
+        targets are found as live descendants of this very process.  A
+        SIGKILL is repeated until no descendant is left, for those forked
+        meanwhile.
+        """
+        facts = self.facts
+        rounds = _KILL_ROUNDS if sig == _SIGKILL else 1
+        for i in range(rounds):
+            if facts.pid and facts.wait_status is None:
+                try:
+                    os.killpg(facts.pid, sig)
+                except OSError:
+                    pass
+            exclude = {self.hook_pid} if self.hook_pid else set()
+            targets = _descendants_of(os.getpid(), exclude)
+            for pid in targets:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            if sig != _SIGKILL:
+                return
+            if not targets and (facts.wait_status is not None or i > 0):
+                return
+            time.sleep(_KILL_ROUND_S)
+            self.reap()
+
+
+# ---- state.json -------------------------------------------------------------
+
+
+class _StateWriter:
+    """Writes state.json, and keeps the disk space its terminal write needs.
+
+    Every write replaces the file atomically (temp file + rename).  A durable
+    (terminal) write is retried; when the disk is full (the workload's own
+    output may have filled it), it first gives back the space reserved at
+    start-up, so the job's result is still recorded.
+    """
+
+    def __init__(self, job_dir: str, job_id: str, facts: "_JobFacts", counts) -> None:
+        self.job_dir = job_dir
+        self.job_id = job_id
+        self.facts = facts
+        self.counts = counts  # () -> the _OUTPUT_COUNTS, from _Capture.counts
+        self.path = os.path.join(job_dir, STATE)
+        self.reserve = None  # type: str | None
+
+    def document(self, state: str, failure: "dict | None" = None) -> dict:
+        """The document for ``state``, from the facts as they stand."""
+        return _state_document(self.job_id, state, self.facts, self.counts(), failure)
+
+    def write(self, doc: "dict | None" = None, durable: bool = False, quiet: bool = False) -> None:
+        """Replace state.json with ``doc`` (default: the running document)."""
+        if doc is None:
+            doc = self.document("running")
+        attempts = _STATE_WRITE_ATTEMPTS if durable else 1
+        for i in range(attempts):
+            try:
+                # Terminal writes are fsynced by publish_terminal, after the
+                # waiters are woken; atomicity comes from the rename.
+                _write_json_atomic(self.path, doc)
+                return
+            except OSError as e:
+                if durable and self.release_reserve():
+                    continue
+                if i == attempts - 1:
+                    if not quiet:
+                        _log(0, "cannot write %s: %s" % (self.path, e))
+                    return
+                time.sleep(min(0.05 * (i + 1), 0.5))
+
+    def make_reserve(self) -> None:
+        """Set some disk aside for the terminal state (see write)."""
+        path = os.path.join(self.job_dir, RESERVE)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, b"\0" * RESERVE_BYTES)  # real blocks, even on tmpfs
+            finally:
+                os.close(fd)
+            self.reserve = path
+        except OSError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def release_reserve(self) -> bool:
+        """Delete the reserve; True if there was one to give back."""
+        path, self.reserve = self.reserve, None
+        if path is None:
+            return False
+        try:
+            os.unlink(path)
+        except OSError:
+            return False
+        return True
+
+    def publish_terminal(self, wake) -> None:
+        """After the terminal write: give the reserve back, ``wake()`` the waiters, fsync."""
+        # The reserve has served (the terminal state is in place); giving it
+        # back now, before anyone wakes, leaves the directory as it stays.
+        self.release_reserve()
+        wake()
+        # Then make the terminal state durable.  Readers already see it (the
+        # rename is atomic); the fsyncs, which on a busy disk can take tens
+        # of milliseconds, would only delay every waiter if done first.
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _log(1, "cannot fsync %s: %s" % (self.path, e))
+        _fsync_dir(self.job_dir)
+
+
+# ---- Completion events ------------------------------------------------------
+
+
+class _Notifier:
+    """The completion event (job.finished) and its two sinks, a command and a file.
+
+    Runs once, after the terminal state is written and the waiters are
+    woken.  completion_event.json is written before the sinks run (a command
+    sink can read it through AGENT_EXEC_EVENT_PATH) and again with their
+    results.  A notify command may run for up to its timeout, and meanwhile
+    descendants of the job may still write: so the notifier takes ``pump``,
+    a callable that reads what the pipes hold (_Capture.drain_available),
+    and calls it while it waits.  That is the one coupling between the
+    parts: a slow hook never blocks the job's processes on a full pipe.  The
+    hook is reaped through the _ProcessTree, like every child.
+    """
+
+    def __init__(self, job_dir: str, job_id: str, cfg: dict, tree: "_ProcessTree", pump) -> None:
+        self.job_dir = job_dir
+        self.job_id = job_id
+        self.cfg = cfg
+        self.tree = tree
+        self.pump = pump
+
+    def deliver(self, doc: dict) -> None:
+        """Deliver the event of the terminal state ``doc`` to the sinks asked for."""
+        command = self.cfg.get("notify_command")
+        nfile = self.cfg.get("notify_file")
+        if not command and not nfile:
+            return
+        event = self._event(doc)
+        event_path = os.path.join(self.job_dir, EVENT_FILE)
+        payload = json.dumps(event, ensure_ascii=True)
+        results = []
+        try:
+            _write_json_atomic(event_path, dict(event, delivery_results=[]))
+        except OSError as e:
+            _log(1, "cannot write %s: %s" % (event_path, e))
+        if command:
+            results.append(self._run_command(command, payload, event_path))
+        if nfile:
+            results.append(_deliver_file(nfile, payload))
+        try:
+            _write_json_atomic(event_path, dict(event, delivery_results=results), durable=True)
+        except OSError as e:
+            _log(1, "cannot write %s: %s" % (event_path, e))
+
+    def _event(self, doc: dict) -> dict:
+        result = doc["result"]
+        event = {
+            "schema_version": SCHEMA_VERSION,
+            "event_type": "job.finished",
+            "job_id": self.job_id,
+            "state": doc["job"]["status"],
+            "command": self.cfg["argv"],
+            "cwd": self.cfg["cwd"],
+            "started_at": doc["job"]["started_at"],
+            "finished_at": doc["finished_at"],
+            "duration_ms": result["duration_ms"],
+            "stdout_log_path": os.path.join(self.job_dir, STDOUT_LOG),
+            "stderr_log_path": os.path.join(self.job_dir, STDERR_LOG),
+        }
+        if result["exit_code"] is not None:
+            event["exit_code"] = result["exit_code"]
+        if result["signal"] is not None:
+            event["signal"] = result["signal"]
+        if doc.get("failure"):
+            event["failure"] = doc["failure"]
+        return event
+
+    def _run_command(self, argv: list, payload: str, event_path: str) -> dict:
+        """Run the command sink with the event on stdin; its delivery result."""
+        res = {"sink_type": "command", "target": json.dumps(argv), "success": False}
+        res["attempted_at"] = _now()
+        timeout = (self.cfg.get("notify_timeout_ms") or DEFAULT_NOTIFY_TIMEOUT_MS) / 1000.0
+        try:
+            proc = self._start_command(argv, event_path)
+        except (OSError, ValueError) as e:
+            res["error"] = "cannot start notify command: %s" % (getattr(e, "strerror", None) or e)
+            return res
+        status = self._feed_and_wait(proc, payload, timeout)
+        if status is None:
+            res["error"] = "notify command timed out after %d ms and was killed" % (timeout * 1000)
+            res["timed_out"] = True
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            res["success"] = True
+        elif os.WIFSIGNALED(status):
+            res["error"] = "notify command killed by %s" % signal_name(os.WTERMSIG(status))
+        else:
+            res["error"] = "notify command exited with %d" % os.WEXITSTATUS(status)
+        return res
+
+    def _start_command(self, argv: list, event_path: str):
+        """Start the command sink in a session of its own; the Popen."""
+        import subprocess
+
+        env = dict(os.environ)
+        env["AGENT_EXEC_EVENT_PATH"] = event_path
+        env["AGENT_EXEC_JOB_ID"] = self.job_id
+        env["AGENT_EXEC_EVENT_TYPE"] = "job.finished"
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.cfg["cwd"] if os.path.isdir(self.cfg["cwd"]) else "/",
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+        )
+
+    def _feed_and_wait(self, proc, payload: str, timeout: float) -> "int | None":
+        """Give the hook the event, wait for it; its wait status, None if it timed out.
+
+        We reap the hook ourselves (wait4(-1) also collects the orphans we
+        adopt), and keep draining descendants' output while it runs, so a
+        slow hook blocks nobody.  One that overstays is killed, with its
+        process group, and reaped.
+        """
+        proc.returncode = 0  # so that Popen never waits for it itself
+        tree = self.tree
+        tree.watch_hook(proc.pid)
+        try:
+            try:
+                _write_all(proc.stdin.fileno(), payload.encode())
+            except OSError as e:  # EPIPE: the hook ignores stdin; judge it by its exit
+                _log(2, "notify command stdin: %s" % e)
+            proc.stdin.close()
+            deadline = time.monotonic() + timeout
+            while tree.hook_exit() is None and time.monotonic() < deadline:
+                time.sleep(_NOTIFY_POLL_S)
+                tree.reap()
+                self.pump()
+            status = tree.hook_exit()
+            if status is None:
+                try:
+                    os.killpg(proc.pid, _SIGKILL)
+                except OSError:
+                    pass
+                while tree.hook_exit() is None and tree.reap():
+                    time.sleep(_NOTIFY_POLL_S)
+            return status
+        finally:
+            tree.watch_hook(None)
+
+
+def _deliver_file(path: str, payload: str) -> dict:
+    res = {"sink_type": "file", "target": path, "success": False, "attempted_at": _now()}
+    line = (payload + "\n").encode()
+    try:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            # One write(2) with O_APPEND: concurrent jobs never interleave
+            # inside a line.  A short write is an error, not something to
+            # complete with a second write that could land elsewhere.
+            n = os.write(fd, line)
+        finally:
+            os.close(fd)
+        if n != len(line):
+            res["error"] = "short write to notify file (%d of %d bytes)" % (n, len(line))
+        else:
+            res["success"] = True
+    except OSError as e:
+        res["error"] = "cannot append to notify file: %s" % (e.strerror or e)
+    return res
+
+
+# ---- The supervisor ---------------------------------------------------------
+
+
+class _Supervisor:
+    """One job's supervisor: the parts above, the loop, and the end of the job.
+
+    run() starts the workload and serves it until it is over (see _loop);
+    fail() records a crash.  Timers and control messages are tables of
+    handlers, ``on_timer`` and ``on_control``, so a new deadline or a new
+    verb is one entry there.
+    """
+
+    def __init__(self, job_dir: str, lock_fd: int, cfg: dict) -> None:
+        self.job_dir = job_dir
+        self.lock_fd = lock_fd  # type: int | None
+        self.cfg = cfg
+        self.job_id = os.path.basename(job_dir)
+        facts = self.facts = _JobFacts()
+        facts.boot_id = _read_boot_id()
+        self.capture = _Capture(
+            job_dir,
+            cfg,
+            on_dropped=self._on_dropped,
+            on_ready=self._mark_ready,
+            on_log_error=self._note_log_error,
+        )
+        self.ready_port = cfg.get("ready_port") or None
+        if self.capture.ready_re is not None or self.ready_port:
+            facts.ready = False
+        # Lets readers tell our pid from a recycled one.
+        facts.supervisor_pid = os.getpid()
+        facts.supervisor_start = _proc_start_time(facts.supervisor_pid)
+        self.tree = _ProcessTree(facts)
+        self.state_writer = _StateWriter(job_dir, self.job_id, facts, self.capture.counts)
+        self.notifier = _Notifier(
+            job_dir, self.job_id, cfg, self.tree, pump=self.capture.drain_available
+        )
+        self.timers = _Timers()
+        self.on_timer = {
+            "timeout": self._on_timeout,
+            "kill_after": self._on_kill_after,
+            "progress": self._on_progress,
+            "probe": self._on_probe,
+            "flush": self._on_flush,
+        }
+        self.on_control = {"kill": self._on_kill}
+        self.terminal = False  # the terminal state is written
+        self.final_doc = None  # type: dict | None  (that state, for the events)
+        self.wake_r = None  # type: int | None  (readable after a SIGCHLD)
+        self.control_fd = None  # type: int | None
+        self.control_carry = b""  # an unfinished control line
+        self.ready_fd = None  # type: int | None  (holds ready.lock until ready)
+
+    # -- start -------------------------------------------------------------
+
+    def run(self, ready_fd: int) -> int:
+        """Start the workload, answer `run` on ``ready_fd``, serve the job; the exit code."""
+        import signal
+
+        # A full disk or RLIMIT_FSIZE must give EFBIG, not kill us.
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.tree.become_subreaper()
+        self.wake_r = _wake_on_sigchld()
+        self.control_fd = _open_control(self.job_dir)
+        self.state_writer.make_reserve()
+        if self.facts.ready is not None:
+            self.ready_fd = _open_locked(os.path.join(self.job_dir, READY_LOCK))
+        try:
+            self._start()
+        except Exception as e:  # OSError from exec; ValueError, SubprocessError
+            reason = getattr(e, "strerror", None) or e
+            msg = "cannot start %s: %s" % (_short(self.cfg["argv"][0]), reason)
+            self._write_failed("spawn_failed", msg)
+            _send_ready(ready_fd, {"ok": True})
+            self._after_terminal()
+            return 0
+        self.state_writer.write()
+        _send_ready(ready_fd, {"ok": True})
+        self._loop()
+        return 0
+
+    def _start(self) -> None:
+        """Open the logs, start the workload on two pipes, set the job's timers."""
+        cfg = self.cfg
+        facts = self.facts
+        self.capture.open_logs()
+        out_r, out_w = _output_pipe()
+        try:
+            err_r, err_w = _output_pipe()
+        except BaseException:
+            os.close(out_r)
+            os.close(out_w)
+            raise
+        try:
+            setup = _ChildSetup(cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w)
+            facts.pid = _spawn_workload(setup)
+        except BaseException:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        finally:
+            facts.started_mono = time.monotonic()
+            facts.started_at = _now()
+        os.close(out_w)
+        os.close(err_w)
+        facts.pid_start = _proc_start_time(facts.pid)
+        self.capture.attach(out_r, err_r)
+        timeout_ms = cfg.get("timeout_ms") or 0
+        if timeout_ms > 0:
+            self.timers.start_at("timeout", facts.started_mono + timeout_ms / 1000.0)
+        if self.ready_port:
+            self.timers.start_at("probe", facts.started_mono)
+        progress_ms = cfg.get("progress_every_ms") or 0
+        if progress_ms:
+            self.timers.start("progress", progress_ms / 1000.0)
+
+    # -- the loop ----------------------------------------------------------
+
+    def _loop(self) -> None:
+        """Serve the job until it is over and nothing of it is left.
+
+        Each turn sleeps in poll(2) until a pipe, the SIGCHLD wake-up pipe or
+        the control FIFO is readable, or the first timer is due; handles
+        what came; runs the handlers of the timers that are due; and, once
+        the main process has been reaped, writes the terminal state
+        (_finish).  The loop ends when the terminal state is written, both
+        pipes are at EOF and no child is left: descendants that still run
+        keep their reaper and killer alive.
+        """
+        import select
+
+        poller = select.poll()
+        streams = {}
+        for s in self.capture.streams:
+            poller.register(s.fd, select.POLLIN)
+            streams[s.fd] = s
+        poller.register(self.wake_r, select.POLLIN)
+        if self.control_fd is not None:
+            poller.register(self.control_fd, select.POLLIN)
+        timers = self.timers
+        while True:
+            flush_at = self.capture.flush_due()
+            if flush_at is None:
+                timers.cancel("flush")
+            else:
+                timers.start_at("flush", flush_at)
+            for fd, _ev in poller.poll(timers.poll_ms()):
+                if fd == self.wake_r:
+                    _drain_fd(self.wake_r)
+                    self.tree.reap()
+                elif fd == self.control_fd:
+                    self._read_control()
+                elif not self.capture.read(streams[fd]):
+                    poller.unregister(fd)
+            for name in timers.pop_expired():
+                self.on_timer[name]()
+            if self.facts.wait_status is not None and not self.terminal:
+                self._finish()
+            if self.terminal and self.capture.all_eof() and not self.tree.reap():
+                break
+        self.capture.flush_partials(None)
+
+    # -- timers ------------------------------------------------------------
+
+    def _on_timeout(self) -> None:
+        """--timeout: TERM the tree, then KILL it after --kill-after."""
+        if self.facts.wait_status is not None:
+            return  # the main process ended meanwhile: nothing to time out
+        self.facts.timed_out = True
+        self.facts.kill_signal = _SIGTERM
+        self.tree.kill_tree(_SIGTERM)
+        kill_after = self.cfg.get("kill_after_ms") or 0
+        if kill_after <= 0:
+            self.tree.kill_tree(_SIGKILL)
+        else:
+            self.timers.start("kill_after", kill_after / 1000.0)
+
+    def _on_kill_after(self) -> None:
+        """Whatever is left of the tree after a timeout's TERM (even after the end)."""
+        self.tree.kill_tree(_SIGKILL)
+
+    def _on_progress(self) -> None:
+        """--progress-every: refresh state.json (its updated_at, the counters)."""
+        self.state_writer.write(quiet=True)
+        self.timers.start("progress", (self.cfg.get("progress_every_ms") or 0) / 1000.0)
+
+    def _on_probe(self) -> None:
+        """--ready-port: try to connect; again in READY_PROBE_S until it works."""
+        if _probe_port(self.ready_port):
+            self._mark_ready()
+        else:
+            self.timers.start("probe", READY_PROBE_S)
+
+    def _on_flush(self) -> None:
+        """A partial line has been quiet for PARTIAL_FLUSH_S: give it its row."""
+        self.capture.flush_partials(time.monotonic())
+
+    # -- control messages --------------------------------------------------
+
+    def _read_control(self) -> None:
+        """Read the control FIFO and run the handler of each message's verb."""
+        try:
+            data = os.read(self.control_fd, _CONTROL_READ)
+        except OSError:  # BlockingIOError too
+            return
+        messages, self.control_carry, rejected = _split_control(data, self.control_carry)
+        for reason in rejected:
+            _log(1, "control FIFO: ignored %s" % reason)
+        for msg in messages:
+            handler = self.on_control.get(msg["verb"])
+            if handler is None:
+                _log(1, "control FIFO: unknown verb %r" % msg["verb"])
+            else:
+                handler(msg)
+
+    def _on_kill(self, msg: dict) -> None:
+        """{"verb": "kill", "signal": n}: signal the whole tree, as `kill` asks."""
+        sig = msg.get("signal")
+        if type(sig) is not int or not 0 < sig < 256:  # not a bool, not an OverflowError
+            _log(1, "control FIFO: kill with a bad signal %r" % (sig,))
+            return
+        if self.facts.wait_status is None and not self.terminal:
+            self.facts.kill_signal = sig
+        self.tree.kill_tree(sig)
+
+    # -- callbacks from the capture ---------------------------------------
+
+    def _on_dropped(self) -> None:
+        """--max-output dropped bytes: readers see the new counts at once."""
+        if not self.terminal:
+            self.state_writer.write(quiet=True)
+
+    def _note_log_error(self, message: str) -> None:
+        """Record the first log error; it never changes the job's result."""
+        if self.facts.log_error is None:
+            self.facts.log_error = message
+            _log(1, message)
+            if self.facts.pid is not None and not self.terminal:
+                self.state_writer.write(quiet=True)
+
+    def _mark_ready(self) -> None:
+        """Record readiness, then wake whoever waits for it."""
+        self.facts.ready = True
+        self.facts.ready_at = _now()
+        self.capture.stop_ready_matching()
+        self.timers.cancel("probe")
+        if not self.terminal:
+            self.state_writer.write(quiet=True)
+        self._release_ready()
+
+    def _release_ready(self) -> None:
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+    # -- the end -----------------------------------------------------------
+
+    def _finish(self) -> None:
+        """The main process has been reaped: write the one terminal state, wake the waiters."""
+        self.capture.final_drain()
+        self.capture.flush_partials(None)
+        for name in ("timeout", "progress", "probe"):
+            self.timers.cancel(name)  # kill_after stays: it is for the descendants
+        doc = self.state_writer.document(_end_state(self.facts))
+        self.state_writer.write(doc, durable=True)
+        self.final_doc = doc
+        self._after_terminal()  # wakes the waiters, then fsyncs
+
+    def _write_failed(self, code: str, message: str) -> None:
+        doc = self.state_writer.document("failed", {"code": code, "message": message})
+        self.state_writer.write(doc, durable=True)
+        self.final_doc = doc
+
+    def fail(self, code: str, message: str) -> None:
+        """Record that the job failed (the supervisor crashed), unless it is over already."""
+        if not self.terminal:
+            self._write_failed(code, message)
+            self._after_terminal()
+
+    def _after_terminal(self) -> None:
+        """The terminal state is written: wake the waiters, fsync, deliver the events."""
+        self.terminal = True
+        self.state_writer.publish_terminal(wake=self._wake_waiters)
+        try:
+            self.notifier.deliver(self.final_doc)
+        except Exception as e:  # best effort: a sink never changes the job
+            _log(0, "event delivery failed: %s" % e)
+
+    def _wake_waiters(self) -> None:
+        # Closing our only copy of the lock wakes every `wait` at once.
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+        self._release_ready()  # over without being ready: wake those too
+
+
+def _wake_on_sigchld() -> int:
+    """The read end of a pipe that becomes readable whenever a child ends."""
+    import signal
+
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    # SIGCHLD must have a Python handler for the wakeup fd to be written;
+    # the poll loop does the reaping.
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_w)
+    return wake_r
+
+
+def _probe_port(port: int) -> bool:
+    """True when something accepts a TCP connection on localhost:port."""
+    import socket
+
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(_PROBE_CONNECT_S)
+                sock.connect((host, port))
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _open_locked(path: str) -> "int | None":
+    """Create (or open) ``path`` and hold an exclusive flock on it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    except OSError as e:
+        _log(1, "cannot lock %s: %s" % (path, e))
+        return None
+
+
 def _drain_fd(fd: int) -> None:
     try:
         while os.read(fd, 4096):
@@ -2187,20 +2711,13 @@ def _send_ready(fd: "int | None", msg: dict) -> None:
         os.close(fd)
 
 
-def _read_all_fd(fd: int) -> bytes:
-    chunks = []
-    while True:
-        data = os.read(fd, 65536)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
 def supervise_main(job_dir: str, lock_fd: int, config_fd: int, ready_fd: int) -> int:
     """Body of the supervisor, in a re-executed interpreter or a forked child."""
     try:
-        cfg = json.loads(_read_all_fd(config_fd).decode("utf-8", "surrogatepass"))
-        os.close(config_fd)
+        try:
+            cfg = json.loads(_read_fd(config_fd).decode("utf-8", "surrogatepass"))
+        finally:
+            os.close(config_fd)
     except (OSError, ValueError) as e:
         _log(0, "supervisor: bad configuration: %s" % e)
         os.close(ready_fd)
@@ -2209,13 +2726,14 @@ def supervise_main(job_dir: str, lock_fd: int, config_fd: int, ready_fd: int) ->
     try:
         return sup.run(ready_fd)
     except BaseException as e:  # record, never leave a job "running" silently
-        if not sup.terminal:
-            try:
-                sup._finish_failed("supervisor_error", "supervisor crashed: %r" % (e,))
-                sup._after_terminal()
-            except BaseException:
-                pass
+        try:
+            sup.fail("supervisor_error", "supervisor crashed: %r" % (e,))
+        except BaseException:
+            pass
         raise
+
+
+# ---- Launching the supervisor -----------------------------------------------
 
 
 def _script_path() -> "str | None":
@@ -2244,6 +2762,37 @@ def _fds_to_close(keep: "set") -> "list":
     return [fd for fd in range(3, 1024) if fd not in keep]
 
 
+# The supervisor's interpreter loads this file through the import system rather
+# than as a script, so its cached bytecode is used and the supervisor does not
+# recompile it; with the bare loader (importlib.util would cost about 10 ms of
+# imports).  argv[1] is the file, the rest is main()'s argv.
+_SUPERVISOR_BOOT = (
+    "import sys,importlib.machinery as im;n='agent_exec_supervisor';"
+    "l=im.SourceFileLoader(n,sys.argv[1]);m=type(sys)(n);"
+    "m.__file__=sys.argv[1];m.__loader__=l;l.exec_module(m);sys.exit(m.main(sys.argv[2:]))"
+)
+
+
+def _supervisor_argv(script: str, job_dir: str, fds: "tuple") -> list:
+    """The command line that re-executes this file as the supervisor."""
+    # -I -S: no environment variables, user site or site-packages: the
+    # supervisor needs nothing but the standard library.
+    argv = [sys.executable, "-I", "-S", "-c", _SUPERVISOR_BOOT, script, "_supervise", job_dir]
+    return argv + ["--fds", "%d,%d,%d" % fds]
+
+
+def _only_thread() -> bool:
+    """True when no other thread runs, so a forked child may go on running Python.
+
+    A forked child has only the thread that forked; a lock another thread
+    held at the fork (in malloc, in the import system, in logging) stays
+    held in it for ever.  So a process with threads may fork only a child
+    that execs at once.
+    """
+    threading = sys.modules.get("threading")
+    return threading is None or threading.active_count() == 1
+
+
 def _launch_supervisor(job_dir: str, lock_fd: int, cfg: dict) -> dict:
     """Start the detached supervisor; return its ready message.
 
@@ -2254,91 +2803,126 @@ def _launch_supervisor(job_dir: str, lock_fd: int, cfg: dict) -> dict:
     that calls main() in-process collects no zombie, and the setsid puts it
     in a session of its own, out of reach of the caller's terminal signals.
     The grandchild re-executes this file (``python -I -S agent_exec.py
-    _supervise``) when it can; when the code came from stdin it simply runs
-    the supervisor in the forked interpreter.  Configuration, including
-    --env values, travels through a pipe, never through argv.
+    _supervise``) when it can; when the code came from stdin it runs the
+    supervisor in the forked interpreter, which is safe only while no other
+    thread runs (see _only_thread): otherwise this refuses.  Configuration,
+    including --env values, travels through a pipe, never through argv.
     """
-    cfg_r, cfg_w = os.pipe()
-    rdy_r, rdy_w = os.pipe()
     script = _script_path()
-    keep = {lock_fd, cfg_r, rdy_w}
-    # Load the file through the import system rather than as a script, so its
-    # cached bytecode is used and the supervisor does not recompile it; with
-    # the bare loader (importlib.util would cost about 10 ms of imports).
-    # -I -S: no environment variables, user site or site-packages: the
-    # supervisor needs nothing but the standard library.
-    boot = (
-        "import sys,importlib.machinery as im;n='agent_exec_supervisor';"
-        "l=im.SourceFileLoader(n,sys.argv[1]);m=type(sys)(n);"
-        "m.__file__=sys.argv[1];m.__loader__=l;l.exec_module(m);sys.exit(m.main(sys.argv[2:]))"
-    )
-    argv = [sys.executable, "-I", "-S", "-c", boot, script or "", "_supervise", job_dir]
-    argv += ["--fds", "%d,%d,%d" % (lock_fd, cfg_r, rdy_w)]
-    for stream in (sys.stdout, sys.stderr):
-        try:  # nothing buffered may be written twice, by parent and child
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)  # the intermediate child: done, our parent reaps it
-            # Grandchild: stdio on /dev/null, nothing of the caller's left.
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            if null > 2:
-                os.close(null)
-            for fd in _fds_to_close(keep):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            os.chdir("/")
-            if script is not None:
-                for fd in keep:
-                    os.set_inheritable(fd, True)
-                try:
-                    os.execv(sys.executable, argv)
-                except OSError:
-                    pass  # fall through: supervise in this process instead
-                for fd in keep:
-                    os.set_inheritable(fd, False)
-            global _log_level
-            _log_level = 0
-            code = supervise_main(job_dir, lock_fd, cfg_r, rdy_w)
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    # Parent.
+    in_fork_ok = _only_thread()
+    if script is None and not in_fork_ok:
+        raise AgentExecError(
+            "internal_error",
+            "cannot start the supervisor: agent-exec was not loaded from a file it can "
+            "re-execute, and running it in a forked child is unsafe while other threads run",
+        )
+    cfg_r, cfg_w = os.pipe()
+    try:
+        rdy_r, rdy_w = os.pipe()
+    except BaseException:
+        os.close(cfg_r)
+        os.close(cfg_w)
+        raise
+    fds = (lock_fd, cfg_r, rdy_w)
+    try:
+        argv = _supervisor_argv(script, job_dir, fds) if script is not None else None
+        inherited = _fds_to_close(set(fds))
+        for stream in (sys.stdout, sys.stderr):
+            try:  # nothing buffered may be written twice, by parent and child
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        pid = os.fork()
+    except BaseException:
+        for fd in (cfg_r, cfg_w, rdy_r, rdy_w):
+            os.close(fd)
+        raise
+    if pid == 0:
+        _become_supervisor(job_dir, fds, inherited, argv, in_fork_ok)
     os.close(cfg_r)
     os.close(rdy_w)
+    return _supervisor_handshake(pid, cfg_w, rdy_r, cfg)
+
+
+def _become_supervisor(job_dir: str, fds: tuple, inherited: list, argv, in_fork_ok: bool) -> None:
+    """In the forked child of `run`: detach, then be the supervisor.  Never returns.
+
+    ``argv`` re-executes this file (None: the code came from stdin); when
+    that is impossible the supervisor runs right here, if ``in_fork_ok``.
+    """
+    code = 1
     try:
-        while True:
-            try:
-                os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                break
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)  # the intermediate child: done, our parent reaps it
+        _detach_from_caller(inherited)
+        if argv is not None:
+            _exec_supervisor(argv, fds)  # returns only if the exec failed
+        if in_fork_ok:
+            # This process is the grandchild, a copy that nothing else uses:
+            # setting the global cannot reach the caller's main().  Errors
+            # only, as stderr is /dev/null now.
+            global _log_level
+            _log_level = 0
+            code = supervise_main(job_dir, *fds)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _detach_from_caller(inherited: list) -> None:
+    """Put stdio on /dev/null, close the caller's other fds, leave its cwd."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    for fd in inherited:
         try:
+            os.close(fd)
+        except OSError:
+            pass
+    os.chdir("/")
+
+
+def _exec_supervisor(argv: list, fds: tuple) -> None:
+    """Exec a fresh interpreter as the supervisor, handing it ``fds``; returns on failure."""
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    try:
+        os.execv(sys.executable, argv)
+    except OSError:
+        pass  # the caller supervises in this process instead, if it may
+    for fd in fds:
+        os.set_inheritable(fd, False)
+
+
+def _supervisor_handshake(pid: int, cfg_w: int, rdy_r: int, cfg: dict) -> dict:
+    """Reap the intermediate child, send the configuration, read the ready message."""
+    try:
+        try:
+            _reap_child(pid)
             _write_all(cfg_w, json.dumps(cfg, ensure_ascii=True).encode())
         except OSError as e:
             _log(1, "cannot hand the job to its supervisor: %s" % e)
         finally:
             os.close(cfg_w)
-        raw = _read_all_fd(rdy_r)
+        raw = _read_fd(rdy_r)
     finally:
         os.close(rdy_r)
     try:
         return json.loads(raw.decode()) if raw.strip() else {}
     except ValueError:
         return {}
+
+
+def _reap_child(pid: int) -> None:
+    """Wait for our child ``pid`` to end (gone already is fine)."""
+    try:
+        os.waitpid(pid, 0)  # EINTR is retried by Python (PEP 475)
+    except ChildProcessError:
+        pass
 
 
 # ==== Declarations ===========================================================
@@ -2969,17 +3553,7 @@ def _resolve_command(argv0: str, cwd: str, env: dict) -> str:
 
 
 def _bare_state(job_id: str, status: str, code: str, message: str) -> dict:
-    now = _now()
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "job": {"id": job_id, "status": status, "started_at": now},
-        "result": {"exit_code": None, "signal": None, "duration_ms": 0},
-        "pid": None,
-        "supervisor_pid": None,
-        "finished_at": now,
-        "updated_at": now,
-        "failure": {"code": code, "message": message},
-    }
+    return _state_document(job_id, status, _JobFacts(), failure={"code": code, "message": message})
 
 
 # ---- status, tail ---------------------------------------------------------------
@@ -3443,31 +4017,18 @@ def cmd_kill(o) -> dict:
     return out
 
 
-def _ask_supervisor_to_signal(job: dict, sig: int) -> bool:
-    """Write a kill request to the live supervisor's control FIFO."""
-    state = job["state"] or {}
-    if job["status"] != "running":
+def _ask_supervisor_to_signal(job: _Job, sig: int) -> bool:
+    """Ask the live supervisor, through its control FIFO, to signal the job's tree."""
+    if job.state != "running":
         # Terminal: only descendants can be alive, and only a live supervisor
         # knows them; skip the FIFO unless it provably still runs.
-        sup = state.get("supervisor_pid")
-        token = state.get("supervisor_start_time")
-        if not isinstance(sup, int) or token is None or _proc_start_time(sup) != token:
+        if not _supervisor_alive(job) or not _descendants_of(job.record["supervisor_pid"]):
             return False
-        if not _descendants_of(sup):
-            return False
-    path = os.path.join(job["dir"], CONTROL)
-    try:
-        # O_NONBLOCK: fails with ENXIO at once when no supervisor reads it.
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        os.write(fd, b"kill %d\n" % sig)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
+    if not job.record.get("control_protocol"):
+        # A supervisor of an earlier version (its state.json does not name the
+        # protocol) reads only this line; a current one reads it too.
+        return _send_control_line(job.dir, b"kill %d\n" % sig)
+    return _send_control(job.dir, {"verb": "kill", "signal": sig})
 
 
 def _signal_without_supervisor(job: _Job, sig: int) -> bool:
