@@ -368,7 +368,7 @@ class WaitOutputRaceTests(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             for name in ("stdout.log", "stderr.log"):
                 open(os.path.join(d, name), "wb").close()
-            job = {"dir": d}
+            job = agent_exec._Job("01ABCDEFGHJKMNPQRSTVWXYZ00", d, {}, None, "running", None)
             before = agent_exec._log_sizes(job)  # the read happens here and finds nothing
             with open(os.path.join(d, "stdout.log"), "ab") as f:
                 f.write(b"late line\n")  # ...then the line lands, before the wait starts

@@ -29,6 +29,7 @@ STATE_KEYS = {
     "pid_start_time",
     "supervisor_pid",
     "supervisor_start_time",
+    "control_protocol",
     "boot_id",
     "finished_at",
     "updated_at",
