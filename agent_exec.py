@@ -458,6 +458,40 @@ def _descendants_of(root_pid: int, exclude: "set | None" = None) -> "list":
     return out
 
 
+def _listening_ports(pids: list) -> list:
+    """TCP ports on which any of ``pids`` listens (Linux: /proc/net/tcp{,6})."""
+    if not pids:
+        return []
+    by_inode = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A":  # 0A: LISTEN
+                by_inode[cols[9]] = int(cols[1].rsplit(":", 1)[1], 16)
+    ports = set()
+    for pid in pids:
+        fd_dir = "/proc/%d/fd" % pid
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                port = by_inode.get(target[8:-1])
+                if port is not None:
+                    ports.add(port)
+    return sorted(ports)
+
+
 # ==== Files and locks ========================================================
 #
 # Every file agent-exec writes for readers is replaced by write-then-rename,
@@ -1884,9 +1918,7 @@ class _Capture:
     def _check_ready_output(self, s: _Stream, data: bytes, final: bool) -> None:
         """--ready-match: test each complete line (the last one at EOF)."""
         buf = s.ready_buf + data
-        cut = len(buf) if final else buf.rfind(b"\n") + 1
-        if len(buf) - cut > FULL_LOG_ROW_MAX:  # a very long line: test what we have
-            cut = len(buf)
+        cut = _complete_lines(buf, final, FULL_LOG_ROW_MAX)
         lines, s.ready_buf = buf[:cut], buf[cut:]
         if lines and self.ready_re.search(lines.decode("utf-8", "replace")):
             self.on_ready()
@@ -2038,7 +2070,7 @@ class _ProcessTree:
         facts = self.facts
         while True:
             try:
-                pid, status, rusage = os.wait4(-1, os.WNOHANG)
+                pid, wait_status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return False
             except InterruptedError:
@@ -2046,11 +2078,11 @@ class _ProcessTree:
             if pid == 0:
                 return True
             if pid == facts.pid and facts.wait_status is None:
-                facts.wait_status = status
+                facts.wait_status = wait_status
                 facts.rusage = rusage
                 facts.ended_mono = time.monotonic()
             elif pid == self.hook_pid:
-                self.hook_status = status
+                self.hook_status = wait_status
 
     def watch_hook(self, pid: "int | None") -> None:
         """Record the notify command's exit status from now on (None: stop)."""
@@ -3552,8 +3584,8 @@ def _resolve_command(argv0: str, cwd: str, env: dict) -> str:
     )
 
 
-def _bare_state(job_id: str, status: str, code: str, message: str) -> dict:
-    return _state_document(job_id, status, _JobFacts(), failure={"code": code, "message": message})
+def _bare_state(job_id: str, state: str, code: str, message: str) -> dict:
+    return _state_document(job_id, state, _JobFacts(), failure={"code": code, "message": message})
 
 
 # ---- status, tail ---------------------------------------------------------------
@@ -3633,40 +3665,6 @@ def cmd_status(o) -> dict:
             pids.insert(0, record["pid"])
         out["ports"] = _listening_ports(pids)
     return out
-
-
-def _listening_ports(pids: list) -> list:
-    """TCP ports on which any of ``pids`` listens (Linux: /proc/net/tcp{,6})."""
-    if not pids:
-        return []
-    by_inode = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if len(cols) > 9 and cols[3] == "0A":  # 0A: LISTEN
-                by_inode[cols[9]] = int(cols[1].rsplit(":", 1)[1], 16)
-    ports = set()
-    for pid in pids:
-        fd_dir = "/proc/%d/fd" % pid
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                port = by_inode.get(target[8:-1])
-                if port is not None:
-                    ports.add(port)
-    return sorted(ports)
 
 
 def _live_descendants(job: _Job) -> "list | None":
