@@ -20,10 +20,54 @@ import unittest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "agent_exec.py")
 PY = sys.executable
+# How cli() starts the CLI: the file loaded through the import system, so its
+# cached bytecode is used.  As a script (`python3 agent_exec.py`) CPython
+# compiles the whole file at every start (20-40 ms), which over the suite's
+# thousands of calls is a good part of its time.  The script form itself is
+# exercised by the tests that call SCRIPT directly.
+CLI = [PY, "-c", "import sys; sys.path.insert(0, %r); import agent_exec; agent_exec.cli()" % REPO]
 # One bound for every CLI call: nothing in the suite may hang.
 CALL_TIMEOUT = 60
 # The timestamps agent-exec writes: RFC 3339, UTC, milliseconds.
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+_strict = []
+
+
+def strict_schema():
+    """The response schema with ``additionalProperties: false`` on every object
+    that lists its properties: a field an answer carries but no declaration
+    names fails validation.  The published schema stays open for old clients."""
+    if not _strict:
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        import agent_exec
+
+        def close(node):
+            if isinstance(node, dict):
+                if "properties" in node:
+                    node["additionalProperties"] = False
+                for value in node.values():
+                    close(value)
+            elif isinstance(node, list):
+                for value in node:
+                    close(value)
+            return node
+
+        _strict.append(close(agent_exec.response_schema()))
+    return _strict[0]
+
+
+def check_strictly(answer):
+    """Raise AssertionError when ``answer`` does not fit the strict schema."""
+    from tests import _schema_check
+
+    problems = _schema_check.errors(answer, strict_schema())
+    if problems:
+        raise AssertionError(
+            "answer does not fit the strict schema: %s\n%r" % (problems[:5], answer)
+        )
 
 
 class Result:
@@ -172,11 +216,13 @@ class CLITestCase(unittest.TestCase):
     ):
         """Run ``agent_exec.py <args>`` and return a Result.
 
+        Every JSON answer is also checked against the strict schema.
+
         The root comes from $AGENT_EXEC_ROOT (set to this test's root) unless
         the test passes its own ``env``.  ``preexec_fn`` sets up the caller
         process (signals ignored, a umask...), as in subprocess.
         """
-        argv = [PY, SCRIPT] + [str(a) for a in args]
+        argv = CLI + [str(a) for a in args]
         proc = subprocess.run(
             argv,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -188,7 +234,10 @@ class CLITestCase(unittest.TestCase):
             universal_newlines=True,
             preexec_fn=preexec_fn,
         )
-        return Result(proc, argv)
+        result = Result(proc, argv)
+        if isinstance(result.json, dict):
+            check_strictly(result.json)
+        return result
 
     def ok(self, *args, **kw):
         """Run the CLI and assert exit 0, ``ok: true``; return the JSON."""
