@@ -23,9 +23,32 @@ PY = sys.executable
 # How cli() starts the CLI: the file loaded through the import system, so its
 # cached bytecode is used.  As a script (`python3 agent_exec.py`) CPython
 # compiles the whole file at every start (20-40 ms), which over the suite's
-# thousands of calls is a good part of its time.  The script form itself is
-# exercised by the tests that call SCRIPT directly.
-CLI = [PY, "-c", "import sys; sys.path.insert(0, %r); import agent_exec; agent_exec.cli()" % REPO]
+# thousands of calls is a good part of its time; the script form itself is
+# exercised by the tests that call SCRIPT directly.  -S: agent-exec needs
+# nothing but the standard library, and site's .pth files can cost more than
+# the command (the supervisor runs with -S too).  No PYTHONPATH: it would
+# leak into the environment of the jobs, which some tests inspect.
+CLI = [
+    PY,
+    "-S",
+    "-c",
+    "import sys; sys.path.insert(0, %r); import agent_exec; agent_exec.cli()" % REPO,
+]
+
+
+def _warm_bytecode():
+    """Write __pycache__/agent_exec.*.pyc once per run: $PYTHONDONTWRITEBYTECODE
+    stops imports from writing it, not from reading it."""
+    import importlib.util
+    import py_compile
+
+    try:
+        py_compile.compile(SCRIPT, cfile=importlib.util.cache_from_source(SCRIPT), doraise=True)
+    except (OSError, py_compile.PyCompileError):
+        pass  # a read-only checkout: the import compiles in memory, still correct
+
+
+_warm_bytecode()
 # One bound for every CLI call: nothing in the suite may hang.
 CALL_TIMEOUT = 60
 # The timestamps agent-exec writes: RFC 3339, UTC, milliseconds.
