@@ -3,7 +3,8 @@
 
     python3 bench/run.py                  # the full run: prints a Markdown table
     python3 bench/run.py --quick          # a smoke run: fewer repetitions, smaller sizes
-    python3 bench/run.py --only 1,4,8     # some figures only
+    python3 bench/run.py --only 1,4,8     # some figures only (numbers or names, see FIGURES)
+    python3 bench/run.py --tool /tmp/old/agent_exec.py  # measure another copy of the tool
     python3 bench/run.py --json out.json  # also write every figure and sample out
 
 Standard library only.  Each figure is the median of ``--runs`` runs (7 by default)
@@ -44,6 +45,23 @@ MiB = 1 << 20
 GiB = 1 << 30
 TERMINAL = ("exited", "killed", "failed")
 ALL_FIGURES = tuple(range(1, 13))
+# Figure number -> (name, what it measures).  The numbers stay those of
+# issue 4 (and of earlier tables); --only takes numbers or names.
+FIGURES = {
+    1: ("finished_job", "status, tail, wait on a finished job"),
+    2: ("run_start", "run --snapshot-after 0 -- true"),
+    3: ("run_wait", "run --wait -- true, until the answer is printed"),
+    4: ("wake_latency", "wake-up latency of a blocked wait"),
+    5: ("snapshot_overshoot", "run --snapshot-after 10000: waited_ms - the job's life"),
+    6: ("capture_binary", "capture, binary output"),
+    7: ("capture_lines", "capture, lines"),
+    8: ("supervisor_rss", "supervisor resident memory"),
+    9: ("tail_big_log", "tail on a big log"),
+    10: ("list_limit", "list --limit 50 over many jobs"),
+    11: ("list_all", "list --all over many jobs"),
+    12: ("concurrent_runs", "concurrent runs until all are terminal"),
+}
+BY_NAME = {name: num for num, (name, _what) in FIGURES.items()}
 # Figures 6, 7 and 9 write big files: they run last, so that their write-back
 # does not disturb the others.
 ORDER = (1, 2, 3, 4, 5, 8, 10, 11, 12, 9, 6, 7)
@@ -365,7 +383,7 @@ class Bench:
         for key in drop + ("PYTHONDONTWRITEBYTECODE",):
             env.pop(key, None)
         self.env = env
-        self.env_m = dict(env, PYTHONPATH=REPO)
+        self.env_m = dict(env, PYTHONPATH=os.path.dirname(TOOL))
         self.procs = {}  # pid -> Popen, while they run
         self.roots = 0
         self.watch = None
@@ -642,7 +660,7 @@ class Bench:
         row.update(extra)
         return row
 
-    def fig1(self):
+    def fig_finished_job(self):
         root = self.new_root("f1")
         job = self.finished_job(root)
         variants = [("F_py", self.floor_py)]
@@ -678,7 +696,7 @@ class Bench:
 
         return fn
 
-    def fig2(self):
+    def fig_run_start(self):
         root = self.new_root("f2")
         last = {}
 
@@ -726,7 +744,7 @@ class Bench:
             ),
         ]
 
-    def fig3(self):
+    def fig_run_wait(self):
         root = self.new_root("f3")
         exits = {"run": [], "run -m": []}
         last = {}
@@ -784,7 +802,7 @@ class Bench:
             )
         return rows
 
-    def fig4(self):
+    def fig_wake_latency(self):
         """A wait already blocked on a job; the workload writes a timestamp and exits.
 
         The workload waits on a FIFO for our go, given once the wait process is
@@ -915,7 +933,7 @@ class Bench:
             return False
         return raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3] == b"S"
 
-    def fig5(self):
+    def fig_snapshot_overshoot(self):
         root = self.new_root("f5")
         stamp = os.path.join(self.base, "f5.stamp")
         script = "sleep 0.5; exec date +%%s%%N > %s" % stamp
@@ -1087,7 +1105,7 @@ class Bench:
         )
         return [row, row_m, diag, floor]
 
-    def fig6(self):
+    def fig_capture_binary(self):
         n = self.sizes["binary"]
         return self._capture(
             "6",
@@ -1097,7 +1115,7 @@ class Bench:
             "≤ 1.5 × F_raw",
         )
 
-    def fig7(self):
+    def fig_capture_lines(self):
         n = self.sizes["lines"]
         return self._capture(
             "7",
@@ -1110,7 +1128,7 @@ class Bench:
     def _size_name(self, n):
         return "%dG" % (n // GiB) if n % GiB == 0 else "%dM" % (n // MiB)
 
-    def fig8(self):
+    def fig_supervisor_rss(self):
         root = self.new_root("f8")
         idle, bulk = [], []
         n_lines = self.sizes["lines"] // 4
@@ -1166,7 +1184,7 @@ class Bench:
             )
         return rows
 
-    def fig9(self):
+    def fig_tail_big_log(self):
         root = self.new_root("f9")
         src = self.finished_job(root)
         big_n = self.sizes["tail_big"]
@@ -1231,7 +1249,7 @@ class Bench:
         self._many_note = "%d jobs made in %.1f s" % (self.sizes["jobs"], time.monotonic() - t0)
         return root
 
-    def fig10(self):
+    def fig_list_limit(self):
         root = self._many_jobs()
         n = self.sizes["jobs"]
 
@@ -1269,7 +1287,7 @@ class Bench:
             )
         return rows
 
-    def fig11(self):
+    def fig_list_all(self):
         """list --all: every job (--limit 0), and as typed (the default limit)."""
         root = self._many_jobs()
         n = self.sizes["jobs"]
@@ -1316,7 +1334,7 @@ class Bench:
             )
         return rows
 
-    def fig12(self):
+    def fig_concurrent_runs(self):
         n = self.sizes["concurrent"]
         totals, answers, failures, fpy = [], [], [], []
         notes = []
@@ -1478,13 +1496,22 @@ def sort_key(row):
 
 
 def parse_only(text):
-    try:
-        figs = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError("--only takes figure numbers, e.g. 1,4,8")
-    if not figs or any(f not in ALL_FIGURES for f in figs):
-        raise argparse.ArgumentTypeError("figures are numbered 1 to 12")
-    return figs
+    figs = set()
+    for x in text.split(","):
+        x = x.strip()
+        if not x:
+            continue
+        if x.isdigit() and int(x) in ALL_FIGURES:
+            figs.add(int(x))
+        elif x in BY_NAME:
+            figs.add(BY_NAME[x])
+        else:
+            raise argparse.ArgumentTypeError(
+                "%r: figures are 1 to 12 or their names: %s" % (x, ", ".join(sorted(BY_NAME)))
+            )
+    if not figs:
+        raise argparse.ArgumentTypeError("--only takes figure numbers or names, e.g. 1,run_wait,8")
+    return sorted(figs)
 
 
 def main(argv=None):
@@ -1499,8 +1526,18 @@ def main(argv=None):
     )
     ap.add_argument("--flags", default="", help='interpreter flags for tool and F_py, e.g. "-I"')
     ap.add_argument("--runs", type=int, default=None, help="runs per figure (default 7; 3 quick)")
+    ap.add_argument(
+        "--tool", metavar="PATH", help="the agent_exec.py to measure (default: the repo's)"
+    )
     ap.add_argument("--tmp", metavar="DIR", help="where the temp files go (default: $TMPDIR)")
     opts = ap.parse_args(argv)
+    global TOOL
+    if opts.tool:
+        TOOL = os.path.abspath(opts.tool)
+        if not (TOOL.endswith(".py") and os.path.isfile(TOOL)):
+            ap.error("--tool: %s is not a .py file" % TOOL)
+        if os.path.basename(TOOL) != "agent_exec.py":
+            ap.error("--tool: the file must be named agent_exec.py (the -m rows import it)")
     if opts.runs is None:
         opts.runs = 3 if opts.quick else 7
     if opts.runs < 1:
@@ -1524,6 +1561,7 @@ def main(argv=None):
         "sizes": bench.sizes,
         "machine": machine_info(opts.python),
         "git": git_info(),
+        "tool": TOOL,
         "tool_sha256_start": file_digest(TOOL),
         "load_before": loadavg(),
     }
@@ -1590,7 +1628,7 @@ def measure(bench, fig):
     busy0 = cpu_busy_ticks()
     load = loadavg()
     digest = file_digest(TOOL)
-    rows = getattr(bench, "fig%d" % fig)()
+    rows = getattr(bench, "fig_" + FIGURES[fig][0])()
     if file_digest(TOOL) != digest:
         for r in rows:
             r["tool_changed"] = True
@@ -1614,7 +1652,7 @@ def run_figure(bench, fig):
     or other processes used more than a quarter of a CPU meanwhile.  Of the two
     attempts, the one with less interference is kept; the other is noted.
     """
-    sys.stderr.write("figure %d ... " % fig)
+    sys.stderr.write("figure %d (%s) ... " % (fig, FIGURES[fig][0]))
     sys.stderr.flush()
     t0 = time.monotonic()
     try:
@@ -1692,10 +1730,11 @@ def report(meta, rows):
     g = meta["git"]
     print("agent-exec bench: %s" % meta["command"])
     print(
-        "commit %s%s; agent_exec.py sha256 %s at start, %s at end%s"
+        "commit %s%s; tool %s, sha256 %s at start, %s at end%s"
         % (
             g.get("commit"),
             " (dirty tree)" if g.get("dirty") else "",
+            meta.get("tool"),
             meta["tool_sha256_start"],
             meta["tool_sha256_end"],
             ""
