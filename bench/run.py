@@ -1529,15 +1529,24 @@ def main(argv=None):
     ap.add_argument(
         "--tool", metavar="PATH", help="the agent_exec.py to measure (default: the repo's)"
     )
+    ap.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="another agent_exec.py: every figure is measured for both, side by side",
+    )
     ap.add_argument("--tmp", metavar="DIR", help="where the temp files go (default: $TMPDIR)")
     opts = ap.parse_args(argv)
-    global TOOL
-    if opts.tool:
-        TOOL = os.path.abspath(opts.tool)
-        if not (TOOL.endswith(".py") and os.path.isfile(TOOL)):
-            ap.error("--tool: %s is not a .py file" % TOOL)
-        if os.path.basename(TOOL) != "agent_exec.py":
-            ap.error("--tool: the file must be named agent_exec.py (the -m rows import it)")
+    for flag in ("tool", "baseline"):
+        path = getattr(opts, flag)
+        if path is None:
+            continue
+        path = os.path.abspath(path)
+        if not (path.endswith(".py") and os.path.isfile(path)):
+            ap.error("--%s: %s is not a .py file" % (flag, path))
+        if os.path.basename(path) != "agent_exec.py":
+            ap.error("--%s: the file must be named agent_exec.py (the -m rows import it)" % flag)
+        setattr(opts, flag, path)
+    tool = opts.tool or TOOL
     if opts.runs is None:
         opts.runs = 3 if opts.quick else 7
     if opts.runs < 1:
@@ -1549,8 +1558,10 @@ def main(argv=None):
     opts.python = os.path.abspath(python)
     figures = opts.only or list(ALL_FIGURES)
 
+    use_tool(None, tool)
     bench = Bench(opts)
     rows = []
+    baseline_rows = []
     meta = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -1585,7 +1596,16 @@ def main(argv=None):
             if fig in (6, 9) and free < need:
                 rows.append(skipped_row(fig, "< %d GiB free in %s" % (need // GiB, bench.base)))
                 continue
-            rows.extend(run_figure(bench, fig))
+            if not opts.baseline:
+                rows.extend(run_figure(bench, fig))
+                continue
+            # Side by side: the two files alternate which goes first, figure
+            # by figure, so that drift in the machine hits both alike.
+            pair = [(opts.baseline, baseline_rows), (tool, rows)]
+            for path, into in pair if fig % 2 else pair[::-1]:
+                use_tool(bench, path)
+                into.extend(run_figure(bench, fig))
+            use_tool(bench, tool)
     except KeyboardInterrupt:
         interrupted = True
         sys.stderr.write("interrupted: cleaning up\n")
@@ -1601,11 +1621,63 @@ def main(argv=None):
     meta["other_cpu"] = watch.top()
     rows.sort(key=sort_key)
     report(meta, rows)
+    if opts.baseline:
+        meta["baseline"] = opts.baseline
+        baseline_rows.sort(key=sort_key)
+        print()
+        print("Side by side (baseline %s, tool %s):" % (opts.baseline, tool))
+        print()
+        print(compare_table(baseline_rows, rows))
     if opts.json:
         with open(opts.json, "w") as f:
-            json.dump({"meta": meta, "figures": rows}, f, indent=1, ensure_ascii=False)
+            out = {"meta": meta, "figures": rows}
+            if opts.baseline:
+                out["baseline_figures"] = baseline_rows
+            json.dump(out, f, indent=1, ensure_ascii=False)
             f.write("\n")
     return 130 if interrupted else 0
+
+
+def use_tool(bench, path):
+    """Make ``path`` the agent_exec.py that the figures run (script and -m rows)."""
+    global TOOL
+    TOOL = path
+    if bench is not None:
+        bench.env_m = dict(bench.env_m, PYTHONPATH=os.path.dirname(path))
+
+
+# A figure no more than this much above its baseline is "no worse"; figures
+# whose value is a few milliseconds at most get an absolute allowance instead.
+NO_WORSE_RATIO = 1.10
+NO_WORSE_ABS_MS = 2.0
+
+
+def compare_table(baseline_rows, rows):
+    """One row per figure id: the baseline's value, the tool's, and their ratio."""
+    by_id = {r["id"]: r for r in baseline_rows}
+    lines = [
+        "| # | figure | baseline | tool | tool / baseline | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = by_id.get(r["id"])
+        if b is None or r.get("skipped") or b.get("skipped"):
+            continue
+        old, new = b.get("value"), r.get("value")
+        if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
+            continue
+        ratio = new / old if old else float("inf") if new else 1.0
+        small = "ms" in r["measured"] and max(old, new) <= 20
+        if small:
+            ok = new - old <= NO_WORSE_ABS_MS
+        else:
+            ok = ratio <= NO_WORSE_RATIO
+        lines.append(
+            "| %s | %s | %s | %s | %.2f | %s |"
+            % (r["id"], r["figure"], b["measured"], r["measured"], ratio,
+               "no worse" if ok else "**worse**")
+        )  # fmt: skip
+    return "\n".join(lines)
 
 
 def skipped_row(fig, why):
