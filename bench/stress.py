@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -35,49 +34,24 @@ REPO = os.path.dirname(HERE)
 SCRIPT = os.path.join(REPO, "agent_exec.py")
 PY = sys.executable
 SH = "/bin/sh"
-MIB = 1 << 20
-ROW_MAX = 64 * 1024
-ROW_RE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(STDOUT|STDERR)\] ")
 
-GEN_NO_NEWLINE = (
-    "import os, sys\n"
-    "for i in range(int(sys.argv[1])):\n"
-    "    v = memoryview((b'%07d|' % i) * 131072)\n"
-    "    while v:\n"
-    "        v = v[os.write(1, v):]\n"
+sys.path.insert(0, REPO)
+from tests._procs import (  # noqa: E402  (the repository is on sys.path only now)
+    GEN_NO_NEWLINE,
+    MIB,
+    RACE_DRIVER,
+    ROW_MAX,
+    ROW_RE,
+    file_sha,
+    kill_quietly,
+    kill_recorded,
+    pid_alive,
+    pids_running,
+    proc_stat,
+    vmrss_kb,
+    wait_until,
+    zombies_of,
 )
-
-# The kill race calls main() in process, so a kill lands within a millisecond
-# of the chosen moment rather than an interpreter start-up later.
-RACE_DRIVER = r"""
-import contextlib, io, json, random, sys, time
-import agent_exec
-root, cwd, events, seed, first, count = sys.argv[1:7]
-seed, first, count = int(seed), int(first), int(count)
-
-def call(argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        rc = agent_exec.main(["--root", root] + argv)
-    return rc, json.loads(out.getvalue())
-
-res = []
-for i in range(first, first + count):
-    rnd = random.Random(seed + i)
-    x, sig, delay = rnd.randint(1, 9), rnd.choice(["TERM", "KILL", "INT"]), rnd.uniform(0, 0.12)
-    cmd = ["sh", "-c", "sleep 0.0%d; exit 3" % x]
-    rc, r = call(["run", "--snapshot-after", "0", "--cwd", cwd, "--notify-file", events, "--"]
-                 + cmd)
-    if rc != 0:
-        res.append({"i": i, "run": r})
-        continue
-    time.sleep(delay)
-    krc, k = call(["kill", "--signal", sig, r["job_id"]])
-    wrc, w = call(["wait", "--timeout-ms", "20000", r["job_id"]])
-    res.append({"i": i, "jid": r["job_id"], "sig": sig, "x": x, "delay": round(delay, 4),
-                "krc": krc, "k": k, "wrc": wrc, "w": w})
-print(json.dumps(res))
-"""
 
 # (full, quick) sizes of every case.
 SIZES = {
@@ -89,116 +63,6 @@ SIZES = {
     "load_runs": (200, 40),
     "job_dirs": (20000, 2000),
 }
-
-
-# ---- /proc helpers ----------------------------------------------------------
-
-
-def proc_stat(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0].decode(), int(fields[1])
-
-
-def alive(pid):
-    st = proc_stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return f.read().split(b"\0")[:-1]
-    except OSError:
-        return None
-
-
-def pids_running(argvs):
-    wanted = {tuple(a.encode() for a in argv) for argv in argvs}
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            pid = int(name)
-            cmd = cmdline(pid)
-            if cmd and tuple(cmd) in wanted and alive(pid):
-                out.append(pid)
-    return out
-
-
-def zombies_of(ppid):
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = proc_stat(int(name))
-            if st and st[0] == "Z" and st[1] == ppid:
-                out.append(int(name))
-    return out
-
-
-def vmrss_kb(pid):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def kill_quietly(pids, group=False):
-    for pid in pids:
-        if not isinstance(pid, int) or pid <= 1:
-            continue
-        for fn in (os.killpg, os.kill) if group else (os.kill,):
-            try:
-                fn(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
-def start_token(pid):
-    """Field 22 of /proc/<pid>/stat (start time), or None; what state.json records."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError, TypeError):
-        return None
-
-
-def kill_recorded(st):
-    """SIGKILL a job's workload group and supervisor, only if they are provably
-    the processes state.json names (pid reuse must never hit a stranger)."""
-    for key, token, group in (
-        ("pid", "pid_start_time", True),
-        ("supervisor_pid", "supervisor_start_time", False),
-    ):
-        pid = st.get(key)
-        if isinstance(pid, int) and pid > 1 and st.get(token) is not None:
-            if start_token(pid) == st.get(token):
-                kill_quietly([pid], group)
-
-
-def wait_until(pred, timeout, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def file_sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(4 * MIB)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 # ---- the harness --------------------------------------------------------------
@@ -384,7 +248,7 @@ class Stress:
         pid, sup = self.job_pids(jid)
         os.kill(sup, signal.SIGKILL)
         kill_quietly([pid], group=True)
-        wait_until(lambda: not alive(pid) and not alive(sup), 5)
+        wait_until(lambda: not pid_alive(pid) and not pid_alive(sup), 5)
         (dur,) = self.unique_sleeps(1)
         victim = subprocess.Popen(["sleep", dur], start_new_session=True)
         try:
@@ -602,7 +466,7 @@ print(json.dumps({"children": kids, "zombies": zs, "bad": bad}))
             return int(t) if t.isdigit() else None
 
         g = wait_until(gpid, 5)
-        wait_until(lambda: not alive(g), 5, 0.005)
+        wait_until(lambda: not pid_alive(g), 5, 0.005)
         t0 = time.monotonic()
         reaped = wait_until(lambda: not zombies_of(sup) and proc_stat(g) is None, 3, 0.005)
         took = time.monotonic() - t0
@@ -668,7 +532,7 @@ print(json.dumps({"children": kids, "zombies": zs, "bad": bad}))
         _, sup = self.job_pids(jid)
         peak = 0
         deadline = time.monotonic() + 900
-        while alive(sup) and time.monotonic() < deadline:
+        while pid_alive(sup) and time.monotonic() < deadline:
             rss = vmrss_kb(sup)
             if rss:
                 peak = max(peak, rss)

@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
+
+from tests._procs import pid_alive, wait_until  # noqa: F401 (re-exported)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "agent_exec.py")
@@ -113,35 +114,6 @@ class Result:
             self.stdout[-2000:],
             self.stderr[-2000:],
         )
-
-
-def pid_alive(pid):
-    """True when ``pid`` exists and is not a zombie (zombies count as dead)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            stat = f.read()
-    except OSError:
-        if sys.platform.startswith("linux"):
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
-
-
-def wait_until(pred, timeout=10.0, interval=0.02):
-    """Poll ``pred`` until it is truthy or ``timeout`` passes; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def _start_time(pid):

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -25,6 +24,24 @@ import threading
 import time
 import unittest
 
+from tests._procs import (  # noqa: F401
+    GEN_NO_NEWLINE,
+    MIB,
+    RACE_DRIVER,
+    ROW_MAX,
+    ROW_RE,
+    all_pids,
+    expected_no_newline_sha,
+    file_sha,
+    kill_quietly,
+    kill_recorded,
+    pids_running,
+    proc_cmdline,
+    proc_stat,
+    start_token,
+    vmrss_kb,
+    zombies_of,
+)
 from tests._util import PY, REPO, SCRIPT, CLITestCase, Result, pid_alive, wait_until
 
 if REPO not in sys.path:
@@ -34,125 +51,6 @@ import agent_exec  # noqa: E402
 LINUX = sys.platform.startswith("linux")
 SH = "/bin/sh"
 TERMINAL = ("exited", "killed", "failed")
-MIB = 1 << 20
-ROW_MAX = 64 * 1024
-ROW_RE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(STDOUT|STDERR)\] ")
-
-# Writes argv[1] MiB to stdout, never a newline: block i is b"%07d|" % i repeated.
-GEN_NO_NEWLINE = (
-    "import os, sys\n"
-    "for i in range(int(sys.argv[1])):\n"
-    "    v = memoryview((b'%07d|' % i) * 131072)\n"
-    "    while v:\n"
-    "        v = v[os.write(1, v):]\n"
-)
-
-
-def expected_no_newline_sha(mib):
-    h = hashlib.sha256()
-    for i in range(mib):
-        h.update((b"%07d|" % i) * 131072)
-    return h.hexdigest()
-
-
-def file_sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(MIB)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
-
-
-# ---- /proc helpers ----------------------------------------------------------
-
-
-def proc_stat(pid):
-    """(state, ppid) of a process, or None when it does not exist."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0].decode(), int(fields[1])
-
-
-def proc_cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return f.read().split(b"\0")[:-1]
-    except OSError:
-        return None
-
-
-def all_pids():
-    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
-
-
-def pids_running(argvs):
-    """Live (non-zombie) pids whose argv is one of ``argvs`` (lists of str)."""
-    wanted = {tuple(a.encode() for a in argv) for argv in argvs}
-    out = []
-    for pid in all_pids():
-        cmd = proc_cmdline(pid)
-        if cmd and tuple(cmd) in wanted and pid_alive(pid):
-            out.append(pid)
-    return out
-
-
-def zombies_of(ppid):
-    out = []
-    for pid in all_pids():
-        st = proc_stat(pid)
-        if st and st[0] == "Z" and st[1] == ppid:
-            out.append(pid)
-    return out
-
-
-def vmrss_kb(pid):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def kill_quietly(pids, group=False):
-    for pid in pids:
-        if not isinstance(pid, int) or pid <= 1:
-            continue
-        fns = (os.killpg, os.kill) if group else (os.kill,)
-        for fn in fns:
-            try:
-                fn(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
-def start_token(pid):
-    """Field 22 of /proc/<pid>/stat (start time), or None; what state.json records."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError, TypeError):
-        return None
-
-
-def kill_recorded(st):
-    """SIGKILL a job's workload group and supervisor, only if they are provably
-    the processes state.json names (pid reuse must never hit a stranger)."""
-    for key, token, group in (
-        ("pid", "pid_start_time", True),
-        ("supervisor_pid", "supervisor_start_time", False),
-    ):
-        pid = st.get(key)
-        if isinstance(pid, int) and pid > 1 and st.get(token) is not None:
-            if start_token(pid) == st.get(token):
-                kill_quietly([pid], group)
 
 
 def write_json_atomic(path, obj):
@@ -435,40 +333,6 @@ class TestPidReuse(ReliabilityCase):
 # ==========================================================================
 # kill racing a natural exit
 # ==========================================================================
-
-
-# A driver for the kill race: it calls main() in process, so that the kill
-# lands within a millisecond of the chosen moment, not an interpreter start-up
-# later (which would always be after the job's end).
-RACE_DRIVER = r"""
-import contextlib, io, json, random, sys, time
-import agent_exec
-root, cwd, events, seed, first, count = sys.argv[1:7]
-seed, first, count = int(seed), int(first), int(count)
-
-def call(argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        rc = agent_exec.main(["--root", root] + argv)
-    return rc, json.loads(out.getvalue())
-
-res = []
-for i in range(first, first + count):
-    rnd = random.Random(seed + i)
-    x, sig, delay = rnd.randint(1, 9), rnd.choice(["TERM", "KILL", "INT"]), rnd.uniform(0, 0.12)
-    cmd = ["sh", "-c", "sleep 0.0%d; exit 3" % x]
-    rc, r = call(["run", "--snapshot-after", "0", "--cwd", cwd, "--notify-file", events, "--"]
-                 + cmd)
-    if rc != 0:
-        res.append({"i": i, "run": r})
-        continue
-    time.sleep(delay)
-    krc, k = call(["kill", "--signal", sig, r["job_id"]])
-    wrc, w = call(["wait", "--timeout-ms", "20000", r["job_id"]])
-    res.append({"i": i, "jid": r["job_id"], "sig": sig, "x": x, "delay": round(delay, 4),
-                "krc": krc, "k": k, "wrc": wrc, "w": w})
-print(json.dumps(res))
-"""
 
 
 class TestKillRace(ReliabilityCase):
