@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The agent-exec benchmark suite (issue 4): every figure, side by side, in one run.
+"""The agent-exec benchmark suite: every figure, side by side, in one run.
 
     python3 bench/run.py                  # the full run: prints a Markdown table
     python3 bench/run.py --quick          # a smoke run: fewer repetitions, smaller sizes
@@ -46,7 +46,7 @@ GiB = 1 << 30
 TERMINAL = ("exited", "killed", "failed")
 ALL_FIGURES = tuple(range(1, 13))
 # Figure number -> (name, what it measures).  The numbers stay those of
-# issue 4 (and of earlier tables); --only takes numbers or names.
+# the first benchmark tables (and of every table since); --only takes numbers or names.
 FIGURES = {
     1: ("finished_job", "status, tail, wait on a finished job"),
     2: ("run_start", "run --snapshot-after 0 -- true"),
@@ -1516,7 +1516,7 @@ def parse_only(text):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        description="agent-exec benchmark: every figure of issue 4, as a ratio to its floor."
+        description="agent-exec benchmark: every performance figure, as a ratio to its floor."
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer runs, smaller sizes")
     ap.add_argument("--only", type=parse_only, help="figures to run, e.g. 1,4,8")

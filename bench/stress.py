@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Stress run for agent-exec (issue 3): the reliability cases at full size.
+"""Stress run for agent-exec: the reliability cases at full size.
 
     python3 bench/stress.py              # full size (about 5-10 minutes)
     python3 bench/stress.py --quick      # scaled down (about a minute)
     python3 bench/stress.py --json out.json
     python3 bench/stress.py --only output,load
 
-Every figure is printed with the issue's bound and PASS or FAIL; the exit
+Every figure is printed with its bound and PASS or FAIL; the exit
 status is 0 only when every figure passes.  The script drives the real CLI
 (``python3 agent_exec.py``) against a temp jobs root of its own, kills every
 process it started and removes the root at the end.  Standard library only;

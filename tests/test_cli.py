@@ -1,4 +1,4 @@
-"""The output contract and the command line (CONTRACT.md sections 1-4, 6).
+"""The output contract and the command line: the envelope, exit codes, usage errors, ids, roots.
 
 Every test drives the real CLI as a subprocess against a private jobs root.
 """

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the command line (issue 3), with Hypothesis.
+"""Property-based fuzzing of the command line, with Hypothesis.
 
 Random argv for every subcommand goes through ``agent_exec.main()`` in this
 process, stdout and stderr redirected.  Whatever the input: exactly one JSON
@@ -214,7 +214,7 @@ if HAVE_HYPOTHESIS:
 
 @unittest.skipUnless(HAVE_HYPOTHESIS, "hypothesis is not installed (dev-only)")
 @unittest.skipUnless(sys.platform.startswith("linux") or sys.platform == "darwin", "POSIX only")
-class FuzzCLI(unittest.TestCase):
+class CLIFuzzTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         tmp = tempfile.mkdtemp(prefix="agent-exec-fuzz-")
@@ -287,7 +287,7 @@ class FuzzCLI(unittest.TestCase):
         @_settings
         @given(_argv())
         def test_random_argv_gives_one_json_object(self, argv):
-            # The issue's property: one JSON object, exit 0/1/2, no traceback.
+            # The property: one JSON object, exit 0/1/2, no traceback.
             self.check_one_object(argv)
 
         @_settings

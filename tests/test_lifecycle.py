@@ -56,7 +56,7 @@ class LifecycleTestCase(CLITestCase):
 # --------------------------------------------------------------------------
 
 
-class TestStatusAndTail(LifecycleTestCase):
+class StatusAndTailTests(LifecycleTestCase):
     def test_status_running(self):
         jid = self.start_bg("sleep", "30")
         s = self.ok("status", jid)
@@ -140,7 +140,7 @@ class TestStatusAndTail(LifecycleTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestWait(LifecycleTestCase):
+class WaitTests(LifecycleTestCase):
     def test_wait_returns_promptly(self):
         jid = self.start_bg("sleep", "0.5")
         t0 = time.monotonic()
@@ -185,7 +185,7 @@ class TestWait(LifecycleTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestKill(LifecycleTestCase):
+class KillTests(LifecycleTestCase):
     def test_kill_default_term(self):
         jid = self.start_bg("sleep", "30")
         pid, _ = self.job_pids(jid)
@@ -362,7 +362,7 @@ class TestKill(LifecycleTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestDetachment(LifecycleTestCase):
+class DetachmentTests(LifecycleTestCase):
     def _signal_caller_group(self, sig):
         p = subprocess.Popen(
             [PY, SCRIPT, "run", "--snapshot-after", "2000", "--", "sleep", "3"],
@@ -561,7 +561,7 @@ class TestDetachment(LifecycleTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestSupervisorLost(LifecycleTestCase):
+class SupervisorLostTests(LifecycleTestCase):
     def test_supervisor_sigkill(self):
         jid = self.start_bg("sleep", "30")
         pid, sup = self.job_pids(jid)
@@ -633,7 +633,7 @@ EVENT_KEYS = (
 )
 
 
-class TestCompletionEvents(LifecycleTestCase):
+class CompletionEventsTests(LifecycleTestCase):
     def completion_event(self, jid, n_sinks=1, timeout=15):
         path = os.path.join(self.job_dir(jid), "completion_event.json")
 

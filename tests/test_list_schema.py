@@ -1,4 +1,4 @@
-"""`list` (CONTRACT.md section 6) and the `schema` command's JSON Schema.
+"""`list` and the `schema` command's JSON Schema.
 
 Every response of every command must validate against the schema that the
 `schema` command returns. The check uses ``jsonschema`` (Draft7Validator) when

@@ -1,4 +1,4 @@
-"""Agent-native observation (issue 5): read, cursors, wait --match/--any, readiness,
+"""Observing jobs: read, cursors, wait --match/--any, readiness,
 the richer status and list, delete and gc.
 
 Every test drives the real CLI against a private jobs root (``CLITestCase``),
@@ -381,7 +381,7 @@ class LongPollTests(ObserveCase):
     def test_wait_ms_wakes_on_new_output(self):
         # Three lines, 0.8 s apart; each read long-polls for the next one.
         # The line carries the time it was written: the read must come back
-        # right after it (the issue: within 50 ms; the test allows noise).
+        # right after it (the target: within 50 ms; the test allows noise).
         code = (
             "import sys, time\n"
             "for i in range(3):\n"

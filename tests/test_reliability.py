@@ -1,4 +1,4 @@
-"""Reliability tests (issue 3): faults injected for real, at a size a test run affords.
+"""Reliability: faults injected for real, at a size a test run affords.
 
 Each test here is the scaled-down twin of a case that bench/stress.py runs at
 full size: a lost supervisor, pid reuse, kills racing natural exits, torn
@@ -126,7 +126,7 @@ class ReliabilityCase(CLITestCase):
 # ==========================================================================
 
 
-class TestSupervisorLost(ReliabilityCase):
+class SupervisorLostTests(ReliabilityCase):
     def test_status_list_wait_report_lost_supervisor_within_1s(self):
         jid = self.start_bg("sleep", "30")
         pid, sup = self.job_pids(jid)
@@ -209,7 +209,7 @@ class TestSupervisorLost(ReliabilityCase):
 # ==========================================================================
 
 
-class TestPidReuse(ReliabilityCase):
+class PidReuseTests(ReliabilityCase):
     def foreign_sleep(self):
         """A live process of the test's own, in a process group of its own."""
         (dur,) = self.unique_sleeps(1)
@@ -335,7 +335,7 @@ class TestPidReuse(ReliabilityCase):
 # ==========================================================================
 
 
-class TestKillRace(ReliabilityCase):
+class KillRaceTests(ReliabilityCase):
     TRIALS = 20
     WORKERS = 4
 
@@ -400,7 +400,7 @@ class TestKillRace(ReliabilityCase):
 # ==========================================================================
 
 
-class TestTornWrites(ReliabilityCase):
+class TornWritesTests(ReliabilityCase):
     def test_state_json_never_torn_under_progress_every_10(self):
         jid = self.start_bg("sleep", "3", opts=("--progress-every", "10"))
         self.job_pids(jid)
@@ -484,7 +484,7 @@ print(json.dumps({"answers": answers, "finals": finals, "children": children(),
 """
 
 
-class TestZombies(ReliabilityCase):
+class ZombiesTests(ReliabilityCase):
     N = 10
 
     def test_in_process_main_leaves_no_zombie(self):
@@ -532,7 +532,7 @@ class TestZombies(ReliabilityCase):
 # ==========================================================================
 
 
-class TestWholeTreeKill(ReliabilityCase):
+class WholeTreeKillTests(ReliabilityCase):
     def tree(self, prefix=""):
         durs = self.unique_sleeps(4)
         script = prefix + 'sleep %s & setsid sleep %s & (setsid sh -c "sleep %s" &); sleep %s' % (
@@ -600,7 +600,7 @@ class TestWholeTreeKill(ReliabilityCase):
 # ==========================================================================
 
 
-class TestOutputVolume(ReliabilityCase):
+class OutputVolumeTests(ReliabilityCase):
     MIB_OUT = 64
 
     def test_big_output_without_newline(self):
@@ -718,7 +718,7 @@ class TestOutputVolume(ReliabilityCase):
 # ==========================================================================
 
 
-class TestDiskLimits(ReliabilityCase):
+class DiskLimitsTests(ReliabilityCase):
     def test_max_output_keeps_logs_bounded_and_the_end(self):
         cap = 16 * 1024
         code = (
@@ -873,7 +873,7 @@ def _kill_in(root):
 # ==========================================================================
 
 
-class TestNotifySinks(ReliabilityCase):
+class NotifySinksTests(ReliabilityCase):
     def test_hanging_command_sink_is_killed(self):
         dur = "30.%06d" % random.randint(0, 999999)
         self.addCleanup(lambda: kill_quietly(pids_running([["sleep", dur]])))
@@ -950,7 +950,7 @@ class TestNotifySinks(ReliabilityCase):
 # ==========================================================================
 
 
-class TestLoad(ReliabilityCase):
+class LoadTests(ReliabilityCase):
     def test_concurrent_runs(self):
         n = 20
         script = 'echo "out-$1"; echo "err-$1" >&2; exit "$2"'
@@ -1030,7 +1030,7 @@ def call_main(argv):
     return rc, out.getvalue()
 
 
-class TestBadIds(ReliabilityCase):
+class BadIdsTests(ReliabilityCase):
     def test_nul_byte_ids_in_process(self):
         jid = self.ok("run", "--wait", "--", "true")["job_id"]
         before_root = sorted(os.listdir(self.root))
@@ -1094,7 +1094,7 @@ class TestBadIds(ReliabilityCase):
                     self.assertEqual(json.loads(out)["error"]["code"], "job_not_found", out)
 
 
-class TestInsecureRoot(ReliabilityCase):
+class InsecureRootTests(ReliabilityCase):
     ULID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 
     def assert_refused(self, root, needle=None):
@@ -1143,7 +1143,7 @@ class TestInsecureRoot(ReliabilityCase):
 # ==========================================================================
 
 
-class TestClock(ReliabilityCase):
+class ClockTests(ReliabilityCase):
     def test_duration_is_measured_on_a_monotonic_clock(self):
         j = self.ok("run", "--wait", "--", "sleep", "0.3", timeout=30)
         s = self.ok("status", j["job_id"])

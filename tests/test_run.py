@@ -86,7 +86,7 @@ class RunTestCase(CLITestCase):
 # --------------------------------------------------------------------------
 
 
-class TestRunResponse(RunTestCase):
+class RunResponseTests(RunTestCase):
     def test_response_fields_running_job_without_snapshot(self):
         t0 = time.monotonic()
         j = self.ok("run", "--snapshot-after", "0", "--", "sleep", "30")
@@ -213,7 +213,7 @@ class TestRunResponse(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestJobDirectory(RunTestCase):
+class JobDirectoryTests(RunTestCase):
     def run_with_umask_000(self, *args):
         argv = [SH, "-c", 'umask 000; exec "$0" "$@"', PY, SCRIPT] + list(args)
         proc = subprocess.run(
@@ -463,7 +463,7 @@ class TestJobDirectory(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestPreflight(RunTestCase):
+class PreflightTests(RunTestCase):
     def test_cwd_not_found(self):
         self.fail_with(
             "cwd_not_found", "run", "--cwd", os.path.join(self.tmp, "nope"), "--", "true"
@@ -581,7 +581,7 @@ class TestPreflight(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestEnvironment(RunTestCase):
+class EnvironmentTests(RunTestCase):
     def env_of_job(self, *opts, **kw):
         j = self.ok("run", "--snapshot-after", "0", *opts, "--", ENV_BIN, **kw)
         self.wait_terminal(j["job_id"])
@@ -686,7 +686,7 @@ class TestEnvironment(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestMaskAndSecrets(RunTestCase):
+class MaskAndSecretsTests(RunTestCase):
     def all_files_under(self, top):
         for dirpath, _dirs, files in os.walk(top):
             for name in files:
@@ -838,7 +838,7 @@ class TestMaskAndSecrets(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestSnapshots(RunTestCase):
+class SnapshotsTests(RunTestCase):
     def test_tail_lines(self):
         code = (
             "import sys\nfor i in range(100): print('line%d' % i)\n"
@@ -936,7 +936,7 @@ class TestSnapshots(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestExecFailure(RunTestCase):
+class ExecFailureTests(RunTestCase):
     def test_bad_interpreter_gives_failed_job(self):
         script = self.write_file(
             os.path.join(self.tmp, "badinterp"), "#!/nonexistent/x\necho no\n", 0o755
@@ -972,7 +972,7 @@ class TestExecFailure(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class TestStdinFallback(RunTestCase):
+class StdinFallbackTests(RunTestCase):
     def run_from_stdin(self, *args):
         cwd = self.make_dir("stdin-cwd-%s" % uuid.uuid4().hex[:6])
         with open(SCRIPT, "rb") as src:
@@ -1010,7 +1010,7 @@ class TestStdinFallback(RunTestCase):
         self.assertGreaterEqual(st["result"]["duration_ms"], 1500)
 
 
-class TestFullLogRows(unittest.TestCase):
+class FullLogRowsTests(unittest.TestCase):
     """The row builder of full.log, fed chunks directly (no processes)."""
 
     LIMIT = 8
