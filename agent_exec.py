@@ -152,6 +152,7 @@ ERROR_CODES = {
     "invalid_argument": (1, False, "a well-formed value that cannot be used"),
     "cwd_not_found": (1, False, "run: the working directory does not exist"),
     "command_not_found": (1, False, "run: the command is not an executable on the PATH"),
+    # Reserved: no command raises it yet (send, restart and renew will).
     "invalid_state": (1, False, "the job is not in a state that allows this"),
     "io_error": (1, False, "a filesystem operation failed"),
     "insecure_root": (1, False, "the jobs root is a symlink, not a directory, or not private"),
@@ -805,12 +806,19 @@ def _iter_jobs(root: str):
     """
     try:
         with os.scandir(root) as it:
-            entries = sorted(((e.name, e) for e in it if is_job_id(e.name)), reverse=True)
+            entries = sorted(((e.name, e) for e in it), reverse=True)
     except OSError as e:
         raise AgentExecError("io_error", "cannot list %s: %s" % (root, e.strerror))
     for name, entry in entries:
-        if not _is_symlink(entry):
+        if is_job_id(name) and not _is_symlink(entry):
             yield name, entry
+
+
+def _is_dir(entry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _is_symlink(entry) -> bool:
@@ -835,11 +843,9 @@ def resolve_job(root: str, ident: str) -> str:
         raise AgentExecError("job_not_found", "no job %s in %s" % (text, root))
     try:
         hits = [
-            name
-            for name, entry in _iter_jobs(root)
-            if name.startswith(text) and entry.is_dir(follow_symlinks=False)
+            name for name, entry in _iter_jobs(root) if name.startswith(text) and _is_dir(entry)
         ]
-    except (AgentExecError, OSError):
+    except AgentExecError:  # an unreadable root: it holds no job we can name
         hits = []
     hits.sort()
     if not hits:
@@ -2437,12 +2443,12 @@ class _Supervisor:
         self.wake_r = None  # type: int | None  (readable after a SIGCHLD)
         self.control_fd = None  # type: int | None
         self.control_carry = b""  # an unfinished control line
-        self.ready_fd = None  # type: int | None  (holds ready.lock until ready)
+        self.ready_lock_fd = None  # type: int | None  (holds ready.lock until ready)
 
     # -- start -------------------------------------------------------------
 
-    def run(self, ready_fd: int) -> int:
-        """Start the workload, answer `run` on ``ready_fd``, serve the job; the exit code."""
+    def run(self, handshake_fd: int) -> int:
+        """Start the workload, answer `run` on ``handshake_fd``, serve the job; the exit code."""
         import signal
 
         # A full disk or RLIMIT_FSIZE must give EFBIG, not kill us.
@@ -2454,18 +2460,18 @@ class _Supervisor:
         self.control_fd = _open_control(self.job_dir)
         self.state_writer.make_reserve()
         if self.facts.ready is not None:
-            self.ready_fd = _open_locked(os.path.join(self.job_dir, READY_LOCK))
+            self.ready_lock_fd = _open_locked(os.path.join(self.job_dir, READY_LOCK))
         try:
             self._start()
         except Exception as e:  # OSError from exec; ValueError, SubprocessError
             reason = getattr(e, "strerror", None) or e
             msg = "cannot start %s: %s" % (_short(self.cfg["argv"][0]), reason)
             self._write_failed("spawn_failed", msg)
-            _send_ready(ready_fd, {"ok": True})
+            _send_ready(handshake_fd, {"ok": True})
             self._after_terminal()
             return 0
         self.state_writer.write()
-        _send_ready(ready_fd, {"ok": True})
+        _send_ready(handshake_fd, {"ok": True})
         self._loop()
         return 0
 
@@ -2639,9 +2645,9 @@ class _Supervisor:
         self._release_ready()
 
     def _release_ready(self) -> None:
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-            self.ready_fd = None
+        if self.ready_lock_fd is not None:
+            os.close(self.ready_lock_fd)
+            self.ready_lock_fd = None
 
     # -- the end -----------------------------------------------------------
 
@@ -2743,7 +2749,7 @@ def _send_ready(fd: "int | None", msg: dict) -> None:
         os.close(fd)
 
 
-def supervise_main(job_dir: str, lock_fd: int, config_fd: int, ready_fd: int) -> int:
+def supervise_main(job_dir: str, lock_fd: int, config_fd: int, handshake_fd: int) -> int:
     """Body of the supervisor, in a re-executed interpreter or a forked child."""
     try:
         try:
@@ -2752,11 +2758,11 @@ def supervise_main(job_dir: str, lock_fd: int, config_fd: int, ready_fd: int) ->
             os.close(config_fd)
     except (OSError, ValueError) as e:
         _log(0, "supervisor: bad configuration: %s" % e)
-        os.close(ready_fd)
+        os.close(handshake_fd)
         return 1
     sup = _Supervisor(job_dir, lock_fd, cfg)
     try:
-        return sup.run(ready_fd)
+        return sup.run(handshake_fd)
     except BaseException as e:  # record, never leave a job "running" silently
         try:
             sup.fail("supervisor_error", "supervisor crashed: %r" % (e,))
@@ -4285,10 +4291,10 @@ def cmd_schema(o) -> dict:
 
 def cmd_supervise(job_dir: str, fds: str) -> int:
     """The hidden ``_supervise`` subcommand: returns an exit code, prints nothing."""
-    lock_fd, cfg_fd, ready_fd = (int(x) for x in fds.split(","))
-    for fd in (lock_fd, cfg_fd, ready_fd):
+    lock_fd, cfg_fd, handshake_fd = (int(x) for x in fds.split(","))
+    for fd in (lock_fd, cfg_fd, handshake_fd):
         os.set_inheritable(fd, False)
-    return supervise_main(job_dir, lock_fd, cfg_fd, ready_fd)
+    return supervise_main(job_dir, lock_fd, cfg_fd, handshake_fd)
 
 
 # ==== Response schema ========================================================

@@ -270,11 +270,12 @@ class LockWatchTests(unittest.TestCase):
             self.fd = None
 
     def test_waits_share_one_watcher_per_lock(self):
-        before = threading.active_count()
+        before = set(threading.enumerate())  # (a watcher of an earlier test may be ending)
         a = agent_exec._LockWatch.acquire(self.path)
         b = agent_exec._LockWatch.acquire(self.path)
         self.assertIs(a, b)
-        self.assertEqual(threading.active_count(), before + 1)
+        started = set(threading.enumerate()) - before
+        self.assertEqual([t.name for t in started], ["agent-exec-lock"])
         a.release()
         b.release()
         self._unlock()
