@@ -909,6 +909,10 @@ class _Job:
             out["failure"] = self.failure
         return out
 
+    def reload(self) -> "_Job":
+        """The same job, read again from disk (its state may have changed)."""
+        return load_job(os.path.dirname(self.dir), self.id)
+
     def head(self) -> dict:
         """What every per-job answer starts with: the id, the state, the result."""
         out = {"job_id": self.id, "state": self.state}
@@ -3230,8 +3234,10 @@ def _argv_of(o) -> list:
 
 
 def _regex_error(pattern: "str | None", option: str) -> "str | None":
+    if pattern is None:
+        return None
     try:
-        _compile_regex(pattern, option) if pattern is not None else None
+        _compile_regex(pattern, option)
     except UsageError as e:
         return e.message
     return None
@@ -3978,7 +3984,7 @@ def cmd_read(o) -> dict:
             if watch is None:
                 watch = _LockWatch.acquire(job.path(META))
             _wait_output(job, watch, remaining, before, cancel)
-            job = load_job(os.path.dirname(job.dir), job.id)
+            job = job.reload()
     finally:
         if watch is not None:
             watch.release()
@@ -4013,7 +4019,7 @@ def cmd_kill(o) -> dict:
     if sent and job.state == "running":
         # Give the job a moment to end, so the answer is usually final.
         _wait_lock(job.path(META), KILL_SETTLE_S, _cancelled(o))
-        job = load_job(os.path.dirname(job.dir), job.id)
+        job = job.reload()
     out = {"job_id": job.id, "signal": signal_name(sig), "state": job.state, "sent": sent}
     for key, value in job.result_fields().items():
         if key != "signal":  # what was sent, not what the job died of (that is in status)
@@ -4362,9 +4368,7 @@ def _tool(cmd: _Command) -> dict:
         if x.default is not None and x.kind != "flag":
             prop["default"] = x.default
         props[x.name] = prop
-    required = [x.name for x in opts if _KINDS[x.kind].positional and x.kind != "argv"]
-    if any(x.kind == "argv" for x in opts):
-        required.append("command")
+    required = [x.name for x in opts if _KINDS[x.kind].positional]
     schema = {"type": "object", "properties": props, "required": required}
     schema["additionalProperties"] = False
     tool = {"name": cmd.name, "description": cmd.help, "inputSchema": schema}
