@@ -134,7 +134,10 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ULID_CHARS = frozenset(_CROCKFORD)
 MIN_PREFIX = 4
 
-_SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2")
+_SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT", "WINCH")
+# Signals that ask a job to do something other than end: `kill` answers at
+# once for these instead of waiting for the job to become terminal.
+_NON_ENDING_SIGNALS = ("USR1", "USR2", "STOP", "CONT", "WINCH")
 _LOG_LEVELS = {"error": 0, "warn": 1, "warning": 1, "info": 2, "debug": 3, "trace": 3}
 
 
@@ -161,12 +164,26 @@ ERROR_CODES = {
     "interrupted": (1, True, "the CLI itself was interrupted (Ctrl-C)"),
 }
 
+# end_reason of a terminal job: why it ended.  ``exit``: by itself; ``signal``:
+# a signal from outside agent-exec; ``kill``: an agent-exec `kill`;
+# ``timeout``: its own --timeout; ``spawn_failed``: it never ran;
+# ``supervisor_lost``: its supervisor died, so its end is not known.
+END_REASONS = ("exit", "signal", "kill", "timeout", "spawn_failed", "supervisor_lost")
+
 # failure.code of a failed job (in state.json and every answer about the job)
 FAILURE_CODES = {
     "spawn_failed": "the supervisor could not exec the workload",
     "supervisor_lost": "the supervisor died (or the machine rebooted) while the job ran",
     "supervisor_failed": "the supervisor never started",
     "supervisor_error": "the supervisor crashed with an exception, and recorded it",
+}
+# The end_reason of a failed job, by its failure code: a supervisor that never
+# started never ran the job either; one that crashed lost sight of it.
+_FAILURE_END_REASONS = {
+    "spawn_failed": "spawn_failed",
+    "supervisor_failed": "spawn_failed",
+    "supervisor_lost": "supervisor_lost",
+    "supervisor_error": "supervisor_lost",
 }
 
 
@@ -273,6 +290,9 @@ def parse_duration_ms(text: str) -> int:
     if len(s) > 20:
         raise ValueError("duration %r is too large (at most 100 years)" % text)
     ms = int(s) if not unit else int(round(float(s) * _DURATION_UNITS[unit]))
+    if ms == 0 and float(s) > 0:
+        # "0.4ms" must not silently become 0, which means "none" to --timeout.
+        raise ValueError("duration %r is shorter than 1 ms, the smallest step" % text)
     if ms > MAX_DURATION_MS:
         raise ValueError("duration %r is too large (at most 100 years)" % text)
     return ms
@@ -896,7 +916,8 @@ class _Job:
         return self.dir + "/" + name  # concatenation: list builds thousands of these
 
     def result_fields(self) -> dict:
-        """exit_code / signal / duration_ms / finished_at / failure, when known."""
+        """exit_code / signal / duration_ms / finished_at / failure, when known;
+        end_reason and success once the job is terminal."""
         out = {}
         if self.state in TERMINAL_STATES:
             result = self.record.get("result") or {}
@@ -905,6 +926,8 @@ class _Job:
                     out[key] = result[key]
             if self.record.get("finished_at"):
                 out["finished_at"] = self.record["finished_at"]
+            out["end_reason"] = _end_reason(self.state, self.record, self.failure)
+            out["success"] = out["end_reason"] == "exit" and out.get("exit_code") == 0
         if self.failure:
             out["failure"] = self.failure
         return out
@@ -935,6 +958,25 @@ class _Job:
             "stdout_dropped_bytes": self.record.get("stdout_dropped_bytes") or 0,
             "stderr_dropped_bytes": self.record.get("stderr_dropped_bytes") or 0,
         }
+
+
+def _end_reason(state: str, record: dict, failure: "dict | None") -> str:
+    """The end_reason of a terminal job, from its verdict and its state.json.
+
+    A failure decides first (a supervisor found lost overrides whatever the
+    record last said); then the supervisor's own word; then, for a record
+    written before end_reason existed, what its result shows.
+    """
+    if failure:
+        return _FAILURE_END_REASONS.get(failure.get("code"), "supervisor_lost")
+    result = record.get("result") or {}
+    if result.get("end_reason") in END_REASONS:
+        return result["end_reason"]
+    if record.get("timed_out"):
+        return "timeout"
+    if result.get("exit_code") is None:
+        return "signal" if state == "killed" else "supervisor_lost"
+    return "kill" if result.get("signal") else "exit"
 
 
 def load_job(root: str, job_id: str, meta_filter=None) -> "_Job | None":
@@ -1395,6 +1437,7 @@ class _JobFacts:
         "wait_status",
         "rusage",
         "kill_signal",
+        "sent_signals",
         "timed_out",
         "ready",
         "ready_at",
@@ -1412,7 +1455,10 @@ class _JobFacts:
         self.pid_start = None  # type: str | None  (its _proc_start_time token)
         self.wait_status = None  # type: int | None  (raw, from wait4)
         self.rusage = None
-        self.kill_signal = None  # type: int | None  (the last signal asked for)
+        # The last signal that `kill` or a timeout asked for to end the job;
+        # every signal `kill` sent (USR1 too), to tell a kill from a signal.
+        self.kill_signal = None  # type: int | None
+        self.sent_signals = set()  # type: set
         self.timed_out = False
         # None: no readiness condition; False: not yet; True: ready.
         self.ready = None  # type: bool | None
@@ -1449,7 +1495,7 @@ def _state_document(
     so every state.json has the same keys.
     """
     now = now or _now()
-    result = {"exit_code": None, "signal": None, "duration_ms": None}
+    result = {"exit_code": None, "signal": None, "duration_ms": None, "end_reason": None}
     finished_at = None
     wait_status = facts.wait_status
     if wait_status is not None:
@@ -1460,9 +1506,11 @@ def _state_document(
             if facts.kill_signal is not None:
                 result["signal"] = signal_name(facts.kill_signal)
         result["duration_ms"] = int(round((facts.ended_mono - facts.started_mono) * 1000))
+        result["end_reason"] = _end_reason_of(facts)
         finished_at = now
     elif state == "failed":
         result["duration_ms"] = 0
+        result["end_reason"] = _FAILURE_END_REASONS.get((failure or {}).get("code"))
         finished_at = now
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -1495,6 +1543,15 @@ def _state_document(
             "sys_ms": int(ru.ru_stime * 1000),
         }
     return doc
+
+
+def _end_reason_of(facts: "_JobFacts") -> str:
+    """Why a job whose main process has been reaped ended (see END_REASONS)."""
+    if facts.timed_out:
+        return "timeout"
+    if os.WIFSIGNALED(facts.wait_status):
+        return "kill" if os.WTERMSIG(facts.wait_status) in facts.sent_signals else "signal"
+    return "kill" if facts.kill_signal is not None else "exit"
 
 
 def _end_state(facts: "_JobFacts") -> str:
@@ -2104,27 +2161,32 @@ class _ProcessTree:
         return self.hook_status
 
     def kill_tree(self, sig: int) -> None:
-        """Send ``sig`` to the workload's group and to every live descendant.
+        """Send ``sig`` once to every process of the job.
 
-        Safe against pid reuse: the workload is our child, so its pid (and so
-        its process group id) cannot be recycled until we reap it; the other
-        targets are found as live descendants of this very process.  A
-        SIGKILL is repeated until no descendant is left, for those forked
-        meanwhile.
+        The workload's group gets one killpg(); each live descendant outside
+        that group (one that called setsid or setpgid) gets one kill().  A
+        descendant still in the group is skipped: killpg already reached it,
+        and a second delivery would count twice in a trap.  Safe against pid
+        reuse: the workload is our child, so its pid (and so its group id)
+        cannot be recycled until we reap it; the other targets are found as
+        live descendants of this very process.  A SIGKILL is repeated for
+        those forked meanwhile, until no descendant is left.
         """
         facts = self.facts
         rounds = _KILL_ROUNDS if sig == _SIGKILL else 1
         for i in range(rounds):
-            if facts.pid and facts.wait_status is None:
+            group = facts.pid if facts.pid and facts.wait_status is None else None
+            if group is not None:
                 try:
-                    os.killpg(facts.pid, sig)
+                    os.killpg(group, sig)
                 except OSError:
-                    pass
+                    group = None
             exclude = {self.hook_pid} if self.hook_pid else set()
             targets = _descendants_of(os.getpid(), exclude)
             for pid in targets:
                 try:
-                    os.kill(pid, sig)
+                    if group is None or os.getpgid(pid) != group:
+                        os.kill(pid, sig)
                 except OSError:
                     pass
             if sig != _SIGKILL:
@@ -2292,6 +2354,8 @@ class _Notifier:
             event["exit_code"] = result["exit_code"]
         if result["signal"] is not None:
             event["signal"] = result["signal"]
+        event["end_reason"] = _end_reason(event["state"], doc, doc.get("failure"))
+        event["success"] = event["end_reason"] == "exit" and result["exit_code"] == 0
         if doc.get("failure"):
             event["failure"] = doc["failure"]
         return event
@@ -2620,7 +2684,9 @@ class _Supervisor:
             _log(1, "control FIFO: kill with a bad signal %r" % (sig,))
             return
         if self.facts.wait_status is None and not self.terminal:
-            self.facts.kill_signal = sig
+            self.facts.sent_signals.add(sig)
+            if signal_name(sig)[3:] not in _NON_ENDING_SIGNALS:
+                self.facts.kill_signal = sig
         self.tree.kill_tree(sig)
 
     # -- callbacks from the capture ---------------------------------------
@@ -3086,6 +3152,8 @@ RESULT_FIELDS = (
     Field("signal", STR),
     Field("finished_at", STR),
     Field("duration_ms", COUNT),
+    Field("end_reason", {"enum": list(END_REASONS)}),
+    Field("success", BOOL),
     Field("failure", FAILURE),
 )
 DROPPED_FIELDS = (Field("stdout_dropped_bytes", COUNT), Field("stderr_dropped_bytes", COUNT))
@@ -3961,7 +4029,8 @@ def _wait_output(job: _Job, watch: _LockWatch, remaining, before: list, cancel=N
         Field("cursor", STR, True),
         Field("more", BOOL, True),
         Field("eof", BOOL, True),
-    ),
+    )
+    + RESULT_FIELDS,
     annotations={"readOnlyHint": True, "idempotentHint": True},
 )
 def cmd_read(o) -> dict:
@@ -3989,7 +4058,7 @@ def cmd_read(o) -> dict:
         if watch is not None:
             watch.release()
     more = out_more or err_more
-    return {
+    out = {
         "job_id": job.id,
         "state": job.state,
         "stdout": _decode(out_data),
@@ -3998,6 +4067,10 @@ def cmd_read(o) -> dict:
         "more": more,
         "eof": terminal and not more,
     }
+    if out["eof"]:
+        # The last read carries the result, so no status call is needed.
+        out.update(job.result_fields())
+    return out
 
 
 # ---- kill -------------------------------------------------------------------------
@@ -4016,7 +4089,7 @@ def cmd_kill(o) -> dict:
     job = _open_job(o, o.job_id)
     sig = o.signal
     sent = _ask_supervisor_to_signal(job, sig) or _signal_without_supervisor(job, sig)
-    if sent and job.state == "running":
+    if sent and job.state == "running" and signal_name(sig)[3:] not in _NON_ENDING_SIGNALS:
         # Give the job a moment to end, so the answer is usually final.
         _wait_lock(job.path(META), KILL_SETTLE_S, _cancelled(o))
         job = job.reload()

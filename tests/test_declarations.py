@@ -130,8 +130,34 @@ class SchemaTests(unittest.TestCase):
         self.assertLessEqual(set(job.result_fields()), declared)
         self.assertEqual(job.head(), {
             "job_id": "X", "state": "exited", "exit_code": 3, "duration_ms": 5,
-            "finished_at": "2026-01-01T00:00:00.000Z",
+            "finished_at": "2026-01-01T00:00:00.000Z", "end_reason": "exit",
+            "success": False,
         })  # fmt: skip
+
+    def test_end_reason_of_records(self):
+        # (state, result, timed_out, failure) -> end_reason; success only for exit 0.
+        cases = (
+            ("exited", {"exit_code": 0, "end_reason": "exit"}, False, None, "exit", True),
+            ("killed", {"signal": "SIGTERM", "end_reason": "kill"}, False, None, "kill", False),
+            # records from before end_reason existed
+            ("exited", {"exit_code": 0}, False, None, "exit", True),
+            ("killed", {"exit_code": 143, "signal": "SIGTERM"}, False, None, "kill", False),
+            ("killed", {"signal": "SIGKILL"}, False, None, "signal", False),
+            ("killed", {"signal": "SIGKILL"}, True, None, "timeout", False),
+            # a verdict of failure overrides what the record says
+            ("failed", {"exit_code": 0}, False, {"code": "supervisor_lost"}, "supervisor_lost", False),
+            ("failed", {}, False, {"code": "spawn_failed"}, "spawn_failed", False),
+            ("failed", {}, False, {"code": "supervisor_failed"}, "spawn_failed", False),
+            ("failed", {}, False, {"code": "supervisor_error"}, "supervisor_lost", False),
+        )
+        for state, result, timed_out, failure, reason, success in cases:
+            with self.subTest(state=state, result=result, failure=failure):
+                record = {"result": result, "timed_out": timed_out}
+                job = agent_exec._Job("X", "/nonexistent", {}, record, state, failure)
+                fields = job.result_fields()
+                self.assertEqual((fields["end_reason"], fields["success"]), (reason, success))
+        running = agent_exec._Job("X", "/nonexistent", {}, {}, "running", None)
+        self.assertNotIn("end_reason", running.result_fields())
 
 
 class ToolListTests(unittest.TestCase):

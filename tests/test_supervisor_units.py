@@ -158,7 +158,9 @@ class StateDocumentTests(unittest.TestCase):
         self.assertEqual(
             d["job"], {"id": "JOB", "status": "running", "started_at": facts().started_at}
         )
-        self.assertEqual(d["result"], {"exit_code": None, "signal": None, "duration_ms": None})
+        self.assertEqual(
+            d["result"], {"exit_code": None, "signal": None, "duration_ms": None, "end_reason": None}
+        )
         self.assertIsNone(d["finished_at"])
         self.assertEqual(d["updated_at"], NOW)
         self.assertEqual((d["pid"], d["pgid"], d["pid_start_time"]), (4242, 4242, "12345"))
@@ -172,7 +174,9 @@ class StateDocumentTests(unittest.TestCase):
         f = facts(wait_status=exited(3))
         d = self.doc(agent_exec._end_state(f), f)
         self.assertEqual(d["job"]["status"], "exited")
-        self.assertEqual(d["result"], {"exit_code": 3, "signal": None, "duration_ms": 1500})
+        self.assertEqual(
+            d["result"], {"exit_code": 3, "signal": None, "duration_ms": 1500, "end_reason": "exit"}
+        )
         self.assertEqual(d["finished_at"], NOW)
         self.assertNotIn("rusage", d)
 
@@ -188,8 +192,28 @@ class StateDocumentTests(unittest.TestCase):
         f = facts(wait_status=9, kill_signal=15, timed_out=True)
         self.assertEqual(agent_exec._end_state(f), "killed")
         d = self.doc("killed", f)
-        self.assertEqual(d["result"], {"exit_code": None, "signal": "SIGKILL", "duration_ms": 1500})
+        self.assertEqual(
+            d["result"],
+            {"exit_code": None, "signal": "SIGKILL", "duration_ms": 1500, "end_reason": "timeout"},
+        )
         self.assertTrue(d["timed_out"])
+
+    def test_end_reasons(self):
+        # (facts, end_reason): by itself, a signal from outside, a `kill` that
+        # the job died of or exited after, its own timeout; a USR1 that `kill`
+        # sent is no reason when the job exits by itself afterwards.
+        cases = (
+            (facts(wait_status=exited(0)), "exit"),
+            (facts(wait_status=9), "signal"),
+            (facts(wait_status=9, sent_signals={9}, kill_signal=9), "kill"),
+            (facts(wait_status=10, sent_signals={10}), "kill"),
+            (facts(wait_status=exited(143), kill_signal=15, sent_signals={15}), "kill"),
+            (facts(wait_status=exited(0), sent_signals={10}), "exit"),
+            (facts(wait_status=15, kill_signal=15, timed_out=True), "timeout"),
+        )
+        for f, reason in cases:
+            with self.subTest(reason=reason, status=f.wait_status):
+                self.assertEqual(agent_exec._end_reason_of(f), reason)
 
     def test_rusage(self):
         ru = types.SimpleNamespace(ru_maxrss=2048, ru_utime=0.25, ru_stime=0.125)
@@ -202,7 +226,10 @@ class StateDocumentTests(unittest.TestCase):
         f = facts(pid=None, pid_start=None)
         failure = {"code": "spawn_failed", "message": "cannot start x"}
         d = self.doc("failed", f, counts={}, failure=failure)
-        self.assertEqual(d["result"], {"exit_code": None, "signal": None, "duration_ms": 0})
+        self.assertEqual(
+            d["result"],
+            {"exit_code": None, "signal": None, "duration_ms": 0, "end_reason": "spawn_failed"},
+        )
         self.assertEqual(d["finished_at"], NOW)
         self.assertEqual(d["failure"], failure)
         self.assertEqual(d["stdout_bytes"], 0)
@@ -213,7 +240,10 @@ class StateDocumentTests(unittest.TestCase):
         self.assertEqual(set(d), STATE_KEYS)
         self.assertEqual(d["job"]["status"], "failed")
         self.assertEqual(d["job"]["started_at"], d["finished_at"])
-        self.assertEqual(d["result"], {"exit_code": None, "signal": None, "duration_ms": 0})
+        self.assertEqual(
+            d["result"],
+            {"exit_code": None, "signal": None, "duration_ms": 0, "end_reason": "spawn_failed"},
+        )
         self.assertIsNone(d["pid"])
         self.assertIsNone(d["supervisor_pid"])
         self.assertIsNone(d["ready"])  # as absent was: no readiness recorded

@@ -33,7 +33,8 @@ class DurationTests(unittest.TestCase):
         "5s": 5000,
         "5S": 5000,
         "1.5s": 1500,
-        "0.4ms": 0,
+        "0.6ms": 1,
+        "0.0s": 0,
         "2m": 120000,
         "1h": 3600000,
         "1d": 86400000,
@@ -41,6 +42,8 @@ class DurationTests(unittest.TestCase):
         7: 7,
     }
     BAD = ("", "-1", "abc", "5x", "ms", "-5s", "1.5", "1.5.s", ".", ".s", "1e3", "36501d", "9" * 21)
+    # A positive value that rounds to 0 ms would mean "none" to --timeout.
+    BAD += ("0.4ms", "0.0001s")
 
     def test_good_values(self):
         for text, ms in self.GOOD.items():
