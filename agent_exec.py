@@ -153,7 +153,7 @@ ERROR_CODES = {
     "job_not_found": (1, False, "the argument names no job of the root"),
     "ambiguous_job_id": (1, False, "the prefix matches more than one job"),
     "invalid_argument": (1, False, "a well-formed value that cannot be used"),
-    "cwd_not_found": (1, False, "run: the working directory does not exist"),
+    "cwd_not_found": (1, False, "the working directory (or the current one) does not exist"),
     "command_not_found": (1, False, "run: the command is not an executable on the PATH"),
     # Reserved: no command raises it yet (send, restart and renew will).
     "invalid_state": (1, False, "the job is not in a state that allows this"),
@@ -378,6 +378,40 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
+def _to_json(obj, **options) -> str:
+    """JSON text that every strict parser accepts (serde_json, encoding/json).
+
+    Arguments, paths and environment values that are not UTF-8 reach Python
+    as lone surrogates (surrogateescape), and json.dumps would write them as
+    "\\udcff" escapes, which strict parsers reject.  Such strings are written
+    with U+FFFD in place of each bad byte.  Only what others read goes
+    through here: the supervisor's own config keeps the exact bytes, so the
+    job still runs with them.
+    """
+    text = json.dumps(obj, ensure_ascii=True, **options)
+    if "\\ud" in text:  # a surrogate escape: a valid pair (an emoji), or a lone one
+        text = json.dumps(_clean_surrogates(obj), ensure_ascii=True, **options)
+    return text
+
+
+def _clean_surrogates(obj):
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+            return obj
+        except UnicodeEncodeError:
+            pass
+        try:  # the bytes surrogateescape stood for, then U+FFFD for each bad one
+            return obj.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return obj.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {_clean_surrogates(k): _clean_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_surrogates(v) for v in obj]
+    return obj
+
+
 # ==== Processes ==============================================================
 #
 # Who is alive, who is whose parent, and how to tell a pid from a recycled
@@ -535,7 +569,7 @@ def _write_json_atomic(
     is born that way, so no reader can see the job unlocked before its
     supervisor exists.  On any error nothing is left behind: no temp file, no fd.
     """
-    data = (json.dumps(obj, ensure_ascii=True, sort_keys=False) + "\n").encode()
+    data = (_to_json(obj) + "\n").encode()
     tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
     mode = os.O_RDWR if keep_locked else os.O_WRONLY
     fd = os.open(tmp, mode | os.O_CREAT | os.O_EXCL, 0o600)
@@ -756,14 +790,50 @@ def _remaining(deadline: "float | None") -> "float | None":
 
 
 def resolve_root(explicit: "str | None") -> str:
-    """--root, else $AGENT_EXEC_ROOT, else $XDG_DATA_HOME/..., else ~/.local/share/..."""
+    """The jobs root, as an absolute path, from the first rule that applies.
+
+    --root, else $AGENT_EXEC_ROOT (either made absolute here, once, against
+    the current directory), else $XDG_DATA_HOME/agent-exec/jobs, else
+    $HOME/.local/share/agent-exec/jobs, else the same below the home
+    directory of the passwd entry.  An empty or relative XDG_DATA_HOME or
+    HOME is ignored (the XDG spec says so for the one, and "/.local" or a
+    path below the current directory is no one's home for the other).
+    """
     root = explicit or os.environ.get("AGENT_EXEC_ROOT")
-    if not root:
-        data = os.environ.get("XDG_DATA_HOME") or os.path.join(
-            os.path.expanduser("~"), ".local", "share"
-        )
-        root = os.path.join(data, "agent-exec", "jobs")
-    return os.path.abspath(os.path.expanduser(root))
+    if root:
+        try:
+            return os.path.abspath(os.path.expanduser(root))
+        except OSError as e:  # a relative root, and the current directory is gone
+            raise AgentExecError(
+                "cwd_not_found",
+                "cannot make the jobs root %r absolute: the current directory is gone (%s)"
+                % (root, e.strerror),
+            )
+    data = os.environ.get("XDG_DATA_HOME") or ""
+    if not os.path.isabs(data):
+        home = _home_dir()
+        if home is None:
+            raise AgentExecError(
+                "invalid_argument",
+                "no home directory to put the jobs root in (HOME is unset, empty or relative, "
+                "and the passwd entry has none): pass --root DIR or set AGENT_EXEC_ROOT",
+            )
+        data = os.path.join(home, ".local", "share")
+    return os.path.join(os.path.normpath(data), "agent-exec", "jobs")
+
+
+def _home_dir() -> "str | None":
+    """$HOME when it is an absolute path, else the passwd entry's home, else None."""
+    home = os.environ.get("HOME") or ""
+    if os.path.isabs(home):
+        return home
+    try:
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError, OSError):
+        return None
+    return home if os.path.isabs(home) else None
 
 
 def _check_root(root: str) -> None:
@@ -2320,7 +2390,7 @@ class _Notifier:
             return
         event = self._event(doc)
         event_path = os.path.join(self.job_dir, EVENT_FILE)
-        payload = json.dumps(event, ensure_ascii=True)
+        payload = _to_json(event)
         results = []
         try:
             _write_json_atomic(event_path, dict(event, delivery_results=[]))
@@ -2362,7 +2432,7 @@ class _Notifier:
 
     def _run_command(self, argv: list, payload: str, event_path: str) -> dict:
         """Run the command sink with the event on stdin; its delivery result."""
-        res = {"sink_type": "command", "target": json.dumps(argv), "success": False}
+        res = {"sink_type": "command", "target": _to_json(argv), "success": False}
         res["attempted_at"] = _now()
         timeout = (self.cfg.get("notify_timeout_ms") or DEFAULT_NOTIFY_TIMEOUT_MS) / 1000.0
         try:
@@ -3468,7 +3538,8 @@ def _job_cwd(cwd: "str | None") -> str:
     except OSError as e:
         raise AgentExecError("cwd_not_found", "the current directory is gone: %s" % e.strerror)
     if not os.path.isdir(path):
-        raise AgentExecError("cwd_not_found", "working directory %s does not exist" % path)
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise AgentExecError("cwd_not_found", "working directory %s %s" % (path, what))
     return path
 
 
@@ -3494,10 +3565,22 @@ def _full_log_path(log: "str | None") -> "str | None":
     if not log:
         return None
     path = os.path.abspath(log)
+    parent = os.path.dirname(path)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise AgentExecError("invalid_argument", "cannot use --log %s: %s" % (path, e))
+        # Name the part of the path that is in the way, not just errno's words.
+        blocker = parent
+        while blocker != os.path.dirname(blocker) and not os.path.lexists(blocker):
+            blocker = os.path.dirname(blocker)
+        if os.path.lexists(blocker) and not os.path.isdir(blocker):
+            raise AgentExecError(
+                "invalid_argument",
+                "cannot use --log %s: %s is a file, not a directory" % (path, blocker),
+            )
+        raise AgentExecError(
+            "invalid_argument", "cannot use --log %s: %s" % (path, e.strerror or e)
+        )
     if os.path.isdir(path):
         raise AgentExecError("invalid_argument", "--log %s is a directory" % path)
     return path
@@ -3638,6 +3721,12 @@ def _parse_env_file(path: str) -> "list":
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
+        if "\0" in value:
+            # exec cannot pass it: refuse it now, as --env does, not as spawn_failed later
+            raise AgentExecError(
+                "invalid_argument", "env file %s line %d: the value of %s holds a NUL byte"
+                % (path, num, key),
+            )
         pairs.append((key, value))
     return pairs
 
@@ -3722,6 +3811,12 @@ def cmd_status(o) -> dict:
         if size:
             last = st.st_mtime if last is None else max(last, st.st_mtime)
     out["last_output_at"] = _rfc3339(last) if last is not None else None
+    if out["last_output_at"] is not None and out["last_output_at"] < out["started_at"]:
+        # A file's mtime comes from a coarser clock than time.time() (the
+        # kernel's tick): output of the job's first milliseconds can look
+        # older than the job.  Never report it so (same format: text order
+        # is time order).
+        out["last_output_at"] = out["started_at"]
     if running:
         since = last
         if since is None:
@@ -4179,15 +4274,19 @@ def cmd_list(o) -> dict:
     want_state = "running" if o.running else o.state
     root = _root(o)
     out = {"root": root, "jobs": [], "truncated": False, "skipped": 0}
-    if not os.path.isdir(root):
-        return out
-    _check_root(root)
+    _check_root(root)  # a root that is a file is refused here as by run
     meta_filter = None
     if not o.all:
         try:
             want_cwd = os.path.realpath(o.cwd or os.getcwd())
-        except OSError:
-            want_cwd = os.path.abspath(o.cwd or ".")
+        except OSError as e:
+            raise AgentExecError(
+                "cwd_not_found",
+                "the current directory is gone (%s), so list has no directory to match: "
+                "pass --cwd DIR, or --all" % e.strerror,
+            )
+    if not os.path.isdir(root):
+        return out
 
         def meta_filter(meta: dict) -> bool:
             return meta.get("cwd") == want_cwd
@@ -4319,9 +4418,9 @@ def _remove_job(job_dir: str, dry_run: bool) -> int:
 def cmd_gc(o) -> dict:
     root = _root(o)
     out = {"deleted": 0, "job_ids": [], "skipped": 0, "freed_bytes": 0, "dry_run": o.dry_run}
+    _check_root(root)  # a root that is a file is refused here as by run
     if not os.path.isdir(root):
         return out
-    _check_root(root)
     now = time.time()
     rank = 0  # position among readable jobs, newest first
     for name, _entry in _iter_jobs(root):
@@ -4685,7 +4784,7 @@ def dispatch(name: str, o) -> "tuple":
 
 def _emit(envelope: dict) -> None:
     """Print one answer: the only write to stdout."""
-    data = json.dumps(envelope, ensure_ascii=True) + "\n"
+    data = _to_json(envelope) + "\n"
     try:
         sys.stdout.write(data)
         sys.stdout.flush()
