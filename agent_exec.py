@@ -3136,12 +3136,14 @@ _Kind = collections.namedtuple(
 Field = collections.namedtuple("Field", "name schema required", defaults=(False,))
 
 _Command = collections.namedtuple(
-    "_Command", "name help handler opts returns checks variants annotations"
+    "_Command", "name help handler opts returns checks variants annotations exit_status"
 )
 COMMANDS = {}  # name -> _Command, in the order --help and a tool list show them
 
 
-def command(name, help, opts=(), returns=(), checks=(), variants=None, annotations=None):
+def command(
+    name, help, opts=(), returns=(), checks=(), variants=None, annotations=None, exit_status=None
+):
     """Declare a command beside its handler.
 
     ``checks`` are functions of ``o`` that return a usage message when the
@@ -3149,12 +3151,22 @@ def command(name, help, opts=(), returns=(), checks=(), variants=None, annotatio
     after parsing, whichever front end asked.  ``variants`` is an ``anyOf``
     list added to the answer's schema, for a command whose answer has two
     forms (wait: one job, or several).  ``annotations`` are hints for a tool
-    list (readOnlyHint, destructiveHint, idempotentHint).
+    list (readOnlyHint, destructiveHint, idempotentHint).  ``exit_status``,
+    a function of ``o`` and the answer, gives the exit code of a successful
+    answer (default 0): run --wait --exit-code passes the job's on.
     """
 
     def register(handler):
         COMMANDS[name] = _Command(
-            name, help, handler, tuple(opts), tuple(returns), tuple(checks), variants, annotations
+            name,
+            help,
+            handler,
+            tuple(opts),
+            tuple(returns),
+            tuple(checks),
+            variants,
+            annotations,
+            exit_status,
         )
         return handler
 
@@ -3419,6 +3431,12 @@ _RUN_OPTS = (
     Opt("log", help="where full.log goes", metavar="PATH"),
     Opt("progress_every", "duration", 0),
     Opt("wait", "flag", help="block until the job is terminal"),
+    Opt(
+        "exit_code",
+        "flag",
+        help="with --wait: exit with the job's exit code (128+N for signal N, "
+        "125 if it never ran or its end is unknown)",
+    ),
     # Accepted for scripts written for the first versions; not used.
     Opt("wait_poll_ms", "duration", DEFAULT_WAIT_POLL_MS, fronts=("cli",)),
     Opt("notify_command", metavar="JSON_ARGV"),
@@ -3450,8 +3468,10 @@ _RUN_OPTS = (
         _needs_command,
         lambda o: _regex_error(o.ready_match, "--ready-match"),
         conflict("no_inherit_env", "inherit_env"),
+        lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,
         _notify_command_error,
     ),
+    exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
     returns=JOB_HEAD
     + LOG_PATH_FIELDS
     + (
@@ -3497,6 +3517,29 @@ def cmd_run(o) -> dict:
             durable=True,
         )
     return _run_answer(o, root, job_id, spec)
+
+
+# run --wait --exit-code, for a job that did not end with an exit code of its
+# own: it never ran (spawn_failed), or its supervisor was lost.  125, as
+# env(1), nice(1) and docker run answer when they could not run the command.
+_NO_EXIT_STATUS = 125
+
+
+def _job_exit_status(answer: dict) -> int:
+    """The exit status a shell would report for the job of ``answer``."""
+    if answer.get("exit_code") is not None:
+        return answer["exit_code"]
+    name = answer.get("signal")
+    if name and answer.get("end_reason") in ("signal", "kill", "timeout"):
+        try:
+            return 128 + parse_signal(name)
+        except ValueError:
+            import signal
+
+            num = getattr(signal, name, None)
+            if num is not None:
+                return 128 + int(num)
+    return _NO_EXIT_STATUS
 
 
 def _job_spec(o) -> dict:
@@ -3945,7 +3988,8 @@ def cmd_wait(o) -> dict:
     if o.match is not None:
         regex = _compile_regex(o.match, "--match")
         start = o.cursor if o.cursor is not None else (0, 0)
-        return _wait_match(root, job_id, regex, o.stream or "both", start, deadline, _cancelled(o))
+        streams = o.stream or "both"
+        return _wait_match(root, job_id, regex, streams, start, deadline, _cancelled(o), o.ready)
     job_dir = os.path.join(root, job_id)
     lock = os.path.join(job_dir, META)
     if o.ready and os.path.exists(os.path.join(job_dir, READY_LOCK)):
@@ -4034,34 +4078,48 @@ def _match_line(regex, data: bytes) -> "tuple | None":
     return None
 
 
-def _wait_match(root: str, job_id: str, regex, which: str, start: tuple, deadline, cancel=None):
-    """wait --match: block until an output line matches, the job ends, or time is up."""
+def _wait_match(
+    root: str, job_id: str, regex, which: str, start: tuple, deadline, cancel=None, ready=False
+):
+    """wait --match: block until an output line matches, the job ends, or time is up.
+
+    With ``ready`` (wait --ready --match) the job becoming ready ends the
+    wait too; the answer's ``ready`` and ``matched`` say which came first.
+    """
     streams = list(_STREAMS) if which == "both" else [which]
     pos = {"stdout": start[0], "stderr": start[1]}  # start of the unscanned bytes
     pending = {"stdout": b"", "stderr": b""}  # a line still being written
-    watch = None
+    watch = ready_watch = None
+    ready_lock = os.path.join(root, job_id, READY_LOCK)
     try:
         while True:
             job = load_job(root, job_id)
             before = _log_sizes(job)  # before reading: see _wait_output
             hit = _scan_for_match(job, regex, streams, pos, pending)
+            is_ready = ready and job.record.get("ready") is True
             remaining = _remaining(deadline)
             cancelled = cancel is not None and cancel.is_set()
-            if hit is not None or job.terminal or remaining == 0 or cancelled:
+            if hit is not None or is_ready or job.terminal or remaining == 0 or cancelled:
                 out = job.head()
+                if ready:
+                    out["ready"] = is_ready
                 out["matched"] = hit is not None
                 cursor = make_cursor(pos["stdout"], pos["stderr"])
                 if hit is not None:
                     out["match"] = {"stream": hit[0], "line": hit[1], "cursor": cursor}
-                out["timed_out"] = hit is None and not job.terminal
+                out["timed_out"] = hit is None and not is_ready and not job.terminal
                 out["cursor"] = cursor
                 return out
             if watch is None:
                 watch = _LockWatch.acquire(job.path(META))
-            _wait_output(job, watch, remaining, before, cancel)
+                if ready and os.path.exists(ready_lock):
+                    ready_watch = _LockWatch.acquire(ready_lock)
+            _wait_output(job, watch, remaining, before, cancel, ready_watch)
     finally:
         if watch is not None:
             watch.release()
+        if ready_watch is not None:
+            ready_watch.release()
 
 
 def _scan_for_match(job: _Job, regex, streams: list, pos: dict, pending: dict):
@@ -4093,16 +4151,21 @@ def _scan_for_match(job: _Job, regex, streams: list, pos: dict, pending: dict):
     return None
 
 
-def _wait_output(job: _Job, watch: _LockWatch, remaining, before: list, cancel=None) -> None:
+def _wait_output(
+    job: _Job, watch: _LockWatch, remaining, before: list, cancel=None, also=None
+) -> None:
     """Sleep until a log differs from ``before``, the job ends (the lock), or time is up.
 
     ``before`` must be taken before the logs were last read: bytes written
-    between that read and this wait then still count as a change.
+    between that read and this wait then still count as a change.  ``also``
+    is a second _LockWatch that ends the sleep when it fires (ready.lock).
     """
     deadline = None if remaining is None else time.monotonic() + remaining
     while True:
         step = READ_POLL_S if deadline is None else min(READ_POLL_S, deadline - time.monotonic())
         if step <= 0 or watch.wait(step) or _log_sizes(job) != before:
+            return
+        if also is not None and also.done.is_set():
             return
         if cancel is not None and cancel.is_set():
             return
@@ -4779,7 +4842,7 @@ def dispatch(name: str, o) -> "tuple":
         return 1, _internal_error(e)
     envelope = {"schema_version": SCHEMA_VERSION, "ok": True, "type": name}
     envelope.update(body)
-    return 0, envelope
+    return (cmd.exit_status(o, body) if cmd.exit_status else 0), envelope
 
 
 def _emit(envelope: dict) -> None:
