@@ -3127,22 +3127,30 @@ Opt = collections.namedtuple(
 # How a kind of value is parsed (``parse``, a function that raises
 # ValueError; ``what`` names it in argparse's messages), described (``json``,
 # a JSON Schema) and taken (``action``, ``nargs``; ``positional`` kinds have
-# no flag).
+# no flag; ``units`` is said after the help of every option of the kind).
 _Kind = collections.namedtuple(
-    "_Kind", "parse what json action nargs metavar positional", defaults=(None,) * 7
+    "_Kind", "parse what json action nargs metavar positional units", defaults=(None,) * 8
 )
 
 # A field of an answer, with its JSON Schema and whether it is always there.
 Field = collections.namedtuple("Field", "name schema required", defaults=(False,))
 
 _Command = collections.namedtuple(
-    "_Command", "name help handler opts returns checks variants annotations exit_status"
+    "_Command", "name help handler opts returns checks variants annotations exit_status examples"
 )
 COMMANDS = {}  # name -> _Command, in the order --help and a tool list show them
 
 
 def command(
-    name, help, opts=(), returns=(), checks=(), variants=None, annotations=None, exit_status=None
+    name,
+    help,
+    opts=(),
+    returns=(),
+    checks=(),
+    variants=None,
+    annotations=None,
+    exit_status=None,
+    examples=(),
 ):
     """Declare a command beside its handler.
 
@@ -3154,6 +3162,7 @@ def command(
     list (readOnlyHint, destructiveHint, idempotentHint).  ``exit_status``,
     a function of ``o`` and the answer, gives the exit code of a successful
     answer (default 0): run --wait --exit-code passes the job's on.
+    ``examples`` are (command line, what it does) pairs that end --help.
     """
 
     def register(handler):
@@ -3167,6 +3176,7 @@ def command(
             variants,
             annotations,
             exit_status,
+            tuple(examples),
         )
         return handler
 
@@ -3261,6 +3271,8 @@ ERROR_FIELDS = (
 # -- kinds of values --------------------------------------------------------------------
 
 _NUMBER_OR_TEXT = {"type": ["integer", "string"]}
+_DURATION_HELP = "DURATION: a bare number is ms, or 250ms, 5s, 2m, 1h"
+_SIZE_HELP = "SIZE: bytes, or 64k, 1M, 2G"
 
 
 def _nonneg_int(text: str) -> int:
@@ -3308,9 +3320,13 @@ _KINDS = {
     "strs": _Kind(json=STRS, action="append"),
     "choice": _Kind(json=STR),
     "count": _Kind(_nonneg_int, "count", COUNT, metavar="N"),
-    "duration": _Kind(parse_duration_ms, "duration", _NUMBER_OR_TEXT, metavar="MS"),
-    "positive_duration": _Kind(_positive_duration, "duration", _NUMBER_OR_TEXT, metavar="MS"),
-    "size": _Kind(parse_size, "size", _NUMBER_OR_TEXT, metavar="N"),
+    "duration": _Kind(
+        parse_duration_ms, "duration", _NUMBER_OR_TEXT, metavar="DURATION", units=_DURATION_HELP
+    ),
+    "positive_duration": _Kind(
+        _positive_duration, "duration", _NUMBER_OR_TEXT, metavar="DURATION", units=_DURATION_HELP
+    ),
+    "size": _Kind(parse_size, "size", _NUMBER_OR_TEXT, metavar="SIZE", units=_SIZE_HELP),
     "signal": _Kind(parse_signal, "signal", _NUMBER_OR_TEXT, metavar="NAME"),
     "cursor": _Kind(parse_cursor, "cursor", STR, metavar="C"),
     "port": _Kind(
@@ -3335,10 +3351,17 @@ GLOBAL_OPTS = (
 _GLOBAL_HELP_IN_COMMAND = {"root": "jobs root"}
 
 # Options that several commands share.
-JOB_ID = Opt("job_id", "job_id")
-JOB_IDS = Opt("job_ids", "job_ids", metavar="job_id")
-TAIL_LINES = Opt("tail_lines", "count", DEFAULT_TAIL_LINES)
-MAX_BYTES = Opt("max_bytes", "size", DEFAULT_MAX_BYTES)
+JOB_ID = Opt("job_id", "job_id", help="a job id, or a unique prefix of one (4+ characters)")
+JOB_IDS = Opt(
+    "job_ids", "job_ids", help="one or more job ids, or unique prefixes", metavar="job_id"
+)
+TAIL_LINES = Opt(
+    "tail_lines", "count", DEFAULT_TAIL_LINES, "show the last N lines of each stream (default 50)"
+)
+MAX_BYTES = Opt(
+    "max_bytes", "size", DEFAULT_MAX_BYTES, "at most SIZE bytes of each stream (default 64k)"
+)
+_UNUSED_HELP = "accepted for old scripts; it has no effect"
 DRY_RUN = Opt("dry_run", "flag", help="say what would go; delete nothing")
 
 
@@ -3417,19 +3440,24 @@ _RUN_OPTS = (
         DEFAULT_SNAPSHOT_AFTER_MS,
         "observe the job this long before answering (max 10000; 0 = at once)",
     ),
-    Opt("timeout", "duration", 0, "SIGTERM the job's process group at this deadline (0 = none)"),
-    Opt("kill_after", "duration", 0, "SIGKILL this long after the timeout's SIGTERM"),
+    Opt("timeout", "duration", 0, "SIGTERM the job's processes at this deadline (0 = none)"),
+    Opt("kill_after", "duration", 0, "SIGKILL what is left this long after the timeout's SIGTERM"),
     TAIL_LINES,
     MAX_BYTES,
     Opt("cwd", help="working directory (default: the caller's)", metavar="DIR"),
-    Opt("env", "env_pairs"),
-    Opt("env_file", "strs", metavar="FILE"),
+    Opt("env", "env_pairs", help="set KEY to VALUE in the job's environment (repeatable)"),
+    Opt(
+        "env_file",
+        "strs",
+        help="read KEY=VALUE lines from FILE, before any --env (repeatable)",
+        metavar="FILE",
+    ),
     Opt("no_inherit_env", "flag", help="start from an empty environment"),
     # Accepted so that it can be said explicitly; it only conflicts.
     Opt("inherit_env", "flag", help="inherit the environment (default)", fronts=("cli",)),
     Opt("mask", "env_keys", help="never show KEY's value in any output or file"),
     Opt("log", help="where full.log goes", metavar="PATH"),
-    Opt("progress_every", "duration", 0),
+    Opt("progress_every", "duration", 0, "refresh state.json this often while it runs (0 = off)"),
     Opt("wait", "flag", help="block until the job is terminal"),
     Opt(
         "exit_code",
@@ -3438,9 +3466,18 @@ _RUN_OPTS = (
         "125 if it never ran or its end is unknown)",
     ),
     # Accepted for scripts written for the first versions; not used.
-    Opt("wait_poll_ms", "duration", DEFAULT_WAIT_POLL_MS, fronts=("cli",)),
-    Opt("notify_command", metavar="JSON_ARGV"),
-    Opt("notify_file", metavar="PATH"),
+    Opt("wait_poll_ms", "duration", DEFAULT_WAIT_POLL_MS, _UNUSED_HELP, fronts=("cli",)),
+    Opt(
+        "notify_command",
+        help='when the job ends, run this command (a JSON array: ["notify", "x"]) '
+        "with the completion event on stdin",
+        metavar="JSON_ARGV",
+    ),
+    Opt(
+        "notify_file",
+        help="when the job ends, append the completion event to PATH as one JSON line",
+        metavar="PATH",
+    ),
     Opt(
         "notify_timeout",
         "positive_duration",
@@ -3472,6 +3509,26 @@ _RUN_OPTS = (
         _notify_command_error,
     ),
     exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
+    examples=(
+        ("agent-exec run -- make test", "everything after -- is the command, word for word"),
+        (
+            "agent-exec run -- sh -c 'make 2>&1 | tee build.log'",
+            "pipes, redirections and && need a shell",
+        ),
+        (
+            "agent-exec run --timeout 10m --kill-after 5s -- ./slow-job",
+            "TERM at 10 min, KILL 5 s later",
+        ),
+        (
+            "agent-exec run --ready-port 8000 -- python3 -u -m http.server 8000",
+            "answer once port 8000 accepts connections",
+        ),
+        (
+            "agent-exec run --ready-match 'Listening on' -- npm run dev",
+            "answer once a line of output matches",
+        ),
+        ("agent-exec run --wait --exit-code -- make && deploy", "block, then exit as make did"),
+    ),
     returns=JOB_HEAD
     + LOG_PATH_FIELDS
     + (
@@ -3552,7 +3609,19 @@ def _job_spec(o) -> dict:
     cwd = _job_cwd(o.cwd)
     env, env_keys, explicit = _job_env(o)
     masks = list(dict.fromkeys(o.mask or ()))
-    _resolve_command(argv[0], cwd, env)
+    try:
+        _resolve_command(argv[0], cwd, env)
+    except AgentExecError as e:
+        if len(argv) == 1 and _SHELL_SYNTAX.intersection(argv[0]):
+            import shlex
+
+            raise AgentExecError(
+                e.code,
+                "command %r not found: it looks like a shell command line given as one "
+                "argument; to run it through a shell: agent-exec run -- sh -c %s"
+                % (_short(argv[0]), shlex.quote(argv[0])),
+            )
+        raise
     return {
         "argv": argv,
         "cwd": cwd,
@@ -3767,11 +3836,15 @@ def _parse_env_file(path: str) -> "list":
         if "\0" in value:
             # exec cannot pass it: refuse it now, as --env does, not as spawn_failed later
             raise AgentExecError(
-                "invalid_argument", "env file %s line %d: the value of %s holds a NUL byte"
-                % (path, num, key),
+                "invalid_argument",
+                "env file %s line %d: the value of %s holds a NUL byte" % (path, num, key),
             )
         pairs.append((key, value))
     return pairs
+
+
+# A lone argument holding any of these is probably a line meant for a shell.
+_SHELL_SYNTAX = frozenset(" \t\n|&;<>()$`*?[]{}~'\"=")
 
 
 def _resolve_command(argv0: str, cwd: str, env: dict) -> str:
@@ -3943,7 +4016,7 @@ _BRIEF = obj(JOB_HEAD + (Field("exit_code", INT), Field("signal", STR)))
     opts=(
         Opt("timeout_ms", "duration", 0, "0 = no limit"),
         # Accepted for scripts written for the first versions; not used.
-        Opt("poll_ms", "duration", DEFAULT_WAIT_POLL_MS, fronts=("cli",)),
+        Opt("poll_ms", "duration", DEFAULT_WAIT_POLL_MS, _UNUSED_HELP, fronts=("cli",)),
         Opt("match", help="return when an output line matches", metavar="REGEX"),
         Opt("stream", "choice", help="with --match", choices=("stdout", "stderr", "both")),
         Opt("cursor", "cursor", help="with --match: search from C"),
@@ -4237,7 +4310,16 @@ def cmd_read(o) -> dict:
 @command(
     "kill",
     "signal every live process of a job",
-    opts=(Opt("signal", "signal", _SIGTERM), JOB_ID),
+    opts=(
+        Opt(
+            "signal",
+            "signal",
+            _SIGTERM,
+            "TERM (default), INT, KILL, HUP, QUIT, USR1, USR2, STOP, CONT or WINCH, "
+            "with or without SIG, or a number",
+        ),
+        JOB_ID,
+    ),
     returns=JOB_HEAD[:1]
     + (Field("signal", STR, True), JOB_HEAD[1], Field("sent", BOOL))
     + RESULT_FIELDS,
@@ -4313,7 +4395,7 @@ def _running_state_conflict(o) -> "str | None":
     "list",
     "list jobs, newest first",
     opts=(
-        Opt("state", "choice", choices=STATES),
+        Opt("state", "choice", help="only jobs in this state", choices=STATES),
         Opt(
             "limit",
             "count",
@@ -4348,11 +4430,12 @@ def cmd_list(o) -> dict:
                 "the current directory is gone (%s), so list has no directory to match: "
                 "pass --cwd DIR, or --all" % e.strerror,
             )
-    if not os.path.isdir(root):
-        return out
 
         def meta_filter(meta: dict) -> bool:
             return meta.get("cwd") == want_cwd
+
+    if not os.path.isdir(root):
+        return out
 
     for name, _entry in _iter_jobs(root):
         try:
@@ -4713,6 +4796,8 @@ def _add_option(parser, opt: Opt, **override) -> None:
         kw["choices"] = opt.choices
     if opt.help:
         kw["help"] = opt.help
+        if kind.units:
+            kw["help"] = "%s [%s]" % (opt.help, kind.units)
     kw.update(override)
     if kind.positional:
         parser.add_argument(opt.name, **kw)
@@ -4728,14 +4813,21 @@ def build_parser(command: "str | None" = None):
     import argparse
 
     class Parser(argparse.ArgumentParser):
+        def __init__(self, *args, **kw):
+            # No abbreviations: a script that says --snap would break the day
+            # an option --snapshot-x arrives.
+            kw.setdefault("allow_abbrev", False)
+            kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+            super().__init__(*args, **kw)
+
         def error(self, message):  # argparse's usage errors take the JSON path
-            raise UsageError(message, self.format_usage(), self.prog)
+            raise UsageError(_did_you_mean(self, message), self.format_usage(), self.prog)
 
     parser = Parser(
         prog=PROG,
         description="Run commands as detached background jobs and answer in JSON.",
-        epilog="Every command prints exactly one JSON object on stdout. "
-        "See README.md for the fields.",
+        epilog=_EPILOG
+        + "\n`agent-exec help COMMAND` (or COMMAND --help) shows a command's options.",
     )
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     for opt in reversed(GLOBAL_OPTS):
@@ -4750,16 +4842,59 @@ def build_parser(command: "str | None" = None):
     for name, cmd in COMMANDS.items():
         wanted = command is None or command == name
         p = sub.add_parser(
-            name, parents=[common] if wanted else [], description=cmd.help, help=cmd.help
+            name,
+            parents=[common] if wanted else [],
+            description=cmd.help,
+            help=cmd.help,
+            epilog=_command_epilog(cmd) if wanted else None,
         )
         if wanted:
             for opt in cmd.opts:
                 if "cli" in opt.fronts:
                     _add_option(p, opt)
         parser.commands[name] = p
+    # `help` is listed so that --help shows it; main() runs it (_help_argv).
+    parser.commands["help"] = sub.add_parser("help", help=_HELP_HELP, description=_HELP_HELP)
+    parser.commands["help"].add_argument("topic", nargs="?", metavar="command")
     # `_supervise` is not here: main() recognises it before argparse runs,
     # so it stays out of --help and out of the choices that errors list.
     return parser
+
+
+_EPILOG = (
+    "Every command prints exactly one JSON object on stdout;\n"
+    "`agent-exec schema` prints the JSON Schema of every answer."
+)
+_HELP_HELP = "show the help of agent-exec, or of one command"
+
+
+def _command_epilog(cmd: _Command) -> str:
+    text = _EPILOG
+    if cmd.examples:
+        rows = ["  # %s\n  %s" % (what, line) for line, what in cmd.examples]
+        text += "\n\nexamples:\n" + "\n".join(rows)
+    return text
+
+
+def _did_you_mean(parser, message: str) -> str:
+    """argparse's message, plus a suggestion for an unknown option that is close to one."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return message
+    import difflib
+
+    known = set(parser._option_string_actions)
+    for sub in getattr(parser, "commands", {}).values():
+        known.update(sub._option_string_actions)
+    for arg in message[len(prefix) :].split():
+        if arg.startswith("--"):
+            word = arg.partition("=")[0]
+            # An abbreviation first (--snap), then a typo (--tiemout).
+            close = sorted(k for k in known if k.startswith(word))
+            close = close or difflib.get_close_matches(word, sorted(known), 1, 0.6)
+            if close:
+                return "%s (did you mean %s?)" % (message, " or ".join(close[:3]))
+    return message
 
 
 def _command_in(argv: list) -> "str | None":
@@ -4778,6 +4913,15 @@ def _command_in(argv: list) -> "str | None":
         elif not arg.startswith("-"):
             return arg
     return None
+
+
+def _help_argv(argv: list) -> list:
+    """`help [command]` is `[command] --help`: the same text, one way to make it."""
+    if _command_in(argv) != "help":
+        return argv
+    at = argv.index("help")
+    topic = [a for a in argv[at + 1 :] if not a.startswith("-")][:1]
+    return argv[:at] + topic + ["--help"]
 
 
 def _refuse_nul(cmd: _Command, o) -> None:
@@ -4880,6 +5024,7 @@ def main(argv: "list | None" = None) -> int:
             return 2
         return cmd_supervise(argv[1], argv[3])
     try:
+        argv = _help_argv(argv)
         parser = build_parser(_command_in(argv))
         o = parser.parse_args(argv)
     except UsageError as e:

@@ -145,7 +145,14 @@ class SchemaTests(unittest.TestCase):
             ("killed", {"signal": "SIGKILL"}, False, None, "signal", False),
             ("killed", {"signal": "SIGKILL"}, True, None, "timeout", False),
             # a verdict of failure overrides what the record says
-            ("failed", {"exit_code": 0}, False, {"code": "supervisor_lost"}, "supervisor_lost", False),
+            (
+                "failed",
+                {"exit_code": 0},
+                False,
+                {"code": "supervisor_lost"},
+                "supervisor_lost",
+                False,
+            ),
             ("failed", {}, False, {"code": "spawn_failed"}, "spawn_failed", False),
             ("failed", {}, False, {"code": "supervisor_failed"}, "spawn_failed", False),
             ("failed", {}, False, {"code": "supervisor_error"}, "supervisor_lost", False),

@@ -159,7 +159,8 @@ class StateDocumentTests(unittest.TestCase):
             d["job"], {"id": "JOB", "status": "running", "started_at": facts().started_at}
         )
         self.assertEqual(
-            d["result"], {"exit_code": None, "signal": None, "duration_ms": None, "end_reason": None}
+            d["result"],
+            {"exit_code": None, "signal": None, "duration_ms": None, "end_reason": None},
         )
         self.assertIsNone(d["finished_at"])
         self.assertEqual(d["updated_at"], NOW)
