@@ -430,7 +430,7 @@ def _read_boot_id() -> "str | None":
 
 
 def _proc_stat(pid: int) -> "tuple | None":
-    """(state letter, ppid, start time) of a live process, from /proc/<pid>/stat.
+    """(state letter, ppid, start time, pgid) of a live process, from /proc/<pid>/stat.
 
     None when there is no such process, or when it is a zombie (Z, X).  The
     start time is field 22 (clock ticks since boot), kept as text: it is an
@@ -446,7 +446,7 @@ def _proc_stat(pid: int) -> "tuple | None":
     fields = stat.rsplit(b")", 1)[1].split()
     if fields[0] in (b"Z", b"X"):
         return None
-    return fields[0].decode(), int(fields[1]), fields[19].decode()
+    return fields[0].decode(), int(fields[1]), fields[19].decode(), int(fields[2])
 
 
 def _ps(args: list, timeout: float) -> bytes:
@@ -477,29 +477,35 @@ def _proc_start_time(pid: int) -> "str | None":
 
 
 def _process_table() -> "dict":
-    """pid -> ppid for every live, non-zombie process (best effort)."""
+    """pid -> (ppid, pgid) for every live, non-zombie process (best effort)."""
     table = {}
     if _IS_LINUX:
         for name in os.listdir("/proc"):
             if name.isdigit():
                 stat = _proc_stat(int(name))
                 if stat is not None:
-                    table[int(name)] = stat[1]
+                    table[int(name)] = (stat[1], stat[3])
         return table
-    out = _ps(["-A", "-o", "pid=", "-o", "ppid=", "-o", "stat="], 10)
+    out = _ps(["-A", "-o", "pid=", "-o", "ppid=", "-o", "pgid=", "-o", "stat="], 10)
     for line in out.decode(errors="replace").splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
-            if not parts[2].startswith("Z"):
-                table[int(parts[0])] = int(parts[1])
+        if len(parts) >= 4 and all(p.isdigit() for p in parts[:3]):
+            if not parts[3].startswith("Z"):
+                table[int(parts[0])] = (int(parts[1]), int(parts[2]))
     return table
 
 
-def _descendants_of(root_pid: int, exclude: "set | None" = None) -> "list":
-    """Live descendants of ``root_pid`` (not itself), in tree order."""
-    table = _process_table()
+def _descendants_of(
+    root_pid: int, exclude: "set | None" = None, table: "dict | None" = None
+) -> "list":
+    """Live descendants of ``root_pid`` (not itself), in tree order.
+
+    ``table`` is a _process_table() to use (several questions, one walk of /proc).
+    """
+    if table is None:
+        table = _process_table()
     children = {}  # type: dict
-    for pid, ppid in table.items():
+    for pid, (ppid, _pgid) in table.items():
         children.setdefault(ppid, []).append(pid)
     out = []
     queue = list(children.get(root_pid, ()))
@@ -3969,6 +3975,77 @@ def _live_descendants(job: _Job) -> "list | None":
     return [p for p in _descendants_of(sup) if p != main_pid]
 
 
+def _lingering(job: _Job, cache: "dict | None" = None) -> list:
+    """The live processes of a terminal job: its supervisor, and what the job left.
+
+    What the job left is every live descendant of its supervisor (on Linux
+    the supervisor adopts them all) and every process still in the job's
+    process group (elsewhere an orphan leaves the tree but keeps its group).
+    ``cache`` (a dict) shares one _process_table() between the jobs of a
+    walk; the table is only made for a job that may have such processes.
+    [] for a running job, and for a job whose every process has ended.
+    """
+    if not job.terminal:
+        return []
+    sup = job.record.get("supervisor_pid")
+    sup_alive = isinstance(sup, int) and sup > 1 and _supervisor_alive(job)
+    group = job.record.get("pid")
+    group_alive = False
+    if isinstance(group, int) and group > 1:
+        try:
+            os.killpg(group, 0)
+            group_alive = True
+        except PermissionError:  # someone else's group now: not the job's
+            pass
+        except OSError:
+            pass
+    if not sup_alive and not group_alive:
+        return []
+    cache = {} if cache is None else cache
+    if "table" not in cache:
+        cache["table"] = _process_table()
+    table = cache["table"]
+    pids = [sup] if sup_alive else []
+    if sup_alive:
+        pids += _descendants_of(sup, table=table)
+    if group_alive:
+        pids += [p for p, (_ppid, pgid) in table.items() if pgid == group and p not in pids]
+    return [p for p in pids if p != os.getpid()]
+
+
+def _lingering_reason(job: _Job, pids: list) -> str:
+    """Why delete or gc leaves a job alone: its processes, and how to end them."""
+    others = [p for p in pids if p != job.record.get("supervisor_pid")]
+    if not others:
+        what = "its supervisor (pid %d) is still finishing" % pids[0]
+        return what + "; try again in a moment"
+    what = "%d process%s of the job still run%s (pid %s)" % (
+        len(others),
+        "" if len(others) == 1 else "es",
+        "s" if len(others) == 1 else "",
+        ", ".join(str(p) for p in others[:10]) + (", ..." if len(others) > 10 else ""),
+    )
+    them = "it" if len(others) == 1 else "them"
+    if job.record.get("supervisor_pid") in pids:
+        return "%s; end %s with: agent-exec kill %s (or --signal KILL)" % (what, them, job.id)
+    return "%s; end %s with: kill -TERM -- -%d" % (what, them, job.record.get("pid"))
+
+
+# A job's supervisor outlives its terminal state by a moment (it delivers the
+# completion event, then exits); delete waits this long for that.
+_SUPERVISOR_EXIT_WAIT_S = 2.0
+
+
+def _settled_lingering(job: _Job) -> list:
+    """_lingering(), after a short wait for a supervisor that is only finishing."""
+    pids = _lingering(job)
+    deadline = time.monotonic() + _SUPERVISOR_EXIT_WAIT_S
+    while pids == [job.record.get("supervisor_pid")] and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pids = _lingering(job)
+    return pids
+
+
 @command(
     "tail",
     "show the end of a job's output",
@@ -4380,6 +4457,7 @@ _LIST_ENTRY = obj(
         Field("cwd", STR, True),
         Field("updated_at", STR),
         Field("ready", BOOL_OR_NULL),
+        Field("lingering", BOOL, True),
     )
     + RESULT_FIELDS
 )
@@ -4405,6 +4483,11 @@ def _running_state_conflict(o) -> "str | None":
         Opt("cwd", help="jobs started in DIR (default: here)", metavar="DIR"),
         Opt("all", "flag", help="jobs from every directory"),
         Opt("running", "flag", help="same as --state running"),
+        Opt(
+            "lingering",
+            "flag",
+            help="only finished jobs whose processes still run (delete and gc refuse them)",
+        ),
     ),
     checks=(conflict("cwd", "all"), _running_state_conflict),
     returns=(
@@ -4436,7 +4519,7 @@ def cmd_list(o) -> dict:
 
     if not os.path.isdir(root):
         return out
-
+    processes = {}  # one process table for the walk, if any job needs it
     for name, _entry in _iter_jobs(root):
         try:
             job = load_job(root, name, meta_filter)
@@ -4445,14 +4528,17 @@ def cmd_list(o) -> dict:
             continue
         if job is None or (want_state and job.state != want_state):
             continue
+        lingering = bool(_lingering(job, processes))
+        if o.lingering and not lingering:
+            continue
         if o.limit and len(out["jobs"]) >= o.limit:
             out["truncated"] = True
             break
-        out["jobs"].append(_list_entry(job))
+        out["jobs"].append(_list_entry(job, lingering))
     return out
 
 
-def _list_entry(job: _Job) -> dict:
+def _list_entry(job: _Job, lingering: bool) -> dict:
     meta = job.meta
     entry = {
         "job_id": job.id,
@@ -4463,12 +4549,19 @@ def _list_entry(job: _Job) -> dict:
         "ready": job.record.get("ready"),
     }
     result = job.result_fields()
-    for key in ("exit_code", "signal", "finished_at", "failure"):
+    for key in ("exit_code", "signal", "finished_at", "end_reason", "success", "failure"):
         if key in result:
             entry[key] = result[key]
     if job.record.get("updated_at"):
         entry["updated_at"] = job.record["updated_at"]
+    entry["lingering"] = lingering
     return entry
+
+
+# The jobs that delete or gc left alone, and why.
+REFUSED_FIELD = Field(
+    "refused", array(obj((Field("job_id", STR, True), Field("reason", STR, True)))), True
+)
 
 
 @command(
@@ -4477,17 +4570,14 @@ def _list_entry(job: _Job) -> dict:
     opts=(DRY_RUN, JOB_IDS),
     returns=(
         Field("deleted", STRS, True),
-        Field(
-            "refused",
-            array(obj((Field("job_id", STR, True), Field("reason", STR, True)))),
-            True,
-        ),
+        REFUSED_FIELD,
         Field("freed_bytes", COUNT, True),
         Field("dry_run", BOOL, True),
     ),
     annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True},
 )
 def cmd_delete(o) -> dict:
+    """Delete terminal jobs; refuse, with the reason, a job with live processes."""
     root = _root(o)
     _check_root(root)
     # Resolve every id first: a typo deletes nothing.
@@ -4502,6 +4592,11 @@ def cmd_delete(o) -> dict:
         if not job.terminal:
             reason = "the job is %s; stop it first (agent-exec kill %s)" % (job.state, job_id)
             refused.append({"job_id": job_id, "reason": reason})
+            continue
+        pids = _settled_lingering(job)
+        if pids:
+            # Deleting it would leave processes that no command can reach.
+            refused.append({"job_id": job_id, "reason": _lingering_reason(job, pids)})
             continue
         freed += _remove_job(job.dir, o.dry_run)
         deleted.append(job_id)
@@ -4556,6 +4651,7 @@ def _remove_job(job_dir: str, dry_run: bool) -> int:
         Field("deleted", COUNT, True),
         Field("job_ids", STRS, True),
         Field("skipped", COUNT, True),
+        REFUSED_FIELD,
         Field("freed_bytes", COUNT, True),
         Field("dry_run", BOOL, True),
     ),
@@ -4563,11 +4659,13 @@ def _remove_job(job_dir: str, dry_run: bool) -> int:
 )
 def cmd_gc(o) -> dict:
     root = _root(o)
-    out = {"deleted": 0, "job_ids": [], "skipped": 0, "freed_bytes": 0, "dry_run": o.dry_run}
+    out = {"deleted": 0, "job_ids": [], "skipped": 0, "refused": [], "freed_bytes": 0}
+    out["dry_run"] = o.dry_run
     _check_root(root)  # a root that is a file is refused here as by run
     if not os.path.isdir(root):
         return out
     now = time.time()
+    processes = {}  # one process table for the walk, if any job needs it
     rank = 0  # position among readable jobs, newest first
     for name, _entry in _iter_jobs(root):
         try:
@@ -4578,6 +4676,10 @@ def cmd_gc(o) -> dict:
         rank += 1
         if not job.terminal:
             out["skipped"] += 1  # running (or unknown): never touched
+            continue
+        pids = _lingering(job, processes)
+        if pids:  # deleting it would leave processes no command can reach
+            out["refused"].append({"job_id": name, "reason": _lingering_reason(job, pids)})
             continue
         stamp = job.record.get("finished_at") or job.meta.get("created_at")
         try:
