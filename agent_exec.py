@@ -155,6 +155,7 @@ ERROR_CODES = {
     "invalid_argument": (1, False, "a well-formed value that cannot be used"),
     "cwd_not_found": (1, False, "the working directory (or the current one) does not exist"),
     "command_not_found": (1, False, "run: the command is not an executable on the PATH"),
+    "port_in_use": (1, False, "run --ready-port: something already accepts on that port"),
     # Reserved: no command raises it yet (send, restart and renew will).
     "invalid_state": (1, False, "the job is not in a state that allows this"),
     "io_error": (1, False, "a filesystem operation failed"),
@@ -519,38 +520,64 @@ def _descendants_of(
     return out
 
 
-def _listening_ports(pids: list) -> list:
-    """TCP ports on which any of ``pids`` listens (Linux: /proc/net/tcp{,6})."""
-    if not pids:
-        return []
-    by_inode = {}
+def _listen_table() -> "dict | None":
+    """socket inode -> TCP port, for every listening socket (Linux: /proc/net/tcp{,6}).
+
+    None when neither table can be read (not Linux, or /proc hidden).
+    """
+    by_inode = None
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 rows = f.read().splitlines()[1:]
         except OSError:
             continue
+        by_inode = by_inode or {}
         for row in rows:
             cols = row.split()
             if len(cols) > 9 and cols[3] == "0A":  # 0A: LISTEN
                 by_inode[cols[9]] = int(cols[1].rsplit(":", 1)[1], 16)
-    ports = set()
-    for pid in pids:
-        fd_dir = "/proc/%d/fd" % pid
+    return by_inode
+
+
+def _socket_inodes(pid: int) -> list:
+    """The inodes of the sockets that ``pid`` has open (Linux; [] if unreadable)."""
+    fd_dir = "/proc/%d/fd" % pid
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return []
+    out = []
+    for fd in fds:
         try:
-            fds = os.listdir(fd_dir)
+            target = os.readlink(fd_dir + "/" + fd)
         except OSError:
             continue
-        for fd in fds:
-            try:
-                target = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                port = by_inode.get(target[8:-1])
-                if port is not None:
-                    ports.add(port)
+        if target.startswith("socket:["):
+            out.append(target[8:-1])
+    return out
+
+
+def _listening_ports(pids: list) -> list:
+    """TCP ports on which any of ``pids`` listens (Linux)."""
+    by_inode = _listen_table() if pids else None
+    if not by_inode:
+        return []
+    ports = {by_inode[i] for pid in pids for i in _socket_inodes(pid) if i in by_inode}
     return sorted(ports)
+
+
+def _port_holders(port: int) -> list:
+    """The pids that listen on TCP ``port`` (Linux; [] when it cannot be told)."""
+    by_inode = _listen_table()
+    inodes = {i for i, p in (by_inode or {}).items() if p == port}
+    if not inodes:
+        return []
+    holders = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and inodes.intersection(_socket_inodes(int(name))):
+            holders.append(int(name))
+    return holders
 
 
 # ==== Files and locks ========================================================
@@ -2725,11 +2752,24 @@ class _Supervisor:
         self.timers.start("progress", (self.cfg.get("progress_every_ms") or 0) / 1000.0)
 
     def _on_probe(self) -> None:
-        """--ready-port: try to connect; again in READY_PROBE_S until it works."""
-        if _probe_port(self.ready_port):
+        """--ready-port: try to connect; again in READY_PROBE_S until it works.
+
+        A connection alone could reach another process that holds the port
+        (the job itself may be failing with "address in use"): on Linux the
+        job is ready only once a process of its own tree listens there.
+        """
+        if _probe_port(self.ready_port) and self._tree_listens(self.ready_port):
             self._mark_ready()
         else:
             self.timers.start("probe", READY_PROBE_S)
+
+    def _tree_listens(self, port: int) -> bool:
+        by_inode = _listen_table()
+        if by_inode is None:
+            return True  # cannot tell (no /proc/net): the connection has to do
+        inodes = {i for i, p in by_inode.items() if p == port}
+        tree = _descendants_of(os.getpid(), {self.tree.hook_pid} if self.tree.hook_pid else None)
+        return any(inodes.intersection(_socket_inodes(pid)) for pid in tree)
 
     def _on_flush(self) -> None:
         """A partial line has been quiet for PARTIAL_FLUSH_S: give it its row."""
@@ -3628,6 +3668,8 @@ def _job_spec(o) -> dict:
                 % (_short(argv[0]), shlex.quote(argv[0])),
             )
         raise
+    if o.ready_port:
+        _refuse_port_in_use(o.ready_port)
     return {
         "argv": argv,
         "cwd": cwd,
@@ -3648,6 +3690,28 @@ def _job_spec(o) -> dict:
         "notify_file": os.path.abspath(o.notify_file) if o.notify_file else None,
         "notify_timeout_ms": o.notify_timeout,
     }
+
+
+def _refuse_port_in_use(port: int) -> None:
+    """run --ready-port P while something already accepts on P: the job could
+    never be the one that answers, so nothing is created."""
+    if not _probe_port(port):
+        return
+    holders = _port_holders(port)
+    who = ""
+    if holders:
+        names = []
+        for pid in holders[:3]:
+            try:
+                with open("/proc/%d/comm" % pid) as f:
+                    names.append("pid %d (%s)" % (pid, f.read().strip()))
+            except OSError:
+                names.append("pid %d" % pid)
+        who = " by " + ", ".join(names)
+    raise AgentExecError(
+        "port_in_use",
+        "port %d is already in use%s: stop that process or pick another port" % (port, who),
+    )
 
 
 def _job_cwd(cwd: "str | None") -> str:
