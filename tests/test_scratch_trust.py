@@ -8,7 +8,7 @@ import sys
 import time
 import unittest
 
-from tests._util import CLI, PY, REPO, SCRIPT, CLITestCase, wait_until
+from tests._util import CLI, PY, REPO, CLITestCase, wait_until
 
 sys.path.insert(0, REPO)
 import agent_exec  # noqa: E402
