@@ -54,6 +54,18 @@ class _Replayed(unittest.TestCase):
         return self._entry.get("doc")
 
 
+def _say_skips(result) -> None:
+    """List what was skipped and why just before the summary, one line per
+    reason: a missing dev tool must be seen, not only counted."""
+    reasons = {}
+    for test, reason in getattr(result, "skipped", ()):
+        reasons.setdefault(reason, []).append(str(test))
+    if reasons:
+        sys.stderr.write("\n")
+    for reason, tests in sorted(reasons.items()):
+        sys.stderr.write("skipped %d: %s (%s)\n" % (len(tests), reason, ", ".join(tests[:3])))
+
+
 class ParallelSuite(unittest.TestSuite):
     """The tests of several modules, run one child process per module."""
 
@@ -86,6 +98,7 @@ class ParallelSuite(unittest.TestSuite):
             for name in os.listdir(tmp):
                 os.unlink(os.path.join(tmp, name))
             os.rmdir(tmp)
+        _say_skips(result)
         return result
 
     @staticmethod
