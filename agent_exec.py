@@ -4148,7 +4148,10 @@ def _wait_match_options(o) -> "str | None":
 
 
 # One job of a wait on several.
-_BRIEF = obj(JOB_HEAD + (Field("exit_code", INT), Field("signal", STR)))
+_BRIEF = obj(
+    JOB_HEAD
+    + tuple(f for f in RESULT_FIELDS if f.name in ("exit_code", "signal", "end_reason", "success"))
+)
 
 
 @command(
@@ -4249,7 +4252,7 @@ def _wait_many(root: str, job_ids: list, any_job: bool, deadline, cancel=None) -
         job = load_job(root, j)
         entry = {"job_id": j, "state": job.state}
         result = job.result_fields()
-        for key in ("exit_code", "signal"):
+        for key in ("exit_code", "signal", "end_reason", "success"):
             if result.get(key) is not None:
                 entry[key] = result[key]
         entries.append(entry)

@@ -117,6 +117,13 @@ class EndReasonTests(CLITestCase):
             [("exit", True), ("exit", False), ("signal", False), ("timeout", False)],
         )
 
+    def test_wait_on_several_jobs_gives_each_its_reason(self):
+        a = self.ok("run", "--wait", "--", "true")["job_id"]
+        b = self.ok("run", "--wait", "--", "sh", "-c", "exit 2")["job_id"]
+        jobs = {e["job_id"]: e for e in self.ok("wait", a, b)["jobs"]}
+        self.assertEqual((jobs[a]["end_reason"], jobs[a]["success"]), ("exit", True))
+        self.assertEqual((jobs[b]["end_reason"], jobs[b]["success"]), ("exit", False))
+
     def test_kill_is_its_own_reason(self):
         jid = self.start_bg("sleep", "30")
         self.ok("kill", jid)
