@@ -149,15 +149,18 @@ _LOG_LEVELS = {"error": 0, "warn": 1, "warning": 1, "info": 2, "debug": 3, "trac
 
 # code -> (exit code, retryable, what it means)
 ERROR_CODES = {
+    # The call: its words, and the job it names.
     "usage_error": (2, False, "a bad flag, value or combination, or no command"),
     "job_not_found": (1, False, "the argument names no job of the root"),
     "ambiguous_job_id": (1, False, "the prefix matches more than one job"),
     "invalid_argument": (1, False, "a well-formed value that cannot be used"),
+    # What run checks before it creates anything.
     "cwd_not_found": (1, False, "the working directory (or the current one) does not exist"),
     "command_not_found": (1, False, "run: the command is not an executable on the PATH"),
     "port_in_use": (1, False, "run --ready-port: something already accepts on that port"),
     # Reserved: no command raises it yet (send, restart and renew will).
     "invalid_state": (1, False, "the job is not in a state that allows this"),
+    # The root, the machine, and agent-exec itself.
     "io_error": (1, False, "a filesystem operation failed"),
     "insecure_root": (1, False, "the jobs root is a symlink, not a directory, or not private"),
     "unsupported_platform": (1, False, "not Linux or macOS"),
@@ -4625,23 +4628,22 @@ def _list_entry(job: _Job, lingering: bool) -> dict:
     return entry
 
 
-# The jobs that delete or gc left alone, and why.
-REFUSED_FIELD = Field(
-    "refused", array(obj((Field("job_id", STR, True), Field("reason", STR, True)))), True
+# What delete and gc both answer: the jobs left alone and why, the bytes
+# freed, and whether it was a dry run.
+_REMOVAL_FIELDS = (
+    Field("refused", array(obj((Field("job_id", STR, True), Field("reason", STR, True)))), True),
+    Field("freed_bytes", COUNT, True),
+    Field("dry_run", BOOL, True),
 )
+_DESTRUCTIVE = {"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True}
 
 
 @command(
     "delete",
     "delete finished jobs",
     opts=(DRY_RUN, JOB_IDS),
-    returns=(
-        Field("deleted", STRS, True),
-        REFUSED_FIELD,
-        Field("freed_bytes", COUNT, True),
-        Field("dry_run", BOOL, True),
-    ),
-    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True},
+    returns=(Field("deleted", STRS, True),) + _REMOVAL_FIELDS,
+    annotations=_DESTRUCTIVE,
 )
 def cmd_delete(o) -> dict:
     """Delete terminal jobs; refuse, with the reason, a job with live processes."""
@@ -4717,11 +4719,9 @@ def _remove_job(job_dir: str, dry_run: bool) -> int:
         Field("deleted", COUNT, True),
         Field("job_ids", STRS, True),
         Field("skipped", COUNT, True),
-        REFUSED_FIELD,
-        Field("freed_bytes", COUNT, True),
-        Field("dry_run", BOOL, True),
-    ),
-    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True},
+    )
+    + _REMOVAL_FIELDS,
+    annotations=_DESTRUCTIVE,
 )
 def cmd_gc(o) -> dict:
     root = _root(o)
