@@ -3877,13 +3877,22 @@ def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
     return out
 
 
+# An env file larger than this is refused: /dev/zero or /dev/full would
+# otherwise be read until memory runs out.
+_ENV_FILE_MAX = 1 << 20
+
+
 def _parse_env_file(path: str) -> "list":
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(_ENV_FILE_MAX + 1)
     except OSError as e:
         raise AgentExecError(
             "invalid_argument", "cannot read env file %s: %s" % (path, e.strerror or e)
+        )
+    if len(raw) > _ENV_FILE_MAX:
+        raise AgentExecError(
+            "invalid_argument", "env file %s is larger than 1 MiB: not an env file" % path
         )
     try:
         text = raw.decode("utf-8")

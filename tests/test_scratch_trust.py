@@ -309,6 +309,11 @@ class RootAndCwdTests(CLITestCase):
         j = self.fail_with("invalid_argument", "run", "--log", path + "/x.log", "--", "true")
         self.assertIn("%s is a file" % path, j["error"]["message"])
 
+    def test_an_endless_env_file_is_refused(self):
+        # /dev/zero never ends: reading it whole would take all memory.
+        j = self.fail_with("invalid_argument", "run", "--env-file", "/dev/zero", "--", "true")
+        self.assertIn("larger than 1 MiB", j["error"]["message"])
+
     def test_nul_in_an_env_file_value(self):
         path = os.path.join(self.tmp, "env")
         with open(path, "wb") as f:
