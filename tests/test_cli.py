@@ -1,82 +1,18 @@
-"""The output contract and the command line: the envelope, exit codes, usage errors, ids, roots.
-
-Every test drives the real CLI as a subprocess against a private jobs root.
+"""The front end: the output contract (one JSON object, its envelope, exit codes),
+robustness, logging, the jobs root, option values and job ids.
 """
 
 import os
-import re
 import shutil
 import stat
 import time
 import unittest
 
-from tests._util import CLITestCase, clone_job, only_regular
-
-ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-COMMANDS = ("run", "status", "tail", "wait", "kill", "list", "schema")
+from tests._jobs import COMMANDS, JobsTestCase, RFC3339_MS, ULID_RE, job_ids_in, other_char
+from tests._util import clone_job, only_regular
 
 
-def other_char(c, avoid=()):
-    """A Crockford base32 character different from ``c`` (and from ``avoid``)."""
-    for x in reversed(CROCKFORD):
-        if x != c and x not in avoid:
-            return x
-    raise AssertionError("unreachable")
-
-
-def job_ids_in(root):
-    if not os.path.isdir(root):
-        return []
-    return sorted(n for n in os.listdir(root) if ULID_RE.match(n))
-
-
-class OutputContractMixin:
-    def assert_contract(self, r, exit_code=None):
-        """stdout is exactly one JSON object carrying the common fields."""
-        self.assertIsInstance(r.json, dict, r)
-        self.assertTrue(r.stdout.lstrip().startswith("{"), r)
-        self.assertEqual(r.json.get("schema_version"), "0.1", r)
-        self.assertIsInstance(r.json.get("ok"), bool, r)
-        self.assertIsInstance(r.json.get("type"), str, r)
-        if r.json["ok"]:
-            self.assertEqual(r.code, 0, r)
-            self.assertNotEqual(r.json["type"], "error", r)
-        else:
-            self.assertIn(r.code, (1, 2), r)
-            self.assertEqual(r.json["type"], "error", r)
-            err = r.json.get("error")
-            self.assertIsInstance(err, dict, r)
-            self.assertIsInstance(err.get("code"), str, r)
-            self.assertTrue(err["code"], r)
-            self.assertIsInstance(err.get("message"), str, r)
-            self.assertIsInstance(err.get("retryable"), bool, r)
-        self.assertNotIn("Traceback", r.stdout, r)
-        if exit_code is not None:
-            self.assertEqual(r.code, exit_code, r)
-        return r.json
-
-    def finished_job(self, *cmd):
-        """A job that has ended: ``run --wait -- cmd`` (default ``true``)."""
-        j = self.ok("run", "--wait", "--", *(cmd or ("true",)))
-        self.assertIn(j["state"], ("exited", "killed"), j)
-        return j["job_id"]
-
-    def usage_error(self, *args, **kw):
-        """Assert exit 2, one JSON usage_error on stdout, usage text on stderr."""
-        before = job_ids_in(self.root)
-        r = self.cli(*args, **kw)
-        self.assert_contract(r, exit_code=2)
-        self.assertEqual(r.json["error"]["code"], "usage_error", r)
-        self.assertIn("usage", r.stderr.lower(), r)
-        self.assertNotIn("Traceback", r.stderr, r)
-        # A usage error never creates a job.
-        self.assertEqual(job_ids_in(self.root), before, r)
-        return r
-
-
-class OutputContractTests(OutputContractMixin, CLITestCase):
+class OutputContractTests(JobsTestCase):
     def test_no_subcommand_is_usage_error(self):
         self.usage_error()
 
@@ -248,7 +184,7 @@ class OutputContractTests(OutputContractMixin, CLITestCase):
         self.assertEqual(j["schema_format"], "json-schema-draft-07")
 
 
-class RobustnessTests(OutputContractMixin, CLITestCase):
+class RobustnessTests(JobsTestCase):
     """Damaged job files never break the output contract."""
 
     BAD_STATES = [
@@ -295,7 +231,7 @@ class RobustnessTests(OutputContractMixin, CLITestCase):
                     self.assertNotIn("Traceback", r.stderr, r)
 
 
-class LoggingTests(OutputContractMixin, CLITestCase):
+class LoggingTests(JobsTestCase):
     def test_verbosity_flags_keep_stdout_clean(self):
         jid = self.finished_job()
         for args in (
@@ -360,7 +296,7 @@ class LoggingTests(OutputContractMixin, CLITestCase):
         self.assert_contract(r)
 
 
-class RootTests(OutputContractMixin, CLITestCase):
+class RootTests(JobsTestCase):
     def run_true(self, *pre, **kw):
         j = self.ok(*(pre + ("run", "--wait", "--", "true")), **kw)
         self.assertEqual(j["state"], "exited", j)
@@ -479,7 +415,7 @@ class RootTests(OutputContractMixin, CLITestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.root).st_mode), 0o700)
 
 
-class DurationAndSizeTests(OutputContractMixin, CLITestCase):
+class DurationAndSizeTests(JobsTestCase):
     GOOD_DURATIONS = ("0", "250", "250ms", "5s", "2m", "1h")
     BAD_DURATIONS = ("-1", "abc", "5x", "ms", "-5s", "1.5.s")
 
@@ -666,7 +602,7 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
                 self.usage_error("run", "--max-bytes", v, "--", "true")
 
 
-class JobIdTests(OutputContractMixin, CLITestCase):
+class JobIdTests(JobsTestCase):
     def test_full_id_and_unique_prefixes(self):
         jid = self.finished_job()
         self.assertTrue(ULID_RE.match(jid), jid)
