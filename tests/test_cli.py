@@ -416,8 +416,13 @@ class RootTests(JobsTestCase):
 
 
 class DurationAndSizeTests(JobsTestCase):
-    GOOD_DURATIONS = ("0", "250", "250ms", "5s", "2m", "1h")
-    BAD_DURATIONS = ("-1", "abc", "5x", "ms", "-5s", "1.5.s")
+    """Option values through the real CLI: one or two per kind, to prove the
+    wiring (the JSON envelope, the code, the exit code).  The full lists of
+    good and bad values are parsed in-process in tests/test_units.py
+    (DurationTests, SizeTests, OptionValueWiringTests)."""
+
+    GOOD_DURATIONS = ("0", "250ms")
+    BAD_DURATIONS = ("-5s",)
 
     def test_wait_timeout_ms_accepts_units(self):
         jid = self.finished_job()
@@ -433,7 +438,7 @@ class DurationAndSizeTests(JobsTestCase):
         for v in self.BAD_DURATIONS:
             with self.subTest(value=v):
                 self.usage_error("wait", "--timeout-ms", v, jid)
-        for v in ("-1", "abc"):
+        for v in ("abc",):
             with self.subTest(value=v, form="--opt=value"):
                 self.usage_error("wait", "--timeout-ms=" + v, jid)
         self.usage_error("wait", "--poll-ms", "abc", jid)
@@ -456,12 +461,12 @@ class DurationAndSizeTests(JobsTestCase):
         for v in self.BAD_DURATIONS:
             with self.subTest(option="--snapshot-after", value=v):
                 self.usage_error("run", "--snapshot-after", v, "--", "true")
-        for opt in ("--timeout", "--kill-after", "--progress-every", "--wait-poll-ms"):
-            for v in ("-1", "5x"):
+        for opt in ("--timeout",):
+            for v in ("5x",):
                 with self.subTest(option=opt, value=v):
                     self.usage_error("run", opt, v, "--", "true")
 
-    HUGE_DURATIONS = ("10000000000000", "99999999999999999999999h")
+    HUGE_DURATIONS = ("10000000000000",)
 
     def _accepted_or_usage_error(self, r):
         """A value the parser accepts must work; else it is a usage error."""
@@ -475,13 +480,7 @@ class DurationAndSizeTests(JobsTestCase):
     def test_huge_durations_never_crash_run(self):
         # (1e13 ms is past what time.sleep/monotonic arithmetic can hold in
         # nanoseconds; the supervisor must not die of it.)
-        for opt in (
-            "--timeout",
-            "--kill-after",
-            "--progress-every",
-            "--snapshot-after",
-            "--wait-poll-ms",
-        ):
+        for opt in ("--timeout", "--progress-every"):
             for v in self.HUGE_DURATIONS:
                 with self.subTest(option=opt, value=v):
                     r = self.cli("run", "--wait", opt, v, "--", "true", timeout=30)
@@ -515,7 +514,7 @@ class DurationAndSizeTests(JobsTestCase):
         jid = self.start("sleep", "1")
         self.addCleanup(self.cli, "kill", "--signal", "KILL", jid)
         for v in self.HUGE_DURATIONS:
-            for opt in ("--timeout-ms", "--poll-ms"):
+            for opt in ("--timeout-ms",):
                 with self.subTest(option=opt, value=v):
                     r = self.cli("wait", opt, v, jid, timeout=30)
                     j = self._accepted_or_usage_error(r)
@@ -525,7 +524,7 @@ class DurationAndSizeTests(JobsTestCase):
     def test_non_ascii_digits_are_malformed(self):
         # Python's int() and \d accept Arabic-Indic digits; a CLI must not.
         jid = self.finished_job()
-        for v in ("\u0661\u0662", "\u0661\u0662ms", "\uff15s"):
+        for v in ("\u0661\u0662",):
             with self.subTest(value=v):
                 self.usage_error("wait", "--timeout-ms", v, jid)
                 self.usage_error("tail", "--max-bytes", v, jid)
@@ -564,12 +563,12 @@ class DurationAndSizeTests(JobsTestCase):
 
     def test_size_options_accept_suffixes(self):
         jid = self._bulky_job()
-        for v in ("100", "64k", "64K", "1M", "1MiB", "2G", "1KiB"):
+        for v in ("100", "1MiB"):
             with self.subTest(value=v):
                 j = self.ok("tail", "--tail-lines", "1000", "--max-bytes", v, jid)
                 self.assertEqual(j["job_id"], jid)
                 self.assertEqual(j["stdout_observed_bytes"], 6000, j)
-        for v in ("64k", "1MiB"):
+        for v in ("64k",):
             with self.subTest(run_value=v):
                 j = self.ok("run", "--max-bytes", v, "--snapshot-after", "200", "--", "echo", "x")
                 self.assertIn("snapshot", j)
@@ -579,12 +578,7 @@ class DurationAndSizeTests(JobsTestCase):
         j = self.ok("tail", "--tail-lines", "1000", "--max-bytes", "64k", jid)
         self.assertEqual(j["stdout_included_bytes"], 6000, j)
         self.assertIs(j["truncated"], False, j)
-        for v, low, high in (
-            ("1k", 900, 1024),
-            ("1KiB", 900, 1024),
-            ("2k", 1900, 2048),
-            ("1024", 900, 1024),
-        ):
+        for v, low, high in (("1k", 900, 1024), ("2k", 1900, 2048)):
             with self.subTest(value=v):
                 j = self.ok("tail", "--tail-lines", "1000", "--max-bytes", v, jid)
                 self.assertGreaterEqual(j["stdout_included_bytes"], low, j)
@@ -594,19 +588,23 @@ class DurationAndSizeTests(JobsTestCase):
 
     def test_size_options_reject_bad_values(self):
         jid = self.finished_job()
-        for v in ("-1", "abc", "5x", "k", "1.2.3k", "-64k"):
+        for v in ("1.2.3k",):
             with self.subTest(value=v):
                 self.usage_error("tail", "--max-bytes", v, jid)
-        for v in ("-1", "abc", "5x"):
+        for v in ("-1",):
             with self.subTest(run_value=v):
                 self.usage_error("run", "--max-bytes", v, "--", "true")
 
 
 class JobIdTests(JobsTestCase):
+    """Job ids through the real CLI: a few per command, to prove the wiring.
+    Every prefix length and hostile id is resolved in-process in
+    tests/test_units.py (ResolveJobTests)."""
+
     def test_full_id_and_unique_prefixes(self):
         jid = self.finished_job()
         self.assertTrue(ULID_RE.match(jid), jid)
-        for n in (26, 25, 12, 10, 6, 5, 4):
+        for n in (26, 4):
             with self.subTest(prefix_len=n):
                 self.assertEqual(self.ok("status", jid[:n])["job_id"], jid)
         self.assertEqual(self.ok("tail", jid[:6])["job_id"], jid)
@@ -615,7 +613,7 @@ class JobIdTests(JobsTestCase):
 
     def test_prefix_shorter_than_four_is_not_found(self):
         jid = self.finished_job()
-        for n in (3, 2, 1):
+        for n in (3,):
             with self.subTest(prefix_len=n):
                 self.fail_with("job_not_found", "status", jid[:n])
         for cmd in ("tail", "kill"):
@@ -663,26 +661,19 @@ class JobIdTests(JobsTestCase):
         os.mkdir(outside, 0o700)
         out_id = jid[:20] + "".join(other_char(c) for c in jid[20:])
         clone_job(self.job_dir(jid), os.path.join(outside, out_id), jid, out_id)
-        # the ids named by the contract, for every command that takes an id
-        for bad in ("../../etc", "/etc", "..", "", "a/b", "A" * 4096):
-            for args in (
-                ("status", bad),
-                ("tail", bad),
-                ("wait", "--timeout-ms", "2000", bad),
-                ("kill", bad),
-            ):
-                with self.subTest(cmd=args[0], id=bad[:60]):
-                    r = self.cli(*args)
-                    self.assert_contract(r, 1)
-                    self.assertEqual(r.json["error"]["code"], "job_not_found", r)
-        # more path-like and malformed ids; none may reach outside the root
-        bad_ids = [
-            jid + "0",
-            "../outside/" + out_id,
-            "./" + jid,
-            jid + "/../" + jid,
-            self.job_dir(jid),
-        ]
+        # ids named by the contract, one for every command that takes an id
+        for args in (
+            ("status", "../../etc"),
+            ("tail", "/etc"),
+            ("wait", "--timeout-ms", "2000", "A" * 4096),
+            ("kill", ""),
+        ):
+            with self.subTest(cmd=args[0], id=args[-1][:60]):
+                r = self.cli(*args)
+                self.assert_contract(r, 1)
+                self.assertEqual(r.json["error"]["code"], "job_not_found", r)
+        # a path to a job outside the root, and the job's own path
+        bad_ids = ["../outside/" + out_id, self.job_dir(jid)]
         for bad in bad_ids:
             for args in (("status", bad),):
                 with self.subTest(cmd=args[0], id=bad[:60]):
@@ -725,7 +716,7 @@ class JobIdTests(JobsTestCase):
         # A running job reachable only through a path-like id must not be hit.
         jid = self.start("sleep", "30")
         self.addCleanup(self.cli, "kill", "--signal", "KILL", jid)
-        for bad in ("./" + jid, jid + "/", "../root/" + jid, self.job_dir(jid)):
+        for bad in ("./" + jid, self.job_dir(jid)):
             with self.subTest(id=bad):
                 self.fail_with("job_not_found", "kill", "--signal", "KILL", bad)
         self.assertEqual(self.ok("status", jid)["state"], "running")
@@ -753,10 +744,10 @@ class JobIdTests(JobsTestCase):
         j = self.ok("list", "--all")
         self.assertEqual([e["job_id"] for e in j["jobs"]], [jid])
         self.assertEqual(j["skipped"], 0, j)
-        for prefix in (jid[:4], jid[:6], jid[:10], jid[:25]):
+        for prefix in (jid[:4], jid[:25]):
             with self.subTest(prefix=prefix):
                 self.assertEqual(self.ok("status", prefix)["job_id"], jid)
-        for name in (junk_dirs[0], junk_dirs[2], junk_dirs[3], "tmp", ".hidden", "README"):
+        for name in (junk_dirs[2], ".hidden", "README"):
             with self.subTest(name=name):
                 self.fail_with("job_not_found", "status", name)
 

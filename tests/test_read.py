@@ -135,7 +135,9 @@ class ReadTests(JobsTestCase):
 
     def test_malformed_cursor_is_a_usage_error(self):
         job = self.bytes_job(b"x\n")
-        for bad in ("garbage", "c1.0", "c1.zz.0", "c2.0.0", "c1.-1.0"):
+        # one cursor through the CLI; every bad cursor: test_units (CursorTests,
+        # OptionValueWiringTests)
+        for bad in ("c1.zz.0",):
             with self.subTest(cursor=bad):
                 self.fail_with("usage_error", "read", "--cursor", bad, job, exit_code=2)
 

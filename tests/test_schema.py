@@ -241,7 +241,7 @@ class SchemaTests(JobsTestCase):
                 )
                 self.assertTrue(_schema_check.errors(bad, self.schema), label)
 
-    # ---- (from observe) ----
+    # ---- the read, wait, delete and gc answers, and the declared fields ----
 
     def test_new_responses_and_fields_are_declared(self):
         expect = {

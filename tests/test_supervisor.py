@@ -308,7 +308,7 @@ class SupervisorLostTests(JobsTestCase):
             except OSError:
                 pass
 
-    # ---- (from reliability) ----
+    # ---- the supervisor SIGKILLed, an earlier boot (faults injected via /proc) ----
 
     @unittest.skipUnless(LINUX, "these fault injections read /proc")
     def test_status_list_wait_report_lost_supervisor_within_1s(self):
