@@ -12,7 +12,8 @@ status is 0 only when every figure passes.  The script drives the real CLI
 process it started and removes the root at the end.  Standard library only;
 Linux only (it reads /proc).
 
-tests/test_reliability.py holds the scaled-down twin of every case here.
+tests/test_supervisor.py, tests/test_kill.py and tests/test_store.py hold the
+scaled-down twin of every case here.
 """
 
 import argparse

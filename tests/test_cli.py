@@ -1,82 +1,18 @@
-"""The output contract and the command line: the envelope, exit codes, usage errors, ids, roots.
-
-Every test drives the real CLI as a subprocess against a private jobs root.
+"""The front end: the output contract (one JSON object, its envelope, exit codes),
+robustness, logging, the jobs root, option values and job ids.
 """
 
 import os
-import re
 import shutil
 import stat
 import time
 import unittest
 
-from tests._util import CLITestCase, clone_job, only_regular
-
-ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-COMMANDS = ("run", "status", "tail", "wait", "kill", "list", "schema")
+from tests._jobs import COMMANDS, JobsTestCase, RFC3339_MS, ULID_RE, job_ids_in, other_char
+from tests._util import clone_job, only_regular
 
 
-def other_char(c, avoid=()):
-    """A Crockford base32 character different from ``c`` (and from ``avoid``)."""
-    for x in reversed(CROCKFORD):
-        if x != c and x not in avoid:
-            return x
-    raise AssertionError("unreachable")
-
-
-def job_ids_in(root):
-    if not os.path.isdir(root):
-        return []
-    return sorted(n for n in os.listdir(root) if ULID_RE.match(n))
-
-
-class OutputContractMixin:
-    def assert_contract(self, r, exit_code=None):
-        """stdout is exactly one JSON object carrying the common fields."""
-        self.assertIsInstance(r.json, dict, r)
-        self.assertTrue(r.stdout.lstrip().startswith("{"), r)
-        self.assertEqual(r.json.get("schema_version"), "0.1", r)
-        self.assertIsInstance(r.json.get("ok"), bool, r)
-        self.assertIsInstance(r.json.get("type"), str, r)
-        if r.json["ok"]:
-            self.assertEqual(r.code, 0, r)
-            self.assertNotEqual(r.json["type"], "error", r)
-        else:
-            self.assertIn(r.code, (1, 2), r)
-            self.assertEqual(r.json["type"], "error", r)
-            err = r.json.get("error")
-            self.assertIsInstance(err, dict, r)
-            self.assertIsInstance(err.get("code"), str, r)
-            self.assertTrue(err["code"], r)
-            self.assertIsInstance(err.get("message"), str, r)
-            self.assertIsInstance(err.get("retryable"), bool, r)
-        self.assertNotIn("Traceback", r.stdout, r)
-        if exit_code is not None:
-            self.assertEqual(r.code, exit_code, r)
-        return r.json
-
-    def finished_job(self, *cmd):
-        """A job that has ended: ``run --wait -- cmd`` (default ``true``)."""
-        j = self.ok("run", "--wait", "--", *(cmd or ("true",)))
-        self.assertIn(j["state"], ("exited", "killed"), j)
-        return j["job_id"]
-
-    def usage_error(self, *args, **kw):
-        """Assert exit 2, one JSON usage_error on stdout, usage text on stderr."""
-        before = job_ids_in(self.root)
-        r = self.cli(*args, **kw)
-        self.assert_contract(r, exit_code=2)
-        self.assertEqual(r.json["error"]["code"], "usage_error", r)
-        self.assertIn("usage", r.stderr.lower(), r)
-        self.assertNotIn("Traceback", r.stderr, r)
-        # A usage error never creates a job.
-        self.assertEqual(job_ids_in(self.root), before, r)
-        return r
-
-
-class OutputContractTests(OutputContractMixin, CLITestCase):
+class OutputContractTests(JobsTestCase):
     def test_no_subcommand_is_usage_error(self):
         self.usage_error()
 
@@ -248,7 +184,7 @@ class OutputContractTests(OutputContractMixin, CLITestCase):
         self.assertEqual(j["schema_format"], "json-schema-draft-07")
 
 
-class RobustnessTests(OutputContractMixin, CLITestCase):
+class RobustnessTests(JobsTestCase):
     """Damaged job files never break the output contract."""
 
     BAD_STATES = [
@@ -295,7 +231,7 @@ class RobustnessTests(OutputContractMixin, CLITestCase):
                     self.assertNotIn("Traceback", r.stderr, r)
 
 
-class LoggingTests(OutputContractMixin, CLITestCase):
+class LoggingTests(JobsTestCase):
     def test_verbosity_flags_keep_stdout_clean(self):
         jid = self.finished_job()
         for args in (
@@ -360,7 +296,7 @@ class LoggingTests(OutputContractMixin, CLITestCase):
         self.assert_contract(r)
 
 
-class RootTests(OutputContractMixin, CLITestCase):
+class RootTests(JobsTestCase):
     def run_true(self, *pre, **kw):
         j = self.ok(*(pre + ("run", "--wait", "--", "true")), **kw)
         self.assertEqual(j["state"], "exited", j)
@@ -479,9 +415,14 @@ class RootTests(OutputContractMixin, CLITestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.root).st_mode), 0o700)
 
 
-class DurationAndSizeTests(OutputContractMixin, CLITestCase):
-    GOOD_DURATIONS = ("0", "250", "250ms", "5s", "2m", "1h")
-    BAD_DURATIONS = ("-1", "abc", "5x", "ms", "-5s", "1.5.s")
+class DurationAndSizeTests(JobsTestCase):
+    """Option values through the real CLI: one or two per kind, to prove the
+    wiring (the JSON envelope, the code, the exit code).  The full lists of
+    good and bad values are parsed in-process in tests/test_units.py
+    (DurationTests, SizeTests, OptionValueWiringTests)."""
+
+    GOOD_DURATIONS = ("0", "250ms")
+    BAD_DURATIONS = ("-5s",)
 
     def test_wait_timeout_ms_accepts_units(self):
         jid = self.finished_job()
@@ -497,7 +438,7 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
         for v in self.BAD_DURATIONS:
             with self.subTest(value=v):
                 self.usage_error("wait", "--timeout-ms", v, jid)
-        for v in ("-1", "abc"):
+        for v in ("abc",):
             with self.subTest(value=v, form="--opt=value"):
                 self.usage_error("wait", "--timeout-ms=" + v, jid)
         self.usage_error("wait", "--poll-ms", "abc", jid)
@@ -520,12 +461,12 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
         for v in self.BAD_DURATIONS:
             with self.subTest(option="--snapshot-after", value=v):
                 self.usage_error("run", "--snapshot-after", v, "--", "true")
-        for opt in ("--timeout", "--kill-after", "--progress-every", "--wait-poll-ms"):
-            for v in ("-1", "5x"):
+        for opt in ("--timeout",):
+            for v in ("5x",):
                 with self.subTest(option=opt, value=v):
                     self.usage_error("run", opt, v, "--", "true")
 
-    HUGE_DURATIONS = ("10000000000000", "99999999999999999999999h")
+    HUGE_DURATIONS = ("10000000000000",)
 
     def _accepted_or_usage_error(self, r):
         """A value the parser accepts must work; else it is a usage error."""
@@ -539,13 +480,7 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
     def test_huge_durations_never_crash_run(self):
         # (1e13 ms is past what time.sleep/monotonic arithmetic can hold in
         # nanoseconds; the supervisor must not die of it.)
-        for opt in (
-            "--timeout",
-            "--kill-after",
-            "--progress-every",
-            "--snapshot-after",
-            "--wait-poll-ms",
-        ):
+        for opt in ("--timeout", "--progress-every"):
             for v in self.HUGE_DURATIONS:
                 with self.subTest(option=opt, value=v):
                     r = self.cli("run", "--wait", opt, v, "--", "true", timeout=30)
@@ -579,7 +514,7 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
         jid = self.start("sleep", "1")
         self.addCleanup(self.cli, "kill", "--signal", "KILL", jid)
         for v in self.HUGE_DURATIONS:
-            for opt in ("--timeout-ms", "--poll-ms"):
+            for opt in ("--timeout-ms",):
                 with self.subTest(option=opt, value=v):
                     r = self.cli("wait", opt, v, jid, timeout=30)
                     j = self._accepted_or_usage_error(r)
@@ -589,7 +524,7 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
     def test_non_ascii_digits_are_malformed(self):
         # Python's int() and \d accept Arabic-Indic digits; a CLI must not.
         jid = self.finished_job()
-        for v in ("\u0661\u0662", "\u0661\u0662ms", "\uff15s"):
+        for v in ("\u0661\u0662",):
             with self.subTest(value=v):
                 self.usage_error("wait", "--timeout-ms", v, jid)
                 self.usage_error("tail", "--max-bytes", v, jid)
@@ -628,12 +563,12 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
 
     def test_size_options_accept_suffixes(self):
         jid = self._bulky_job()
-        for v in ("100", "64k", "64K", "1M", "1MiB", "2G", "1KiB"):
+        for v in ("100", "1MiB"):
             with self.subTest(value=v):
                 j = self.ok("tail", "--tail-lines", "1000", "--max-bytes", v, jid)
                 self.assertEqual(j["job_id"], jid)
                 self.assertEqual(j["stdout_observed_bytes"], 6000, j)
-        for v in ("64k", "1MiB"):
+        for v in ("64k",):
             with self.subTest(run_value=v):
                 j = self.ok("run", "--max-bytes", v, "--snapshot-after", "200", "--", "echo", "x")
                 self.assertIn("snapshot", j)
@@ -643,12 +578,7 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
         j = self.ok("tail", "--tail-lines", "1000", "--max-bytes", "64k", jid)
         self.assertEqual(j["stdout_included_bytes"], 6000, j)
         self.assertIs(j["truncated"], False, j)
-        for v, low, high in (
-            ("1k", 900, 1024),
-            ("1KiB", 900, 1024),
-            ("2k", 1900, 2048),
-            ("1024", 900, 1024),
-        ):
+        for v, low, high in (("1k", 900, 1024), ("2k", 1900, 2048)):
             with self.subTest(value=v):
                 j = self.ok("tail", "--tail-lines", "1000", "--max-bytes", v, jid)
                 self.assertGreaterEqual(j["stdout_included_bytes"], low, j)
@@ -658,19 +588,23 @@ class DurationAndSizeTests(OutputContractMixin, CLITestCase):
 
     def test_size_options_reject_bad_values(self):
         jid = self.finished_job()
-        for v in ("-1", "abc", "5x", "k", "1.2.3k", "-64k"):
+        for v in ("1.2.3k",):
             with self.subTest(value=v):
                 self.usage_error("tail", "--max-bytes", v, jid)
-        for v in ("-1", "abc", "5x"):
+        for v in ("-1",):
             with self.subTest(run_value=v):
                 self.usage_error("run", "--max-bytes", v, "--", "true")
 
 
-class JobIdTests(OutputContractMixin, CLITestCase):
+class JobIdTests(JobsTestCase):
+    """Job ids through the real CLI: a few per command, to prove the wiring.
+    Every prefix length and hostile id is resolved in-process in
+    tests/test_units.py (ResolveJobTests)."""
+
     def test_full_id_and_unique_prefixes(self):
         jid = self.finished_job()
         self.assertTrue(ULID_RE.match(jid), jid)
-        for n in (26, 25, 12, 10, 6, 5, 4):
+        for n in (26, 4):
             with self.subTest(prefix_len=n):
                 self.assertEqual(self.ok("status", jid[:n])["job_id"], jid)
         self.assertEqual(self.ok("tail", jid[:6])["job_id"], jid)
@@ -679,7 +613,7 @@ class JobIdTests(OutputContractMixin, CLITestCase):
 
     def test_prefix_shorter_than_four_is_not_found(self):
         jid = self.finished_job()
-        for n in (3, 2, 1):
+        for n in (3,):
             with self.subTest(prefix_len=n):
                 self.fail_with("job_not_found", "status", jid[:n])
         for cmd in ("tail", "kill"):
@@ -727,26 +661,19 @@ class JobIdTests(OutputContractMixin, CLITestCase):
         os.mkdir(outside, 0o700)
         out_id = jid[:20] + "".join(other_char(c) for c in jid[20:])
         clone_job(self.job_dir(jid), os.path.join(outside, out_id), jid, out_id)
-        # the ids named by the contract, for every command that takes an id
-        for bad in ("../../etc", "/etc", "..", "", "a/b", "A" * 4096):
-            for args in (
-                ("status", bad),
-                ("tail", bad),
-                ("wait", "--timeout-ms", "2000", bad),
-                ("kill", bad),
-            ):
-                with self.subTest(cmd=args[0], id=bad[:60]):
-                    r = self.cli(*args)
-                    self.assert_contract(r, 1)
-                    self.assertEqual(r.json["error"]["code"], "job_not_found", r)
-        # more path-like and malformed ids; none may reach outside the root
-        bad_ids = [
-            jid + "0",
-            "../outside/" + out_id,
-            "./" + jid,
-            jid + "/../" + jid,
-            self.job_dir(jid),
-        ]
+        # ids named by the contract, one for every command that takes an id
+        for args in (
+            ("status", "../../etc"),
+            ("tail", "/etc"),
+            ("wait", "--timeout-ms", "2000", "A" * 4096),
+            ("kill", ""),
+        ):
+            with self.subTest(cmd=args[0], id=args[-1][:60]):
+                r = self.cli(*args)
+                self.assert_contract(r, 1)
+                self.assertEqual(r.json["error"]["code"], "job_not_found", r)
+        # a path to a job outside the root, and the job's own path
+        bad_ids = ["../outside/" + out_id, self.job_dir(jid)]
         for bad in bad_ids:
             for args in (("status", bad),):
                 with self.subTest(cmd=args[0], id=bad[:60]):
@@ -789,7 +716,7 @@ class JobIdTests(OutputContractMixin, CLITestCase):
         # A running job reachable only through a path-like id must not be hit.
         jid = self.start("sleep", "30")
         self.addCleanup(self.cli, "kill", "--signal", "KILL", jid)
-        for bad in ("./" + jid, jid + "/", "../root/" + jid, self.job_dir(jid)):
+        for bad in ("./" + jid, self.job_dir(jid)):
             with self.subTest(id=bad):
                 self.fail_with("job_not_found", "kill", "--signal", "KILL", bad)
         self.assertEqual(self.ok("status", jid)["state"], "running")
@@ -817,10 +744,10 @@ class JobIdTests(OutputContractMixin, CLITestCase):
         j = self.ok("list", "--all")
         self.assertEqual([e["job_id"] for e in j["jobs"]], [jid])
         self.assertEqual(j["skipped"], 0, j)
-        for prefix in (jid[:4], jid[:6], jid[:10], jid[:25]):
+        for prefix in (jid[:4], jid[:25]):
             with self.subTest(prefix=prefix):
                 self.assertEqual(self.ok("status", prefix)["job_id"], jid)
-        for name in (junk_dirs[0], junk_dirs[2], junk_dirs[3], "tmp", ".hidden", "README"):
+        for name in (junk_dirs[2], ".hidden", "README"):
             with self.subTest(name=name):
                 self.fail_with("job_not_found", "status", name)
 

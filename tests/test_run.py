@@ -1,84 +1,41 @@
-"""Tests for `run`: the response, the job directory, env handling, snapshots,
-pre-flight errors, secrets and the stdin (`python3 -`) fallback.
-
-Every test drives the real CLI as a subprocess against a private jobs root
-(see tests/_util.py).
+"""``run``: its response, the job directory, preflight checks, the environment,
+masking, snapshots, exec failures, stdin, full.log rows, and readiness.
 """
 
+import contextlib
+import io
 import json
 import os
-import re
-import shutil
+import random
 import stat
 import subprocess
-import random
 import sys
 import time
 import unittest
 import uuid
 from unittest import mock
 
-from tests._util import CALL_TIMEOUT, PY, SCRIPT, CLITestCase, wait_until
+from tests._jobs import (
+    DEV_SERVER,
+    ENV_BIN,
+    FULL_ROW_RE,
+    JobsTestCase,
+    LINUX,
+    PORT_SERVER,
+    RFC3339_RE,
+    SH,
+    SNAPSHOT_KEYS,
+    ULID_RE,
+    free_port,
+    parse_rfc3339,
+)
+from tests._procs import wait_until
+from tests._util import CALL_TIMEOUT, PY, SCRIPT, TS_RE
+from tests._util import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import agent_exec  # noqa: E402
-
-ULID_RE = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
-TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
-FULL_ROW_RE = re.compile(
-    r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z) \[(STDOUT|STDERR)\] (.*)$"
-)
-TERMINAL = ("exited", "killed", "failed")
-SH = "/bin/sh"
-ENV_BIN = shutil.which("env") or "/usr/bin/env"
-SNAPSHOT_KEYS = (
-    "stdout_tail",
-    "stderr_tail",
-    "truncated",
-    "encoding",
-    "stdout_observed_bytes",
-    "stderr_observed_bytes",
-    "stdout_included_bytes",
-    "stderr_included_bytes",
-)
-
-
-def job_entries(root):
-    """Names in the root that look like job ids ([] when the root is absent)."""
-    if not os.path.isdir(root):
-        return []
-    return [n for n in os.listdir(root) if ULID_RE.match(n)]
-
-
-class RunTestCase(CLITestCase):
-    def read_meta(self, job_id):
-        return self.read_json(os.path.join(self.job_dir(job_id), "meta.json"))
-
-    def read_bytes(self, path):
-        with open(path, "rb") as f:
-            return f.read()
-
-    def wait_terminal(self, job_id, timeout_ms=30000):
-        w = self.wait_job(job_id, timeout_ms)
-        self.assertIn(w["state"], TERMINAL, w)
-        return w
-
-    def make_dir(self, name):
-        path = os.path.join(self.tmp, name)
-        os.makedirs(path)
-        return path
-
-    def write_file(self, path, text, mode=None):
-        with open(path, "w") as f:
-            f.write(text)
-        if mode is not None:
-            os.chmod(path, mode)
-        return path
-
-    def assertNoJobCreated(self):
-        self.assertEqual(job_entries(self.root), [], "a job directory was created")
 
 
 # --------------------------------------------------------------------------
@@ -86,7 +43,7 @@ class RunTestCase(CLITestCase):
 # --------------------------------------------------------------------------
 
 
-class RunResponseTests(RunTestCase):
+class RunResponseTests(JobsTestCase):
     def test_response_fields_running_job_without_snapshot(self):
         t0 = time.monotonic()
         j = self.ok("run", "--snapshot-after", "0", "--", "sleep", "30")
@@ -155,8 +112,6 @@ class RunResponseTests(RunTestCase):
     def test_snapshot_after_is_clamped_to_10s(self):
         # The clamp is MAX_SNAPSHOT_AFTER_MS (10000): tested in-process with
         # the constant at 300 ms, so the test does not wait out 10 s.
-        import contextlib
-        import io
 
         self.assertEqual(agent_exec.MAX_SNAPSHOT_AFTER_MS, 10000)
         out = io.StringIO()
@@ -213,7 +168,7 @@ class RunResponseTests(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class JobDirectoryTests(RunTestCase):
+class JobDirectoryTests(JobsTestCase):
     def run_with_umask_000(self, *args):
         argv = [SH, "-c", 'umask 000; exec "$0" "$@"', PY, SCRIPT] + list(args)
         proc = subprocess.run(
@@ -463,7 +418,7 @@ class JobDirectoryTests(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class PreflightTests(RunTestCase):
+class PreflightTests(JobsTestCase):
     def test_cwd_not_found(self):
         self.fail_with(
             "cwd_not_found", "run", "--cwd", os.path.join(self.tmp, "nope"), "--", "true"
@@ -581,7 +536,7 @@ class PreflightTests(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class EnvironmentTests(RunTestCase):
+class EnvironmentTests(JobsTestCase):
     def env_of_job(self, *opts, **kw):
         j = self.ok("run", "--snapshot-after", "0", *opts, "--", ENV_BIN, **kw)
         self.wait_terminal(j["job_id"])
@@ -686,7 +641,7 @@ class EnvironmentTests(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class MaskAndSecretsTests(RunTestCase):
+class MaskAndSecretsTests(JobsTestCase):
     def all_files_under(self, top):
         for dirpath, _dirs, files in os.walk(top):
             for name in files:
@@ -838,7 +793,7 @@ class MaskAndSecretsTests(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class SnapshotsTests(RunTestCase):
+class SnapshotsTests(JobsTestCase):
     def test_tail_lines(self):
         code = (
             "import sys\nfor i in range(100): print('line%d' % i)\n"
@@ -936,7 +891,7 @@ class SnapshotsTests(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class ExecFailureTests(RunTestCase):
+class ExecFailureTests(JobsTestCase):
     def test_bad_interpreter_gives_failed_job(self):
         script = self.write_file(
             os.path.join(self.tmp, "badinterp"), "#!/nonexistent/x\necho no\n", 0o755
@@ -972,7 +927,7 @@ class ExecFailureTests(RunTestCase):
 # --------------------------------------------------------------------------
 
 
-class StdinFallbackTests(RunTestCase):
+class StdinFallbackTests(JobsTestCase):
     def run_from_stdin(self, *args):
         cwd = self.make_dir("stdin-cwd-%s" % uuid.uuid4().hex[:6])
         with open(SCRIPT, "rb") as src:
@@ -1064,6 +1019,107 @@ class FullLogRowsTests(unittest.TestCase):
         parts = agent_exec._full_log_rows(stream, b"\x00" * (3 * 65536), True)
         self.assertEqual(sum(isinstance(p, memoryview) for p in parts), 3)
         self.assertEqual(sum(len(p) for p in parts), 3 * 65536 + 3 * (len(parts[0]) + 1))
+
+
+class ReadinessTests(JobsTestCase):
+    def test_ready_match_dev_server(self):
+        r = self.okv("run", "--ready-match", "listening", "--", PY, "-c", DEV_SERVER)
+        job = r["job_id"]
+        self.assertIs(r["ready"], True, r)
+        self.assertEqual(r["state"], "running")
+        self.assertGreaterEqual(r["waited_ms"], 800, r)
+        self.assertLessEqual(r["waited_ms"], 5000, r)
+        self.assertIn("listening", r["snapshot"]["stdout_tail"])
+        s = self.okv("status", job)
+        self.assertIs(s["ready"], True, s)
+        self.assertRegex(s["ready_at"], RFC3339_RE)
+        started = parse_rfc3339(s["started_at"])
+        self.assertGreaterEqual(parse_rfc3339(s["ready_at"]) - started, 0.7, s)
+        w, took = self.timed("wait", "--ready", "--timeout-ms", "10000", job)
+        self.assertIs(w["ready"], True, w)
+        self.assertIs(w["timed_out"], False, w)
+        self.assertEqual(w["state"], "running")
+        self.assertLess(took, 5.0)
+        entry = self.okv("list")["jobs"][0]
+        self.assertEqual(entry["job_id"], job)
+        self.assertIs(entry["ready"], True)
+        self.kill_job(job)
+
+    def test_wait_ready_blocks_until_ready(self):
+        job = self.py_job(DEV_SERVER, opts=("--ready-match", "listening"))
+        self.assertIs(self.okv("status", job)["ready"], False)
+        w, took = self.timed("wait", "--ready", "--timeout-ms", "15000", job)
+        self.assertIs(w["ready"], True, w)
+        self.assertIs(w["timed_out"], False, w)
+        self.assertEqual(w["state"], "running")
+        self.assertGreaterEqual(took, 0.5)
+        self.assertLess(took, 8.0)
+        self.kill_job(job)
+
+    def test_ready_port(self):
+        port = free_port()
+        r = self.okv("run", "--ready-port", str(port), "--", PY, "-c", PORT_SERVER, str(port))
+        job = r["job_id"]
+        self.assertIs(r["ready"], True, r)
+        self.assertEqual(r["state"], "running")
+        self.assertGreaterEqual(r["waited_ms"], 800, r)
+        self.assertLessEqual(r["waited_ms"], 5000, r)
+        s = self.okv("status", job)
+        self.assertIs(s["ready"], True, s)
+        if LINUX:
+            self.assertIn(port, s["ports"], s)
+        self.kill_job(job)
+
+    def test_job_ends_before_it_is_ready(self):
+        r, took = self.timed(
+            "run", "--ready-match", "never", "--", "/bin/sh", "-c", "echo hi; exit 3"
+        )
+        self.assertIs(r["ready"], False, r)
+        self.assertEqual(r["state"], "exited")
+        self.assertEqual(r["exit_code"], 3)
+        self.assertLess(r["waited_ms"], 5000)
+        w = self.okv("wait", "--ready", "--timeout-ms", "10000", r["job_id"])
+        self.assertIs(w["ready"], False, w)
+        self.assertIs(w["timed_out"], False, w)
+        self.assertEqual(w["state"], "exited")
+        s = self.okv("status", r["job_id"])
+        self.assertIs(s["ready"], False, s)
+        self.assertIsNone(s["ready_at"])
+
+    def test_snapshot_after_passes_before_ready(self):
+        r = self.okv(
+            "run", "--ready-match", "never", "--snapshot-after", "700", "--", "sleep", "30"
+        )
+        job = r["job_id"]
+        self.assertIs(r["ready"], False, r)
+        self.assertEqual(r["state"], "running")
+        self.assertGreaterEqual(r["waited_ms"], 600, r)
+        self.assertLess(r["waited_ms"], 5000, r)
+        w = self.okv("wait", "--ready", "--timeout-ms", "300", job)
+        self.assertIs(w["timed_out"], True, w)
+        self.assertIs(w["ready"], False, w)
+        self.kill_job(job)
+
+    def test_no_condition_no_ready_fields(self):
+        r = self.okv("run", "--", "/bin/sh", "-c", "echo hi")
+        self.assertNotIn("ready", r)
+        s = self.okv("status", r["job_id"])
+        self.assertNotIn("ready", s)
+        self.assertNotIn("ready_at", s)
+        entry = self.okv("list")["jobs"][0]
+        self.assertIn("ready", entry)
+        self.assertIsNone(entry["ready"])
+
+    def test_bad_readiness_options_are_usage_errors(self):
+        for argv in (
+            ("--ready-match", "(unclosed"),
+            ("--ready-port", "0"),
+            ("--ready-port", "65536"),
+            ("--ready-port", "http"),
+        ):
+            with self.subTest(argv=argv):
+                self.fail_with("usage_error", "run", *(argv + ("--", "true")), exit_code=2)
+        self.assertFalse(os.path.isdir(self.root) and os.listdir(self.root))
 
 
 if __name__ == "__main__":

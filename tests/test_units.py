@@ -6,7 +6,9 @@ and how a job's state is derived from its files.  The subprocess tests then
 only prove that the command line is wired to these, one per option kind.
 """
 
+import contextlib
 import fcntl
+import io
 import json
 import os
 import re
@@ -41,9 +43,15 @@ class DurationTests(unittest.TestCase):
         "36500d": 36500 * 86400000,
         7: 7,
     }
-    BAD = ("", "-1", "abc", "5x", "ms", "-5s", "1.5", "1.5.s", ".", ".s", "1e3", "36501d", "9" * 21)
-    # A positive value that rounds to 0 ms would mean "none" to --timeout.
-    BAD += ("0.4ms", "0.0001s")
+    BAD = (
+        ("", "-1", "abc", "5x", "ms", "-5s", "1.5", "1.5.s", ".", ".s", "1e3", "36501d", "9" * 21)
+        # past what time.sleep/monotonic arithmetic can hold in nanoseconds
+        + ("10000000000000", "99999999999999999999999h")
+        # int() and \d take Arabic-Indic and full-width digits; a CLI must not
+        + ("\u0661\u0662", "\u0661\u0662ms", "\uff15s")
+        # a positive value that rounds to 0 ms would mean "none" to --timeout
+        + ("0.4ms", "0.0001s")
+    )
 
     def test_good_values(self):
         for text, ms in self.GOOD.items():
@@ -74,8 +82,21 @@ class SizeTests(unittest.TestCase):
         "2gb": 2 << 30,
         "10b": 10,
         " 3 k ": 3072,
+        "100": 100,
+        "1024": 1024,
+        "1k": 1024,
+        "1KiB": 1024,
+        "2k": 2048,
     }
-    BAD = ("", "-1", "k", "1.5M", "1T", "1 0", "x1", "9" * 31)
+    BAD = ("", "-1", "k", "1.5M", "1T", "1 0", "x1", "9" * 31) + (
+        "abc",
+        "5x",
+        "1.2.3k",
+        "-64k",
+        "\u0661\u0662",
+        "\u0661\u0662ms",
+        "\uff15s",
+    )
 
     def test_good_values(self):
         for text, size in self.GOOD.items():
@@ -92,7 +113,7 @@ class CountAndPortTests(unittest.TestCase):
     def test_counts(self):
         self.assertEqual(agent_exec._nonneg_int("0"), 0)
         self.assertEqual(agent_exec._nonneg_int(" 12 "), 12)
-        for bad in ("", "-1", "1.0", "x", "1" * 19):
+        for bad in ("", "-1", "1.0", "1.5", "x", "abc", "1" * 19):
             with self.subTest(bad=bad):
                 self.assertRaises(ValueError, agent_exec._nonneg_int, bad)
 
@@ -139,7 +160,7 @@ class SignalTests(unittest.TestCase):
         self.assertEqual(agent_exec.signal_name(200), "SIG200")
 
     def test_bad_signals(self):
-        for bad in ("", "0", "TERMINATE", "SIGFOO", "999999", "-9"):
+        for bad in ("", "0", "TERMINATE", "SIGFOO", "999999", "-9", "BOGUS", "SIGNOPE", "-3"):
             with self.subTest(bad=bad):
                 self.assertRaises(ValueError, agent_exec.parse_signal, bad)
 
@@ -153,7 +174,11 @@ class CursorTests(unittest.TestCase):
                 self.assertEqual(agent_exec.parse_cursor(cursor), pos)
 
     def test_bad_cursors(self):
-        for bad in ("", "c1.", "c1.0", "c2.0.0", "c1.A.0", "c1.0.0.0", "c1." + "f" * 17 + ".0"):
+        for bad in ("", "c1.", "c1.0", "c2.0.0", "c1.A.0", "c1.0.0.0", "c1." + "f" * 17 + ".0") + (
+            "garbage",
+            "c1.zz.0",
+            "c1.-1.0",
+        ):
             with self.subTest(bad=bad):
                 self.assertRaises(ValueError, agent_exec.parse_cursor, bad)
 
@@ -333,6 +358,98 @@ class ResolveJobTests(unittest.TestCase):
         os.mkdir(os.path.join(self.root, "not-a-job"))
         names = [name for name, _ in agent_exec._iter_jobs(self.root)]
         self.assertEqual(names, [self.b, self.a])  # newest first
+
+    def test_every_prefix_length_and_hostile_ids(self):
+        # What the CLI's job-id tests name, resolved in-process (test_cli
+        # sends one or two of each through every command).
+        jid = "7" + "Z" * 25  # shares no prefix with the other two
+        os.mkdir(os.path.join(self.root, jid))
+        for n in range(4, 27):
+            with self.subTest(prefix_len=n):
+                self.assertEqual(agent_exec.resolve_job(self.root, jid[:n].lower()), jid)
+        outside = os.path.join(self.root, "..", "outside")
+        hostile = [jid[:3], jid[:2], jid[:1]]
+        hostile += ["../../etc", "/etc", "..", "", "a/b", "A" * 4096]
+        hostile += [jid + "0", jid + "/", "./" + jid, jid + "/../" + jid, "../outside/" + jid]
+        hostile += ["../root/" + jid, os.path.join(self.root, jid), os.path.join(outside, jid)]
+        for ident in hostile:
+            with self.subTest(ident=ident[:60]):
+                self.assertEqual(self.code_of(ident), "job_not_found")
+
+    def test_entries_that_are_not_jobs_are_not_found(self):
+        jid = self.a
+        junk_dirs = [jid + "X", jid[:25] + "U", jid[:6] + "-junk", ".hidden", "tmp"]
+        for name in junk_dirs:
+            os.mkdir(os.path.join(self.root, name))
+        for name in ("README", "notes.txt", jid[:10] + ".lock"):
+            with open(os.path.join(self.root, name), "w"):
+                pass
+        os.symlink("/etc", os.path.join(self.root, "etc-link"))
+        for name in junk_dirs + ["README", "notes.txt", "etc-link"]:
+            with self.subTest(name=name):
+                self.assertEqual(self.code_of(name), "job_not_found")
+        for prefix in (jid[:10], jid[:25], jid):
+            with self.subTest(prefix=prefix):
+                self.assertEqual(agent_exec.resolve_job(self.root, prefix), jid)
+
+
+class OptionValueWiringTests(unittest.TestCase):
+    """Every option of a value kind refuses every bad value of its kind, in-process.
+
+    The subprocess tests (test_cli, test_read, test_kill) send one or two bad
+    values per kind through the real CLI; this runs ``main()`` itself for the
+    full lists, so each option is still shown to use its kind's parser.
+    """
+
+    JOB = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+    DURATIONS = DurationTests.BAD
+    SIZES = SizeTests.BAD
+    OPTIONS = (
+        # (command, option, bad values, what follows the option)
+        ("run", "--snapshot-after", DURATIONS, ["--", "true"]),
+        ("run", "--timeout", DURATIONS, ["--", "true"]),
+        ("run", "--kill-after", DURATIONS, ["--", "true"]),
+        ("run", "--progress-every", DURATIONS, ["--", "true"]),
+        ("run", "--wait-poll-ms", DURATIONS, ["--", "true"]),
+        ("wait", "--timeout-ms", DURATIONS, [JOB]),
+        ("wait", "--poll-ms", DURATIONS, [JOB]),
+        ("read", "--wait-ms", DURATIONS, [JOB]),
+        ("tail", "--max-bytes", SIZES, [JOB]),
+        ("run", "--max-bytes", SIZES, ["--", "true"]),
+        ("read", "--max-bytes", SIZES, [JOB]),
+        ("kill", "--signal", ("BOGUS", "SIGNOPE", "-3", "", "TERMINATE", "0"), [JOB]),
+        ("read", "--cursor", ("garbage", "c1.0", "c1.zz.0", "c2.0.0", "c1.-1.0"), [JOB]),
+        ("list", "--state", ("bogus", "done", "finished", ""), ["--all"]),
+        ("list", "--limit", ("abc", "-1", "1.5", ""), []),
+    )
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.root = os.path.join(tmp.name, "root")
+
+    def call(self, argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = agent_exec.main(argv)
+        return rc, out.getvalue(), err.getvalue()
+
+    def test_bad_values_are_usage_errors(self):
+        for cmd, opt, values, rest in self.OPTIONS:
+            for value in values:
+                for form in ("separate", "joined"):
+                    opt_args = [opt, value] if form == "separate" else [opt + "=" + value]
+                    argv = ["--root", self.root, cmd] + opt_args + rest
+                    with self.subTest(cmd=cmd, option=opt, value=value[:40], form=form):
+                        rc, out, err = self.call(argv)
+                        self.assertEqual(rc, 2, out)
+                        j = json.loads(out)
+                        self.assertIs(j["ok"], False, j)
+                        self.assertEqual(j["error"]["code"], "usage_error", j)
+                        self.assertIn(opt, j["error"]["message"], j)
+                        self.assertIn("usage", err.lower())
+                        self.assertNotIn("Traceback", out + err)
+                        self.assertFalse(os.path.exists(self.root), "a usage error made the root")
 
 
 class EnvFileTests(unittest.TestCase):

@@ -1,21 +1,15 @@
-"""Reliability: faults injected for real, at a size a test run affords.
-
-Each test here is the scaled-down twin of a case that bench/stress.py runs at
-full size: a lost supervisor, pid reuse, kills racing natural exits, torn
-writes, zombies, whole-tree kills, output volume, disk limits and write
-errors, notification sinks, load, hostile job ids and jobs roots, and the
-clock.  Every CLI call is bounded by a subprocess timeout, and every process
-a test starts is killed on tear-down.
+"""The supervisor: detachment, a lost supervisor, pid reuse, torn writes,
+zombies, output volume, disk limits, notify sinks, completion events, load
+and clock jumps (faults injected for real; bench/stress.py scales them up).
 """
 
 import concurrent.futures
-import contextlib
 import hashlib
-import io
 import json
 import os
 import random
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -24,109 +18,299 @@ import threading
 import time
 import unittest
 
-from tests._procs import (  # noqa: F401
+from tests._jobs import (
+    JobsTestCase,
+    LINUX,
+    SH,
+    ULID_RE,
+    call_main,
+    read_text,
+    run_script,
+    write_json_atomic,
+)
+from tests._procs import (
     GEN_NO_NEWLINE,
     MIB,
-    RACE_DRIVER,
     ROW_MAX,
     ROW_RE,
-    all_pids,
     expected_no_newline_sha,
     file_sha,
     kill_quietly,
     kill_recorded,
+    pid_alive,
     pids_running,
     proc_cmdline,
     proc_stat,
-    start_token,
     vmrss_kb,
+    wait_until,
     zombies_of,
 )
-from tests._util import PY, REPO, SCRIPT, CLITestCase, Result, pid_alive, wait_until
+from tests._util import CALL_TIMEOUT, PY, SCRIPT
+from tests._util import REPO
 
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import agent_exec  # noqa: E402
 
-LINUX = sys.platform.startswith("linux")
-SH = "/bin/sh"
-TERMINAL = ("exited", "killed", "failed")
+
+# --------------------------------------------------------------------------
+# Detachment from the caller
+# --------------------------------------------------------------------------
 
 
-def write_json_atomic(path, obj):
-    tmp = path + ".test.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
-def run_script(code, *args, timeout=60):
-    """Run ``python -c code args`` (with the repo importable); return parsed JSON stdout."""
-    proc = subprocess.run(
-        [PY, "-c", code] + [str(a) for a in args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=timeout,
-        cwd=REPO,
-        universal_newlines=True,
-    )
-    if proc.returncode != 0:
-        raise AssertionError("script failed (%d): %s" % (proc.returncode, proc.stderr[-3000:]))
-    return json.loads(proc.stdout)
-
-
-@unittest.skipUnless(LINUX, "these fault injections read /proc")
-class ReliabilityCase(CLITestCase):
-    def cli_raw(self, *args, preexec_fn=None, env=None, timeout=60):
-        argv = [PY, SCRIPT] + [str(a) for a in args]
-        proc = subprocess.run(
-            argv,
+class DetachmentTests(JobsTestCase):
+    def _signal_caller_group(self, sig):
+        p = subprocess.Popen(
+            [PY, SCRIPT, "run", "--snapshot-after", "2000", "--", "sleep", "3"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=env or self.env(),
+            env=self.env(),
             cwd=self.tmp,
-            timeout=timeout,
-            universal_newlines=True,
-            preexec_fn=preexec_fn,
+            start_new_session=True,
         )
-        return Result(proc, argv)
+        try:
 
-    def read_bytes(self, path):
-        with open(path, "rb") as f:
-            return f.read()
-
-    def event_results(self, jid, timeout=10.0):
-        """completion_event.json once its delivery results are in."""
-        path = os.path.join(self.job_dir(jid), "completion_event.json")
-
-        def done():
-            try:
-                with open(path) as f:
-                    ev = json.load(f)
-            except (OSError, ValueError):
+            def job_started():
+                if not os.path.isdir(self.root):
+                    return None
+                for name in os.listdir(self.root):
+                    if ULID_RE.match(name) and os.path.exists(
+                        os.path.join(self.root, name, "state.json")
+                    ):
+                        return name
                 return None
-            return ev if ev.get("delivery_results") else None
 
-        ev = wait_until(done, timeout)
-        self.assertTrue(ev, "no delivery results in %s" % path)
-        return ev
+            jid = wait_until(job_started, 15)
+            self.assertTrue(jid, "no job appeared")
+            self.addCleanup(self.kill_job, jid)
+            time.sleep(0.3)
+            pgid = p.pid
+            os.killpg(pgid, sig)
+            p.communicate(timeout=20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        pid, sup = self.job_pids(jid)
+        # the supervisor and the workload live in sessions of their own
+        if pid_alive(pid):
+            self.assertNotEqual(os.getsid(pid), pgid)
+            self.assertEqual(os.getpgid(pid), pid, "the workload should lead its own process group")
+        if isinstance(sup, int) and pid_alive(sup):
+            self.assertNotEqual(os.getsid(sup), pgid)
+        w = self.wait_job(jid, 20000)
+        self.assertEqual(w["state"], "exited", w)
+        self.assertEqual(w["exit_code"], 0)
 
-    def unique_sleeps(self, n):
-        """n unique sleep durations (as strings), killed on tear-down if still alive."""
-        base = random.randint(100000, 999999) * 10
-        durs = [str(base + k + 1) for k in range(n)]
-        self.addCleanup(lambda: kill_quietly(pids_running([["sleep", d] for d in durs])))
-        return durs
+    def test_sigint_to_callers_group(self):
+        self._signal_caller_group(signal.SIGINT)
+
+    def test_sighup_to_callers_group(self):
+        self._signal_caller_group(signal.SIGHUP)
+
+    def test_caller_pipes_not_held(self):
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [PY, SCRIPT, "run", "--snapshot-after", "0", "--", "sleep", "30"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=self.env(),
+            cwd=self.tmp,
+            timeout=30,
+        )
+        took = time.monotonic() - t0
+        self.assertEqual(proc.returncode, 0, proc)
+        j = json.loads(proc.stdout.decode())
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.assertLess(took, 10.0)
+        self.assertEqual(j["state"], "running")
+
+    def test_workload_stdin_is_dev_null(self):
+        r, w = os.pipe()
+        try:
+            t0 = time.monotonic()
+            # the caller's stdin is a pipe that stays open: cat must not read it
+            res = self.cli(
+                "run", "--snapshot-after", "8000", "--", SH, "-c", "cat; echo cat-done", stdin=r
+            )
+            took = time.monotonic() - t0
+        finally:
+            os.close(w)
+            os.close(r)
+        self.assertEqual(res.code, 0, res)
+        j = res.json
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.assertEqual(j["state"], "exited", j)
+        self.assertEqual(j["snapshot"]["stdout_tail"].rstrip("\n"), "cat-done")
+        self.assertLess(took, 6.0)
+
+    @unittest.skipUnless(LINUX, "needs /proc")
+    def test_workload_inherits_no_caller_fd(self):
+        r, w = os.pipe()
+        high = 57
+        os.dup2(w, high)
+        os.close(w)
+        try:
+            proc = subprocess.run(
+                [PY, SCRIPT, "run", "--snapshot-after", "5000", "--", "ls", "/proc/self/fd"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env(),
+                cwd=self.tmp,
+                timeout=CALL_TIMEOUT,
+                pass_fds=(high,),
+            )
+        finally:
+            os.close(high)
+        try:
+            self.assertEqual(proc.returncode, 0, proc)
+            j = json.loads(proc.stdout.decode())
+            self.assertEqual(j["state"], "exited", j)
+            with open(j["stdout_log_path"]) as f:
+                fds = sorted(int(x) for x in f.read().split())
+            self.assertNotIn(high, fds)
+            self.assertTrue({0, 1, 2}.issubset(fds), fds)
+            extra = [fd for fd in fds if fd > 2]
+            self.assertLessEqual(len(extra), 1, "workload inherited fds: %r" % fds)
+        finally:
+            os.close(r)
+
+    def run_ignoring_signals(self, *args):
+        """``agent_exec.py <args>`` from a caller that ignores SIGHUP, SIGINT,
+        SIGQUIT and SIGTERM and blocks SIGUSR1 (nohup ignores SIGHUP, a
+        script's background job SIGINT and SIGQUIT); return the JSON."""
+
+        def caller_setup():
+            for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+        return self.ok(*args, preexec_fn=caller_setup)
+
+    @unittest.skipUnless(LINUX, "needs /proc")
+    def test_workload_signals_and_stdin(self):
+        # The workload starts with every signal at its default action and none
+        # blocked, whatever its caller ignored or blocked (and Python itself
+        # ignores SIGPIPE and SIGXFSZ), and with /dev/null on stdin.
+        # grep reads its own status, exec'd straight from the shell: a shell
+        # that is waiting for a child shows a mask of its own making.
+        script = (
+            "readlink /proc/$$/fd/0; yes | head -n 1; "
+            "exec grep -E '^Sig(Blk|Ign):' /proc/self/status"
+        )
+        j = self.run_ignoring_signals("run", "--wait", "--", "sh", "-c", script)
+        self.assertEqual(j["state"], "exited", j)
+        with open(j["stdout_log_path"]) as f:
+            stdin, first, blocked, ignored = f.read().split("\n")[:4]
+        self.assertEqual(stdin, "/dev/null")
+        self.assertEqual(first, "y")
+        self.assertTrue(blocked.startswith("SigBlk:"), blocked)
+        self.assertEqual(int(blocked.split()[1], 16), 0, blocked)
+        self.assertTrue(ignored.startswith("SigIgn:"), ignored)
+        self.assertEqual(int(ignored.split()[1], 16), 0, ignored)
+
+    def test_kill_hup_ends_a_job_started_under_nohup(self):
+        j = self.run_ignoring_signals("run", "--snapshot-after", "0", "--", "sleep", "30")
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.ok("kill", "--signal", "HUP", j["job_id"])
+        w = self.wait_job(j["job_id"], 10000)
+        self.assertEqual(w["state"], "killed", w)
+        self.assertEqual(w.get("signal"), "SIGHUP", w)
+
+    def test_running_job_holds_no_caller_fd(self):
+        # While the job runs, neither the supervisor nor the workload keeps the
+        # caller's descriptor: once the caller's copies are closed, the pipe is at EOF.
+        r, w = os.pipe()
+        high = 58
+        os.dup2(w, high)
+        os.close(w)
+        try:
+            proc = subprocess.run(
+                [PY, SCRIPT, "run", "--snapshot-after", "0", "--", "sleep", "30"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env(),
+                cwd=self.tmp,
+                timeout=CALL_TIMEOUT,
+                pass_fds=(high,),
+            )
+        finally:
+            os.close(high)
+        try:
+            self.assertEqual(proc.returncode, 0, proc)
+            jid = json.loads(proc.stdout.decode())["job_id"]
+            self.addCleanup(self.kill_job, jid)
+            ready, _, _ = select.select([r], [], [], 5)
+            self.assertTrue(ready, "the caller's pipe is still held open by the job")
+            self.assertEqual(os.read(r, 1), b"")
+            self.assertEqual(self.ok("status", jid)["state"], "running")
+        finally:
+            os.close(r)
 
 
-# ==========================================================================
-# A lost supervisor, an earlier boot
-# ==========================================================================
+# --------------------------------------------------------------------------
+# A supervisor that dies
+# --------------------------------------------------------------------------
 
 
-class SupervisorLostTests(ReliabilityCase):
+class SupervisorLostTests(JobsTestCase):
+    def test_supervisor_sigkill(self):
+        jid = self.start_bg("sleep", "30")
+        pid, sup = self.job_pids(jid)
+        self.assertIsInstance(sup, int)
+        self.addCleanup(self._kill_group, pid)
+        waiter = subprocess.Popen(
+            [PY, SCRIPT, "wait", "--timeout-ms", "30000", jid],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env(),
+            cwd=self.tmp,
+        )
+        try:
+            time.sleep(0.5)
+            self.assertIsNone(waiter.poll(), "wait returned before the job ended")
+            t0 = time.monotonic()
+            os.kill(sup, signal.SIGKILL)
+
+            def status_failed():
+                s = self.cli("status", jid).json
+                return s if s and s.get("state") == "failed" else None
+
+            s = wait_until(status_failed, 10, 0.2)
+            self.assertTrue(s, "status never reported the lost supervisor")
+            self.assertLess(time.monotonic() - t0, 8.0)
+            self.assertEqual(s["failure"]["code"], "supervisor_lost")
+            out, err = waiter.communicate(timeout=15)
+            w = json.loads(out.decode())
+            self.assertTrue(w["ok"], w)
+            self.assertEqual(w["state"], "failed", w)
+            self.assertIs(w.get("timed_out"), False, w)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.communicate()
+        lst = self.ok("list", "--all")
+        mine = [x for x in lst["jobs"] if x["job_id"] == jid]
+        self.assertEqual(len(mine), 1, lst)
+        self.assertEqual(mine[0]["state"], "failed")
+        w = self.ok("wait", "--timeout-ms", "5000", jid)
+        self.assertEqual(w["state"], "failed")
+
+    def _kill_group(self, pid):
+        for fn in (os.killpg, os.kill):
+            try:
+                fn(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    # ---- the supervisor SIGKILLed, an earlier boot (faults injected via /proc) ----
+
+    @unittest.skipUnless(LINUX, "these fault injections read /proc")
     def test_status_list_wait_report_lost_supervisor_within_1s(self):
         jid = self.start_bg("sleep", "30")
         pid, sup = self.job_pids(jid)
@@ -182,6 +366,7 @@ class SupervisorLostTests(ReliabilityCase):
         self.assertEqual(self.ok("status", jid)["state"], "failed")
         self.assertEqual(self.ok("wait", "--timeout-ms", "5000", jid)["state"], "failed")
 
+    @unittest.skipUnless(LINUX, "these fault injections read /proc")
     def test_job_from_an_earlier_boot_is_never_running(self):
         jid = self.start_bg("sleep", "30")
         self.job_pids(jid)
@@ -209,7 +394,8 @@ class SupervisorLostTests(ReliabilityCase):
 # ==========================================================================
 
 
-class PidReuseTests(ReliabilityCase):
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class PidReuseTests(JobsTestCase):
     def foreign_sleep(self):
         """A live process of the test's own, in a process group of its own."""
         (dur,) = self.unique_sleeps(1)
@@ -331,76 +517,12 @@ class PidReuseTests(ReliabilityCase):
 
 
 # ==========================================================================
-# kill racing a natural exit
-# ==========================================================================
-
-
-class KillRaceTests(ReliabilityCase):
-    TRIALS = 20
-    WORKERS = 4
-
-    def test_kill_racing_natural_exit(self):
-        seed = random.randrange(1 << 30)
-        events = os.path.join(self.tmp, "events.ndjson")
-        per = self.TRIALS // self.WORKERS
-
-        def driver(w):
-            args = (self.root, self.tmp, events, seed, w * per, per)
-            return run_script(RACE_DRIVER, *args, timeout=120)
-
-        with concurrent.futures.ThreadPoolExecutor(self.WORKERS) as pool:
-            results = [r for batch in pool.map(driver, range(self.WORKERS)) for r in batch]
-        self.assertEqual(len(results), self.TRIALS)
-        seen = {}
-        for res in results:
-            msg = "seed=%d trial=%r" % (seed, res)
-            self.assertNotIn("run", res, msg)
-            k, w = res["k"], res["w"]
-            self.assertEqual(res["krc"], 0, msg)
-            self.assertTrue(k["ok"], msg)
-            self.assertEqual(res["wrc"], 0, msg)
-            self.assertIs(w["timed_out"], False, msg)
-            state = w["state"]
-            if state == "exited":
-                self.assertEqual(w.get("exit_code"), 3, msg)
-                self.assertIsNone(w.get("signal"), msg)
-            else:
-                self.assertEqual(state, "killed", msg)
-                self.assertEqual(w.get("signal"), "SIG" + res["sig"], msg)
-                self.assertIn(w.get("exit_code"), (None, 3), msg)
-            seen[state] = seen.get(state, 0) + 1
-        jids = {res["jid"] for res in results}
-        # Terminal exactly once: a later read agrees with wait, nothing moved.
-        time.sleep(0.2)
-        listed = {e["job_id"]: e for e in self.ok("list", "--all", "--limit", "0")["jobs"]}
-        self.assertEqual(set(listed), jids)
-        for res in results:
-            w, e = res["w"], listed[res["jid"]]
-            for key in ("state", "exit_code", "signal", "finished_at"):
-                self.assertEqual(e.get(key), w.get(key), "seed=%d %s %r %r" % (seed, key, e, w))
-
-        def lines():
-            try:
-                with open(events) as f:
-                    return f.read().splitlines()
-            except OSError:
-                return []
-
-        wait_until(lambda: len(lines()) >= self.TRIALS, 10)
-        time.sleep(0.3)
-        got = [json.loads(line) for line in lines()]
-        self.assertEqual(sorted(e["job_id"] for e in got), sorted(jids), "one event per job")
-        by_id = {res["jid"]: res["w"] for res in results}
-        for ev in got:
-            self.assertEqual(ev["state"], by_id[ev["job_id"]]["state"], ev)
-
-
-# ==========================================================================
 # Torn writes
 # ==========================================================================
 
 
-class TornWritesTests(ReliabilityCase):
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class TornWritesTests(JobsTestCase):
     def test_state_json_never_torn_under_progress_every_10(self):
         jid = self.start_bg("sleep", "3", opts=("--progress-every", "10"))
         self.job_pids(jid)
@@ -484,7 +606,8 @@ print(json.dumps({"answers": answers, "finals": finals, "children": children(),
 """
 
 
-class ZombiesTests(ReliabilityCase):
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class ZombiesTests(JobsTestCase):
     N = 10
 
     def test_in_process_main_leaves_no_zombie(self):
@@ -528,79 +651,12 @@ class ZombiesTests(ReliabilityCase):
 
 
 # ==========================================================================
-# Whole-tree kill
-# ==========================================================================
-
-
-class WholeTreeKillTests(ReliabilityCase):
-    def tree(self, prefix=""):
-        durs = self.unique_sleeps(4)
-        script = prefix + 'sleep %s & setsid sleep %s & (setsid sh -c "sleep %s" &); sleep %s' % (
-            tuple(durs)
-        )
-        return durs, script
-
-    def wait_tree_up(self, durs):
-        argvs = [["sleep", d] for d in durs]
-        ok = wait_until(lambda: len(pids_running(argvs)) == 4, 5)
-        self.assertTrue(ok, "the tree never came up: %r" % pids_running(argvs))
-        return argvs
-
-    def assert_tree_gone(self, argvs, t0, within=4.0):
-        left = wait_until(lambda: not pids_running(argvs), max(0.1, t0 + within - time.monotonic()))
-        self.assertTrue(left, "survivors after %.1fs: %r" % (within, pids_running(argvs)))
-
-    def test_timeout_kills_whole_tree(self):
-        durs, script = self.tree()
-        t0 = time.monotonic()
-        jid = self.start_bg(SH, "-c", script, opts=("--timeout", "1000", "--kill-after", "1000"))
-        argvs = self.wait_tree_up(durs)
-        self.assert_tree_gone(argvs, t0)
-        w = self.wait_job(jid, 10000)
-        self.assertEqual(w["state"], "killed", w)
-        self.assertEqual(w.get("signal"), "SIGTERM", w)
-        self.assertIs(self.read_state(jid)["timed_out"], True)
-
-    def test_timeout_kill_after_reaches_term_ignoring_tree(self):
-        durs, script = self.tree(prefix='trap "" TERM; ')
-        t0 = time.monotonic()
-        jid = self.start_bg(SH, "-c", script, opts=("--timeout", "1000", "--kill-after", "1000"))
-        argvs = self.wait_tree_up(durs)
-        time.sleep(max(0.0, t0 + 1.5 - time.monotonic()))
-        # SIGTERM went out at 1 s and is ignored: all four still run.
-        self.assertEqual(len(pids_running(argvs)), 4)
-        self.assert_tree_gone(argvs, t0)
-        w = self.wait_job(jid, 10000)
-        self.assertEqual(w["state"], "killed", w)
-
-    def test_kill_command_kills_whole_tree(self):
-        durs, script = self.tree()
-        jid = self.start_bg(SH, "-c", script)
-        argvs = self.wait_tree_up(durs)
-        t0 = time.monotonic()
-        k = self.ok("kill", jid, timeout=20)
-        self.assertEqual(k["signal"], "SIGTERM")
-        self.assert_tree_gone(argvs, t0)
-        w = self.wait_job(jid, 10000)
-        self.assertEqual(w["state"], "killed", w)
-        self.assertEqual(w.get("signal"), "SIGTERM", w)
-
-    def test_kill_signal_kill_reaches_term_ignoring_tree(self):
-        durs, script = self.tree(prefix='trap "" TERM; ')
-        jid = self.start_bg(SH, "-c", script)
-        argvs = self.wait_tree_up(durs)
-        t0 = time.monotonic()
-        self.ok("kill", "--signal", "KILL", jid, timeout=20)
-        self.assert_tree_gone(argvs, t0)
-        self.assertEqual(self.wait_job(jid, 10000)["state"], "killed")
-
-
-# ==========================================================================
 # Output volume
 # ==========================================================================
 
 
-class OutputVolumeTests(ReliabilityCase):
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class OutputVolumeTests(JobsTestCase):
     MIB_OUT = 64
 
     def test_big_output_without_newline(self):
@@ -718,7 +774,8 @@ class OutputVolumeTests(ReliabilityCase):
 # ==========================================================================
 
 
-class DiskLimitsTests(ReliabilityCase):
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class DiskLimitsTests(JobsTestCase):
     def test_max_output_keeps_logs_bounded_and_the_end(self):
         cap = 16 * 1024
         code = (
@@ -873,7 +930,8 @@ def _kill_in(root):
 # ==========================================================================
 
 
-class NotifySinksTests(ReliabilityCase):
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class NotifySinksTests(JobsTestCase):
     def test_hanging_command_sink_is_killed(self):
         dur = "30.%06d" % random.randint(0, 999999)
         self.addCleanup(lambda: kill_quietly(pids_running([["sleep", dur]])))
@@ -945,12 +1003,214 @@ class NotifySinksTests(ReliabilityCase):
             self.assertEqual(e["exit_code"], i % 4, e)
 
 
+# --------------------------------------------------------------------------
+# Completion events
+# --------------------------------------------------------------------------
+
+
+EVENT_KEYS = (
+    "schema_version",
+    "event_type",
+    "job_id",
+    "state",
+    "command",
+    "cwd",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "stdout_log_path",
+    "stderr_log_path",
+)
+
+
+class CompletionEventsTests(JobsTestCase):
+    def completion_event(self, jid, n_sinks=1, timeout=15):
+        path = os.path.join(self.job_dir(jid), "completion_event.json")
+
+        def ready():
+            try:
+                ev = self.read_json(path)
+            except (OSError, ValueError):
+                return None
+            if len(ev.get("delivery_results") or []) >= n_sinks:
+                return ev
+            return None
+
+        ev = wait_until(ready, timeout, 0.05)
+        self.assertTrue(ev, "completion_event.json never got %d delivery results" % n_sinks)
+        return ev
+
+    def check_event(self, ev, jid, state="exited", exit_code=0):
+        for key in EVENT_KEYS:
+            self.assertIn(key, ev)
+        self.assertEqual(ev["schema_version"], "0.1")
+        self.assertEqual(ev["event_type"], "job.finished")
+        self.assertEqual(ev["job_id"], jid)
+        self.assertEqual(ev["state"], state)
+        self.assertTimestamp(ev["started_at"])
+        self.assertTimestamp(ev["finished_at"])
+        self.assertIsInstance(ev["duration_ms"], int)
+        self.assertEqual(ev.get("exit_code"), exit_code)
+        self.assertEqual(ev["stdout_log_path"], os.path.join(self.job_dir(jid), "stdout.log"))
+        self.assertEqual(ev["stderr_log_path"], os.path.join(self.job_dir(jid), "stderr.log"))
+
+    def check_delivery(self, res, sink_type, success):
+        self.assertEqual(res["sink_type"], sink_type)
+        self.assertIn("target", res)
+        self.assertIs(res["success"], success, res)
+        self.assertTimestamp(res["attempted_at"])
+
+    def test_notify_file(self):
+        target = os.path.join(self.tmp, "a", "b", "events.ndjson")
+        jid = self.start(SH, "-c", "exit 2", opts=("--notify-file", target))
+        w = self.wait_job(jid)
+        self.assertEqual(w["state"], "exited")
+        self.assertTrue(
+            wait_until(lambda: os.path.exists(target) and read_text(target).endswith("\n"), 10)
+        )
+        time.sleep(0.3)
+        with open(target) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        ev = json.loads(lines[0])
+        self.check_event(ev, jid, "exited", 2)
+        self.assertEqual(ev["command"], [SH, "-c", "exit 2"])
+        self.assertEqual(ev["cwd"], os.path.realpath(self.tmp))
+        ce = self.completion_event(jid)
+        self.check_event(ce, jid, "exited", 2)
+        self.assertEqual(len(ce["delivery_results"]), 1)
+        self.check_delivery(ce["delivery_results"][0], "file", True)
+        self.assertEqual(
+            os.path.realpath(ce["delivery_results"][0]["target"]), os.path.realpath(target)
+        )
+        meta = self.read_json(os.path.join(self.job_dir(jid), "meta.json"))
+        self.assertEqual(
+            os.path.realpath(meta["notification"]["notify_file"]), os.path.realpath(target)
+        )
+
+    def test_notify_file_appends(self):
+        target = os.path.join(self.tmp, "events.ndjson")
+        a = self.start("true", opts=("--notify-file", target))
+        b = self.start(SH, "-c", "exit 1", opts=("--notify-file", target))
+        self.wait_job(a)
+        self.wait_job(b)
+        self.assertTrue(
+            wait_until(lambda: os.path.exists(target) and read_text(target).count("\n") >= 2, 10)
+        )
+        with open(target) as f:
+            evs = [json.loads(line) for line in f.read().splitlines()]
+        self.assertEqual(sorted(e["job_id"] for e in evs), sorted([a, b]))
+
+    def test_notify_command(self):
+        out = os.path.join(self.tmp, "ev.json")
+        envout = os.path.join(self.tmp, "ev.env")
+        hook = json.dumps(["/bin/sh", "-c", 'cat > "%s"; env > "%s"' % (out, envout)])
+        jid = self.start(SH, "-c", "echo hi", opts=("--notify-command", hook))
+        w = self.wait_job(jid)
+        self.assertEqual(w["state"], "exited")
+        ce = self.completion_event(jid)
+        self.check_event(ce, jid, "exited", 0)
+        self.assertEqual(len(ce["delivery_results"]), 1)
+        self.check_delivery(ce["delivery_results"][0], "command", True)
+        self.assertTrue(
+            wait_until(lambda: os.path.exists(envout) and os.path.getsize(envout) > 0, 10)
+        )
+        with open(out) as f:
+            ev = json.load(f)
+        self.check_event(ev, jid, "exited", 0)
+        self.assertEqual(ev["command"], [SH, "-c", "echo hi"])
+        env = {}
+        with open(envout) as f:
+            for line in f.read().splitlines():
+                if "=" in line:
+                    k, v = line.split("=", 1)
+                    env[k] = v
+        self.assertEqual(
+            env.get("AGENT_EXEC_EVENT_PATH"),
+            os.path.join(self.job_dir(jid), "completion_event.json"),
+        )
+        self.assertEqual(env.get("AGENT_EXEC_JOB_ID"), jid)
+        self.assertEqual(env.get("AGENT_EXEC_EVENT_TYPE"), "job.finished")
+        meta = self.read_json(os.path.join(self.job_dir(jid), "meta.json"))
+        self.assertEqual(meta["notification"]["notify_command"], json.loads(hook))
+
+    def test_notify_command_for_killed_job(self):
+        out = os.path.join(self.tmp, "ev.json")
+        hook = json.dumps(["/bin/sh", "-c", 'cat > "%s"' % out])
+        jid = self.start_bg("sleep", "30", opts=("--notify-command", hook))
+        self.job_pids(jid)
+        self.ok("kill", jid)
+        self.wait_job(jid)
+        ce = self.completion_event(jid)
+        self.assertEqual(ce["state"], "killed")
+        self.assertEqual(ce["signal"], "SIGTERM")
+        self.assertTrue(wait_until(lambda: os.path.exists(out) and os.path.getsize(out) > 0, 10))
+        with open(out) as f:
+            self.assertEqual(json.load(f)["state"], "killed")
+
+    def test_failing_sinks(self):
+        target = os.path.join(self.tmp, "ok.ndjson")
+        a = self.start(SH, "-c", "exit 0", opts=("--notify-command", '["/nonexistent"]'))
+        b = self.start(
+            SH, "-c", "exit 0", opts=("--notify-command", '["false"]', "--notify-file", target)
+        )
+        for jid in (a, b):
+            w = self.wait_job(jid)
+            self.assertEqual((w["state"], w["exit_code"]), ("exited", 0))
+        ce = self.completion_event(a)
+        self.assertEqual(len(ce["delivery_results"]), 1)
+        self.check_delivery(ce["delivery_results"][0], "command", False)
+        ce = self.completion_event(b, 2)
+        by_type = dict((r["sink_type"], r) for r in ce["delivery_results"])
+        self.assertEqual(sorted(by_type), ["command", "file"])
+        self.check_delivery(by_type["command"], "command", False)
+        self.check_delivery(by_type["file"], "file", True)
+        time.sleep(0.3)
+        for jid in (a, b):
+            st = self.read_state(jid)
+            self.assertEqual(st["job"]["status"], "exited")
+            self.assertEqual(st["result"]["exit_code"], 0)
+            s = self.ok("status", jid)
+            self.assertEqual(s["state"], "exited")
+
+    def test_slow_hook_does_not_delay_terminal_state(self):
+        pidfile = os.path.join(self.tmp, "hook.pid")
+        hook = json.dumps(["/bin/sh", "-c", 'echo $$ > "%s"; exec sleep 30' % pidfile])
+        self.addCleanup(self._kill_hook, pidfile)
+        t0 = time.monotonic()
+        jid = self.start("true", opts=("--notify-command", hook))
+        w = self.wait_job(jid, 20000)
+        self.assertLess(time.monotonic() - t0, 8.0, "wait was held up by the notify hook")
+        self.assertEqual(w["state"], "exited")
+        self.assertEqual(self.ok("status", jid)["state"], "exited")
+        # the hook did start (and is still sleeping)
+        self.assertTrue(
+            wait_until(lambda: os.path.exists(pidfile) and read_text(pidfile).strip(), 10)
+        )
+
+    def _kill_hook(self, pidfile):
+        # runs before the temp dir is removed (cleanups run in reverse order)
+        try:
+            pid = int(read_text(pidfile).strip())
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+    def test_no_event_without_sink(self):
+        j = self.ok("run", "--snapshot-after", "5000", "--", "true")
+        time.sleep(0.5)
+        self.assertFalse(
+            os.path.exists(os.path.join(self.job_dir(j["job_id"]), "completion_event.json"))
+        )
+
+
 # ==========================================================================
 # Load
 # ==========================================================================
 
 
-class LoadTests(ReliabilityCase):
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class LoadTests(JobsTestCase):
     def test_concurrent_runs(self):
         n = 20
         script = 'echo "out-$1"; echo "err-$1" >&2; exit "$2"'
@@ -1019,131 +1279,12 @@ class LoadTests(ReliabilityCase):
 
 
 # ==========================================================================
-# Hostile job ids and jobs roots
-# ==========================================================================
-
-
-def call_main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = agent_exec.main(argv)
-    return rc, out.getvalue()
-
-
-class BadIdsTests(ReliabilityCase):
-    def test_nul_byte_ids_in_process(self):
-        jid = self.ok("run", "--wait", "--", "true")["job_id"]
-        before_root = sorted(os.listdir(self.root))
-        before_tmp = sorted(os.listdir(self.tmp))
-        bad_ids = ["\x00", jid[:10] + "\x00", jid + "\x00", "\x00" + jid, "../\x00/etc", "ab\x00cd"]
-        for bad in bad_ids:
-            for cmd in (["status"], ["tail"], ["wait", "--timeout-ms", "1000"], ["kill"]):
-                with self.subTest(cmd=cmd[0], id=repr(bad)):
-                    rc, out = call_main(["--root", self.root] + cmd + [bad])
-                    self.assertEqual(rc, 1, out)
-                    self.assertEqual(len(out.splitlines()), 1, out)
-                    j = json.loads(out)
-                    self.assertEqual(j["error"]["code"], "job_not_found", j)
-        self.assertEqual(sorted(os.listdir(self.root)), before_root)
-        self.assertEqual(sorted(os.listdir(self.tmp)), before_tmp)
-        self.assertEqual(self.ok("status", jid)["state"], "exited")
-
-    def test_nul_bytes_in_options_in_process(self):
-        # A NUL can reach main() only in process; it must still be an expected
-        # error (or a failed job), never an exception nobody caught.
-        cases = [
-            ["--root", "\x00", "run", "--snapshot-after", "0", "--", "true"],
-            ["--root", "\x00", "status", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
-            ["--root", "a\x00b", "list", "--all"],
-            ["run", "--snapshot-after", "0", "--cwd", "\x00", "--", "true"],
-            ["run", "--snapshot-after", "0", "--env-file", "a\x00b", "--", "true"],
-            ["run", "--snapshot-after", "0", "--log", "a\x00b", "--", "true"],
-            ["run", "--wait", "--notify-file", "a\x00b", "--", "true"],
-            ["run", "--wait", "--", "true", "a\x00b"],
-            ["run", "--wait", "--env", "A=b\x00c", "--", "true"],
-            ["list", "--cwd", "a\x00b"],
-        ]
-        for argv in cases:
-            if argv[0] != "--root":
-                argv = ["--root", self.root] + argv
-            with self.subTest(argv=argv):
-                rc, out = call_main(argv)
-                self.assertIn(rc, (0, 1, 2), out)
-                self.assertEqual(len(out.splitlines()), 1, out)
-                j = json.loads(out)
-                if not j["ok"]:
-                    self.assertNotEqual(j["error"]["code"], "internal_error", (argv, j))
-
-    def test_more_hostile_ids_for_every_command(self):
-        jid = self.ok("run", "--wait", "--", "true")["job_id"]
-        bad_ids = [
-            "~",
-            "%2e%2e",
-            ".." + "/" * 30,
-            jid[:25] + "/",
-            jid.lower()[:25] + "/",
-            "\u0661\u0662\u0663\u0664",  # Arabic-Indic digits
-            "0" * 26 + "\n",
-            " " + jid,
-        ]
-        for bad in bad_ids:
-            for cmd in (["status"], ["tail"], ["wait", "--timeout-ms", "1000"], ["kill"]):
-                with self.subTest(cmd=cmd[0], id=repr(bad)):
-                    rc, out = call_main(["--root", self.root] + cmd + [bad])
-                    self.assertEqual(rc, 1, out)
-                    self.assertEqual(json.loads(out)["error"]["code"], "job_not_found", out)
-
-
-class InsecureRootTests(ReliabilityCase):
-    ULID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
-
-    def assert_refused(self, root, needle=None):
-        for args in (
-            ("run", "--snapshot-after", "0", "--", "true"),
-            ("status", self.ULID),
-            ("tail", self.ULID),
-            ("wait", "--timeout-ms", "1000", self.ULID),
-            ("kill", self.ULID),
-            ("list", "--all"),
-        ):
-            with self.subTest(args=args[0]):
-                j = self.fail_with("insecure_root", "--root", root, *args)
-                if needle:
-                    self.assertIn(needle, j["error"]["message"])
-
-    def test_symlink_root(self):
-        real = os.path.join(self.tmp, "real-root")
-        os.mkdir(real, 0o700)
-        link = os.path.join(self.tmp, "link-root")
-        os.symlink(real, link)
-        self.assert_refused(link)
-        self.assertEqual(os.listdir(real), [])
-
-    def test_root_owned_by_someone_else(self):
-        if os.geteuid() != 0:
-            self.skipTest("needs root to chown")
-        root = os.path.join(self.tmp, "their-root")
-        os.mkdir(root, 0o700)
-        os.chown(root, 65534, 65534)
-        self.assert_refused(root)
-        self.assertEqual(os.listdir(root), [])
-
-    def test_group_or_world_writable_root(self):
-        for mode in (0o720, 0o702):
-            with self.subTest(mode=oct(mode)):
-                root = os.path.join(self.tmp, "root-%o" % mode)
-                os.mkdir(root)
-                os.chmod(root, mode)
-                self.assert_refused(root, needle="chmod 700")
-                self.assertEqual(os.listdir(root), [])
-
-
-# ==========================================================================
 # The clock
 # ==========================================================================
 
 
-class ClockTests(ReliabilityCase):
+@unittest.skipUnless(LINUX, "these fault injections read /proc")
+class ClockTests(JobsTestCase):
     def test_duration_is_measured_on_a_monotonic_clock(self):
         j = self.ok("run", "--wait", "--", "sleep", "0.3", timeout=30)
         s = self.ok("status", j["job_id"])
