@@ -2,14 +2,21 @@
 robustness, logging, the jobs root, option values and job ids.
 """
 
+import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import time
 import unittest
 
 from tests._jobs import COMMANDS, JobsTestCase, RFC3339_MS, ULID_RE, job_ids_in, other_char
-from tests._util import clone_job, only_regular
+from tests._util import CLI, REPO, clone_job, only_regular
+
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+import agent_exec  # noqa: E402
 
 
 class OutputContractTests(JobsTestCase):
@@ -750,6 +757,148 @@ class JobIdTests(JobsTestCase):
         for name in (junk_dirs[2], ".hidden", "README"):
             with self.subTest(name=name):
                 self.fail_with("job_not_found", "status", name)
+
+
+class RootAndCwdTests(JobsTestCase):
+    def test_a_root_that_is_a_file_is_refused_by_every_command(self):
+        path = os.path.join(self.tmp, "file")
+        with open(path, "w") as f:
+            f.write("x")
+        env = self.env(AGENT_EXEC_ROOT=path)
+        fake = "01" + "A" * 24
+        for args in (
+            ("run", "--", "true"),
+            ("list",),
+            ("gc",),
+            ("status", fake),
+            ("wait", fake),
+            ("read", fake),
+            ("tail", fake),
+            ("kill", fake),
+            ("delete", fake),
+        ):
+            with self.subTest(args=args):
+                self.fail_with("insecure_root", *args, env=env)
+
+    def test_list_from_a_deleted_directory(self):
+        gone = os.path.join(self.tmp, "gone")
+        os.mkdir(gone)
+        script = 'cd "$1" && rmdir "$1" && shift && exec "$@"'
+        argv = ["sh", "-c", script, "sh", gone] + CLI + ["list"]
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, env=self.env(), timeout=60)
+        j = json.loads(proc.stdout)
+        self.assertEqual((proc.returncode, j["error"]["code"]), (1, "cwd_not_found"), j)
+        self.assertIn("--all", j["error"]["message"])
+
+    def test_cwd_that_is_a_file_and_log_under_a_file(self):
+        path = os.path.join(self.tmp, "file")
+        open(path, "w").close()
+        j = self.fail_with("cwd_not_found", "run", "--cwd", path, "--", "true")
+        self.assertIn("is not a directory", j["error"]["message"])
+        j = self.fail_with("invalid_argument", "run", "--log", path + "/x.log", "--", "true")
+        self.assertIn("%s is a file" % path, j["error"]["message"])
+
+    def test_an_endless_env_file_is_refused(self):
+        # /dev/zero never ends: reading it whole would take all memory.
+        j = self.fail_with("invalid_argument", "run", "--env-file", "/dev/zero", "--", "true")
+        self.assertIn("larger than 1 MiB", j["error"]["message"])
+
+    def test_nul_in_an_env_file_value(self):
+        path = os.path.join(self.tmp, "env")
+        with open(path, "wb") as f:
+            f.write(b"A=x\x00y\n")
+        j = self.fail_with("invalid_argument", "run", "--env-file", path, "--", "true")
+        self.assertIn("NUL", j["error"]["message"])
+        self.assertFalse(os.path.isdir(self.root) and os.listdir(self.root))
+
+    def test_sub_millisecond_timeout_is_a_usage_error(self):
+        j = self.fail_with("usage_error", "run", "--timeout", "0.4ms", "--", "true", exit_code=2)
+        self.assertIn("1 ms", j["error"]["message"])
+
+
+class StrictJsonTests(JobsTestCase):
+    def test_bytes_that_are_not_utf8(self):
+        arg = os.fsdecode(b"a\xffb")
+        r = self.cli("run", "--wait", "--", "printf", "%s", arg)
+        raw = r.stdout
+        self.assertNotIn("\\udc", raw)
+        j = r.json
+        job_dir = self.job_dir(j["job_id"])
+        with open(os.path.join(job_dir, "meta.json"), "rb") as f:
+            meta_raw = f.read()
+        meta_raw.decode("utf-8")  # strict
+        self.assertNotIn(b"\\udc", meta_raw)
+        self.assertEqual(json.loads(meta_raw)["command"], ["printf", "%s", "a\ufffdb"])
+        listed = self.cli("list").stdout
+        self.assertNotIn("\\udc", listed)
+        # The job ran with the exact bytes.
+        with open(os.path.join(job_dir, "stdout.log"), "rb") as f:
+            self.assertEqual(f.read(), b"a\xffb")
+
+    def test_clean_surrogates(self):
+        f = agent_exec._to_json
+        self.assertEqual(f(["a\udcffb"]), '["a\\ufffdb"]')
+        self.assertEqual(f({"k\udc80": "\ud800"}), '{"k\\ufffd": "?"}')
+        self.assertEqual(f(["\U0001f600"]), '["\\ud83d\\ude00"]')  # a valid pair stays
+
+    def test_last_output_never_before_started(self):
+        r = self.ok("run", "--wait", "--", "echo", "hi")
+        log = os.path.join(self.job_dir(r["job_id"]), "stdout.log")
+        old = time.time() - 3600
+        os.utime(log, (old, old))
+        s = self.ok("status", r["job_id"])
+        self.assertGreaterEqual(s["last_output_at"], s["started_at"])
+
+
+class HelpTests(unittest.TestCase):
+    def test_every_option_and_positional_has_help(self):
+        for name in agent_exec.COMMANDS:
+            parser = agent_exec.build_parser(name).commands[name]
+            for action in parser._actions:
+                with self.subTest(command=name, option=action.dest):
+                    self.assertTrue(action.help, action)
+                    if action.metavar in ("DURATION", "SIZE"):
+                        self.assertIn(action.metavar + ":", action.help)
+
+    def help_text(self, *args):
+        return subprocess.run(
+            CLI + list(args), stdout=subprocess.PIPE, universal_newlines=True, timeout=60
+        ).stdout
+
+    def test_run_help(self):
+        text = self.help_text("run", "--help")
+        self.assertIn("--timeout DURATION", text)
+        self.assertIn("--max-output SIZE", text)
+        self.assertIn("5s", text)
+        examples = text[text.index("examples:") :]
+        self.assertIn("agent-exec run -- ", examples)
+        self.assertIn("sh -c", examples)
+        self.assertIn("--timeout", examples)
+        self.assertIn("--ready-", examples)
+        self.assertIn("agent-exec schema", text)
+        self.assertNotIn("README", text)
+        self.assertEqual(self.help_text("help", "run"), text)
+        self.assertEqual(self.help_text("help"), self.help_text("--help"))
+
+    def test_no_abbreviations_and_suggestions(self):
+        r = subprocess.run(
+            CLI + ["run", "--snap", "0", "--", "true"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            universal_newlines=True,
+            timeout=60,
+        )
+        j = json.loads(r.stdout)
+        self.assertEqual((r.returncode, j["error"]["code"]), (2, "usage_error"))
+        self.assertIn("did you mean --snapshot-after?", j["error"]["message"])
+        r = subprocess.run(
+            CLI + ["run", "--tiemout", "5s", "--", "true"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            universal_newlines=True,
+            timeout=60,
+        )
+        self.assertIn("did you mean --timeout?", json.loads(r.stdout)["error"]["message"])
 
 
 if __name__ == "__main__":

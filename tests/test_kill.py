@@ -10,6 +10,7 @@ import unittest
 
 from tests._jobs import JobsTestCase, LINUX, SH, open_bytes, read_text, run_script
 from tests._procs import RACE_DRIVER, pid_alive, pids_running, wait_until
+from tests._util import PY
 
 
 # --------------------------------------------------------------------------
@@ -324,6 +325,71 @@ class WholeTreeKillTests(JobsTestCase):
         self.ok("kill", "--signal", "KILL", jid, timeout=20)
         self.assert_tree_gone(argvs, t0)
         self.assertEqual(self.wait_job(jid, 10000)["state"], "killed")
+
+
+# A job whose main process, a child in its group, and a child that left the
+# group (setsid) count the USR1s they get, each in a file of its own.
+_COUNTERS = r"""
+import os, signal, sys, time
+def count(tag):
+    n = [0]
+    def on_usr1(*_):
+        n[0] += 1
+        with open(tag + ".tmp", "w") as f:
+            f.write(str(n[0]))
+        os.replace(tag + ".tmp", tag)
+    signal.signal(signal.SIGUSR1, on_usr1)
+    open(tag + ".ready", "w").close()
+    while True:
+        time.sleep(1)
+if os.fork() == 0:
+    os.setsid()
+    count("left")
+if os.fork() == 0:
+    count("group")
+count("main")
+"""
+
+
+class KillOnceTests(JobsTestCase):
+    def test_each_process_gets_each_signal_once(self):
+        work = os.path.join(self.tmp, "w")
+        os.mkdir(work)
+        jid = self.start_bg(PY, "-c", _COUNTERS, opts=("--cwd", work))
+        ready = [os.path.join(work, t + ".ready") for t in ("main", "group", "left")]
+        self.assertTrue(wait_until(lambda: all(map(os.path.exists, ready)), 10))
+        for _ in range(6):
+            t0 = time.monotonic()
+            j = self.ok("kill", "--signal", "USR1", jid)
+            # Not a signal that ends the job: no settle wait (1 s) before answering.
+            self.assertLess(time.monotonic() - t0, 0.9, j)
+            self.assertEqual((j["signal"], j["state"], j["sent"]), ("SIGUSR1", "running", True))
+
+        def counts():
+            out = {}
+            for tag in ("main", "group", "left"):
+                try:
+                    with open(os.path.join(work, tag)) as f:
+                        out[tag] = int(f.read() or 0)
+                except (OSError, ValueError):
+                    out[tag] = 0
+            return out
+
+        wait_until(lambda: counts() == {"main": 6, "group": 6, "left": 6}, 5)
+        time.sleep(0.3)  # a late duplicate would show now
+        self.assertEqual(counts(), {"main": 6, "group": 6, "left": 6})
+        # The job did not end: USR1 is not a kill.
+        self.assertEqual(self.ok("status", jid)["state"], "running")
+
+    def test_stop_cont_winch_by_name(self):
+        jid = self.start_bg("sleep", "30")
+        for name in ("STOP", "CONT", "WINCH"):
+            t0 = time.monotonic()
+            j = self.ok("kill", "--signal", name, jid)
+            self.assertLess(time.monotonic() - t0, 0.9, j)
+            self.assertEqual((j["signal"], j["state"]), ("SIG" + name, "running"), j)
+        j = self.ok("kill", jid)
+        self.assertEqual((j["state"], j["end_reason"], j["success"]), ("killed", "kill", False))
 
 
 if __name__ == "__main__":

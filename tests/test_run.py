@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import socket
 import stat
 import subprocess
 import sys
@@ -1120,6 +1121,76 @@ class ReadinessTests(JobsTestCase):
             with self.subTest(argv=argv):
                 self.fail_with("usage_error", "run", *(argv + ("--", "true")), exit_code=2)
         self.assertFalse(os.path.isdir(self.root) and os.listdir(self.root))
+
+
+class ExitCodeTests(JobsTestCase):
+    def test_run_wait_exit_code_passes_the_job_status_on(self):
+        for cmd, status in ((("sh", "-c", "exit 3"), 3), (("sh", "-c", "kill -TERM $$"), 143)):
+            with self.subTest(cmd=cmd):
+                r = self.cli("run", "--wait", "--exit-code", "--", *cmd)
+                self.assertEqual(r.code, status, r)
+                self.assertTrue(r.json["ok"], r)  # still its one JSON answer
+        # without the flag: 0, whatever the job did
+        self.assertEqual(self.cli("run", "--wait", "--", "sh", "-c", "exit 3").code, 0)
+
+    def test_exit_code_needs_wait(self):
+        j = self.fail_with("usage_error", "run", "--exit-code", "--", "true", exit_code=2)
+        self.assertIn("--wait", j["error"]["message"])
+        self.assertFalse(os.path.isdir(self.root) and os.listdir(self.root))
+
+    def test_exit_status_of_answers(self):
+        f = agent_exec._job_exit_status
+        self.assertEqual(f({"exit_code": 0, "end_reason": "exit"}), 0)
+        self.assertEqual(f({"exit_code": 143, "signal": "SIGTERM", "end_reason": "kill"}), 143)
+        self.assertEqual(f({"signal": "SIGKILL", "end_reason": "timeout"}), 137)
+        self.assertEqual(f({"signal": "SIGSEGV", "end_reason": "signal"}), 128 + 11)
+        self.assertEqual(f({"end_reason": "spawn_failed"}), 125)
+        self.assertEqual(f({"end_reason": "supervisor_lost"}), 125)
+
+
+class PortInUseTests(JobsTestCase):
+    def test_a_held_port_is_refused_before_anything_is_created(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            port = s.getsockname()[1]
+            j = self.fail_with("port_in_use", "run", "--ready-port", str(port), "--", "true")
+            if agent_exec._IS_LINUX:
+                self.assertIn("pid %d" % os.getpid(), j["error"]["message"])
+        self.assertFalse(os.path.isdir(self.root) and os.listdir(self.root))
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "Linux: /proc/net/tcp")
+    def test_ready_only_when_the_job_itself_listens(self):
+        port = free_port()
+        server = (
+            "import socket, time; s = socket.socket(); "
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            "s.bind(('127.0.0.1', %d)); s.listen(5); time.sleep(30)" % port
+        )
+        # The job binds after 1 s; another process takes the port first.
+        jid = self.start_bg(
+            "sh", "-c", 'sleep 1; exec %s -c "%s"' % (PY, server), opts=("--ready-port", str(port))
+        )
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(5)
+            j = self.ok("wait", "--ready", "--timeout-ms", "2500", jid)
+            self.assertFalse(j.get("ready"), j)
+            self.assertFalse(self.ok("status", jid).get("ready"))
+        # The port is free again but the job's bind failed: it never listened.
+        self.wait_job(jid)
+        self.assertFalse(self.ok("status", jid).get("ready"))
+
+
+class ShellLineTests(JobsTestCase):
+    def test_a_lone_argument_with_shell_syntax(self):
+        j = self.fail_with("command_not_found", "run", "--", "make test | tee log")
+        msg = j["error"]["message"]
+        self.assertIn("looks like a shell command line", msg)
+        self.assertIn("agent-exec run -- sh -c 'make test | tee log'", msg)
+        j = self.fail_with("command_not_found", "run", "--", "no-such-cmd-xyz")
+        self.assertNotIn("shell", j["error"]["message"])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """``status`` and ``tail``."""
 
+import json
 import os
 import time
 import unittest
@@ -211,6 +212,84 @@ class StatusTests(JobsTestCase):
         )
         self.assert_schema(self.ok("status", job), "status")
         self.kill_job(job)
+
+
+class EndReasonTests(JobsTestCase):
+    def test_each_end_reason_in_every_answer(self):
+        event_file = os.path.join(self.tmp, "events.jsonl")
+        cases = (
+            (("--",), ("true",), "exited", "exit", True, 0),
+            (("--",), ("sh", "-c", "exit 3"), "exited", "exit", False, 3),
+            (("--",), ("sh", "-c", "kill -TERM $$"), "killed", "signal", False, None),
+            (("--timeout", "300ms", "--"), ("sleep", "30"), "killed", "timeout", False, None),
+        )
+        for opts, cmd, state, reason, success, code in cases:
+            with self.subTest(reason=reason, cmd=cmd):
+                r = self.ok("run", "--wait", "--notify-file", event_file, *opts, *cmd)
+                jid = r["job_id"]
+                for what, answer in (
+                    ("run", r),
+                    ("status", self.ok("status", jid)),
+                    ("wait", self.ok("wait", jid)),
+                    ("read", self.ok("read", jid)),
+                    ("list", [e for e in self.ok("list")["jobs"] if e["job_id"] == jid][0]),
+                ):
+                    self.assertEqual(answer["state"], state, (what, answer))
+                    self.assertEqual(answer["end_reason"], reason, (what, answer))
+                    self.assertIs(answer["success"], success, (what, answer))
+                    self.assertEqual(answer.get("exit_code"), code, (what, answer))
+                    # wait's own timed_out is about the wait, not the job.
+                    if what == "wait":
+                        self.assertIs(answer["timed_out"], False)
+                read = self.ok("read", jid)
+                self.assertTrue(read["eof"], read)
+                self.assertIn("finished_at", read)
+        # the completion events, in order
+        self.assertTrue(wait_until(lambda: _lines(event_file) == 4, 10))
+        with open(event_file) as f:
+            events = [json.loads(line) for line in f]
+        self.assertEqual(
+            [(e["end_reason"], e["success"]) for e in events],
+            [("exit", True), ("exit", False), ("signal", False), ("timeout", False)],
+        )
+
+    def test_wait_on_several_jobs_gives_each_its_reason(self):
+        a = self.ok("run", "--wait", "--", "true")["job_id"]
+        b = self.ok("run", "--wait", "--", "sh", "-c", "exit 2")["job_id"]
+        jobs = {e["job_id"]: e for e in self.ok("wait", a, b)["jobs"]}
+        self.assertEqual((jobs[a]["end_reason"], jobs[a]["success"]), ("exit", True))
+        self.assertEqual((jobs[b]["end_reason"], jobs[b]["success"]), ("exit", False))
+
+    def test_kill_is_its_own_reason(self):
+        jid = self.start_bg("sleep", "30")
+        self.ok("kill", jid)
+        j = self.ok("wait", "--timeout-ms", "10000", jid)
+        self.assertEqual((j["state"], j["end_reason"], j["success"]), ("killed", "kill", False))
+
+    def test_running_job_has_no_end_reason(self):
+        jid = self.start_bg("sleep", "30")
+        for answer in (self.ok("status", jid), self.ok("read", jid)):
+            self.assertNotIn("end_reason", answer)
+            self.assertNotIn("success", answer)
+
+    def test_read_carries_the_result_only_at_eof(self):
+        r = self.ok("run", "--wait", "--", "sh", "-c", "echo hi; exit 4")
+        first = self.ok("read", "--max-bytes", "1", r["job_id"])
+        self.assertFalse(first["eof"])
+        self.assertNotIn("exit_code", first)
+        last = self.ok("read", "--cursor", first["cursor"], r["job_id"])
+        self.assertTrue(last["eof"], last)
+        self.assertEqual(
+            (last["exit_code"], last["end_reason"], last["success"]), (4, "exit", False)
+        )
+
+
+def _lines(path):
+    try:
+        with open(path) as f:
+            return len(f.readlines())
+    except OSError:
+        return 0
 
 
 if __name__ == "__main__":

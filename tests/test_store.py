@@ -7,6 +7,7 @@ import time
 import unittest
 
 from tests._jobs import DEV_SERVER, JobsTestCase, LINUX, ULID_RE, call_main, rfc3339, sibling_id
+from tests._procs import wait_until
 from tests._util import clone_job, only_regular
 
 
@@ -585,6 +586,30 @@ class InsecureRootTests(JobsTestCase):
                 os.chmod(root, mode)
                 self.assert_refused(root, needle="chmod 700")
                 self.assertEqual(os.listdir(root), [])
+
+
+class LingeringTests(JobsTestCase):
+    def test_delete_gc_refuse_and_list_marks_a_job_that_left_processes(self):
+        other = self.ok("run", "--wait", "--", "true")["job_id"]
+        jid = self.start_bg("sh", "-c", "sleep 30 > /dev/null 2>&1 & echo started")
+        self.wait_job(jid)
+        listing = {e["job_id"]: e for e in self.ok("list")["jobs"]}
+        self.assertIs(listing[jid]["lingering"], True)
+        self.assertIs(listing[other]["lingering"], False)
+        only = [e["job_id"] for e in self.ok("list", "--lingering")["jobs"]]
+        self.assertEqual(only, [jid])
+        d = self.ok("delete", jid)
+        self.assertEqual(d["deleted"], [])
+        reason = d["refused"][0]["reason"]
+        self.assertIn("1 process of the job still runs", reason)
+        self.assertIn("agent-exec kill %s" % jid, reason)
+        g = self.ok("gc", "--older-than", "0")
+        self.assertEqual(g["job_ids"], [other])
+        self.assertEqual([r["job_id"] for r in g["refused"]], [jid])
+        self.assertTrue(os.path.isdir(self.job_dir(jid)))
+        self.ok("kill", jid)
+        self.assertTrue(wait_until(lambda: not self.ok("list", "--lingering")["jobs"], 10))
+        self.assertEqual(self.ok("delete", jid)["deleted"], [jid])
 
 
 if __name__ == "__main__":

@@ -603,5 +603,34 @@ class TimeTests(unittest.TestCase):
         self.assertLess(abs(agent_exec._parse_rfc3339(agent_exec._now()) - time.time()), 5)
 
 
+class RootResolutionTests(unittest.TestCase):
+    def resolve(self, explicit=None, **env):
+        saved = dict(os.environ)
+        try:
+            for key in ("AGENT_EXEC_ROOT", "XDG_DATA_HOME", "HOME"):
+                os.environ.pop(key, None)
+            os.environ.update(env)
+            return agent_exec.resolve_root(explicit)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def test_rules(self):
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+        tail = "/.local/share/agent-exec/jobs"
+        self.assertEqual(self.resolve(HOME="/h"), "/h" + tail)
+        self.assertEqual(self.resolve(HOME=""), home + tail)
+        self.assertEqual(self.resolve(HOME="rel"), home + tail)
+        self.assertEqual(self.resolve(XDG_DATA_HOME="/x", HOME="/h"), "/x/agent-exec/jobs")
+        self.assertEqual(self.resolve(XDG_DATA_HOME="rel", HOME="/h"), "/h" + tail)
+        self.assertEqual(self.resolve(XDG_DATA_HOME="", HOME="/h"), "/h" + tail)
+        cwd = os.getcwd()
+        self.assertEqual(self.resolve("rel/r"), os.path.join(cwd, "rel/r"))
+        self.assertEqual(self.resolve(AGENT_EXEC_ROOT="rel"), os.path.join(cwd, "rel"))
+        self.assertEqual(self.resolve("/r", AGENT_EXEC_ROOT="/e"), "/r")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -8,9 +8,8 @@ import tempfile
 import time
 import unittest
 
-from tests._jobs import JobsTestCase, SH, cursor_pos
-from tests._util import SCRIPT
-from tests._util import REPO
+from tests._jobs import JobsTestCase, SH, cursor_pos, free_port
+from tests._util import REPO, SCRIPT
 
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -272,6 +271,30 @@ class WaitManyTests(JobsTestCase):
     def test_unknown_id_among_several(self):
         job = self.bytes_job(b"x\n")
         self.fail_with("job_not_found", "wait", job, "0123456789ABCDEFGHJKMNPQRS")
+
+
+class WaitReadyMatchTests(JobsTestCase):
+    def test_ready_first(self):
+        jid = self.start_bg("sh", "-c", "echo UP; sleep 30", opts=("--ready-match", "^UP$"))
+        t0 = time.monotonic()
+        j = self.ok("wait", "--ready", "--match", "NEVER", "--timeout-ms", "20000", jid)
+        self.assertLess(time.monotonic() - t0, 10, j)
+        self.assertEqual((j["ready"], j["matched"], j["timed_out"]), (True, False, False), j)
+
+    def test_match_first(self):
+        port = free_port()
+        jid = self.start_bg(
+            "sh", "-c", "sleep 0.2; echo hello; sleep 30", opts=("--ready-port", str(port))
+        )
+        j = self.ok("wait", "--ready", "--match", "hel+o", "--timeout-ms", "20000", jid)
+        self.assertEqual((j["ready"], j["matched"], j["timed_out"]), (False, True, False), j)
+        self.assertEqual(j["match"]["line"], "hello")
+
+    def test_neither_before_the_timeout(self):
+        port = free_port()
+        jid = self.start_bg("sleep", "30", opts=("--ready-port", str(port)))
+        j = self.ok("wait", "--ready", "--match", "x", "--timeout-ms", "300", jid)
+        self.assertEqual((j["ready"], j["matched"], j["timed_out"]), (False, False, True), j)
 
 
 if __name__ == "__main__":
