@@ -2,12 +2,15 @@
 robustness, logging, the jobs root, option values and job ids.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -17,6 +20,7 @@ from tests._util import CLI, REPO, clone_job, only_regular
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import agent_exec  # noqa: E402
+from tests import test_units as _units  # noqa: E402  (its value lists, not its tests)
 
 
 class OutputContractTests(JobsTestCase):
@@ -903,3 +907,62 @@ class HelpTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class OptionValueWiringTests(unittest.TestCase):
+    """Every option of a value kind refuses every bad value of its kind, in-process.
+
+    The subprocess tests (here, test_read, test_kill) send one or two bad values
+    per kind through the real CLI; this runs ``main()`` itself for the full
+    lists of test_units, so each option is still shown to use its kind's parser.
+    """
+
+    JOB = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+    DURATIONS = _units.DurationTests.BAD
+    SIZES = _units.SizeTests.BAD
+    OPTIONS = (
+        # (command, option, bad values, what follows the option)
+        ("run", "--snapshot-after", DURATIONS, ["--", "true"]),
+        ("run", "--timeout", DURATIONS, ["--", "true"]),
+        ("run", "--kill-after", DURATIONS, ["--", "true"]),
+        ("run", "--progress-every", DURATIONS, ["--", "true"]),
+        ("run", "--wait-poll-ms", DURATIONS, ["--", "true"]),
+        ("wait", "--timeout-ms", DURATIONS, [JOB]),
+        ("wait", "--poll-ms", DURATIONS, [JOB]),
+        ("read", "--wait-ms", DURATIONS, [JOB]),
+        ("tail", "--max-bytes", SIZES, [JOB]),
+        ("run", "--max-bytes", SIZES, ["--", "true"]),
+        ("read", "--max-bytes", SIZES, [JOB]),
+        ("kill", "--signal", ("BOGUS", "SIGNOPE", "-3", "", "TERMINATE", "0"), [JOB]),
+        ("read", "--cursor", ("garbage", "c1.0", "c1.zz.0", "c2.0.0", "c1.-1.0"), [JOB]),
+        ("list", "--state", ("bogus", "done", "finished", ""), ["--all"]),
+        ("list", "--limit", ("abc", "-1", "1.5", ""), []),
+    )
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.root = os.path.join(tmp.name, "root")
+
+    def call(self, argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = agent_exec.main(argv)
+        return rc, out.getvalue(), err.getvalue()
+
+    def test_bad_values_are_usage_errors(self):
+        for cmd, opt, values, rest in self.OPTIONS:
+            for value in values:
+                for form in ("separate", "joined"):
+                    opt_args = [opt, value] if form == "separate" else [opt + "=" + value]
+                    argv = ["--root", self.root, cmd] + opt_args + rest
+                    with self.subTest(cmd=cmd, option=opt, value=value[:40], form=form):
+                        rc, out, err = self.call(argv)
+                        self.assertEqual(rc, 2, out)
+                        j = json.loads(out)
+                        self.assertIs(j["ok"], False, j)
+                        self.assertEqual(j["error"]["code"], "usage_error", j)
+                        self.assertIn(opt, j["error"]["message"], j)
+                        self.assertIn("usage", err.lower())
+                        self.assertNotIn("Traceback", out + err)
+                        self.assertFalse(os.path.exists(self.root), "a usage error made the root")

@@ -6,9 +6,7 @@ and how a job's state is derived from its files.  The subprocess tests then
 only prove that the command line is wired to these, one per option kind.
 """
 
-import contextlib
 import fcntl
-import io
 import json
 import os
 import re
@@ -391,65 +389,6 @@ class ResolveJobTests(unittest.TestCase):
         for prefix in (jid[:10], jid[:25], jid):
             with self.subTest(prefix=prefix):
                 self.assertEqual(agent_exec.resolve_job(self.root, prefix), jid)
-
-
-class OptionValueWiringTests(unittest.TestCase):
-    """Every option of a value kind refuses every bad value of its kind, in-process.
-
-    The subprocess tests (test_cli, test_read, test_kill) send one or two bad
-    values per kind through the real CLI; this runs ``main()`` itself for the
-    full lists, so each option is still shown to use its kind's parser.
-    """
-
-    JOB = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
-    DURATIONS = DurationTests.BAD
-    SIZES = SizeTests.BAD
-    OPTIONS = (
-        # (command, option, bad values, what follows the option)
-        ("run", "--snapshot-after", DURATIONS, ["--", "true"]),
-        ("run", "--timeout", DURATIONS, ["--", "true"]),
-        ("run", "--kill-after", DURATIONS, ["--", "true"]),
-        ("run", "--progress-every", DURATIONS, ["--", "true"]),
-        ("run", "--wait-poll-ms", DURATIONS, ["--", "true"]),
-        ("wait", "--timeout-ms", DURATIONS, [JOB]),
-        ("wait", "--poll-ms", DURATIONS, [JOB]),
-        ("read", "--wait-ms", DURATIONS, [JOB]),
-        ("tail", "--max-bytes", SIZES, [JOB]),
-        ("run", "--max-bytes", SIZES, ["--", "true"]),
-        ("read", "--max-bytes", SIZES, [JOB]),
-        ("kill", "--signal", ("BOGUS", "SIGNOPE", "-3", "", "TERMINATE", "0"), [JOB]),
-        ("read", "--cursor", ("garbage", "c1.0", "c1.zz.0", "c2.0.0", "c1.-1.0"), [JOB]),
-        ("list", "--state", ("bogus", "done", "finished", ""), ["--all"]),
-        ("list", "--limit", ("abc", "-1", "1.5", ""), []),
-    )
-
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.root = os.path.join(tmp.name, "root")
-
-    def call(self, argv):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = agent_exec.main(argv)
-        return rc, out.getvalue(), err.getvalue()
-
-    def test_bad_values_are_usage_errors(self):
-        for cmd, opt, values, rest in self.OPTIONS:
-            for value in values:
-                for form in ("separate", "joined"):
-                    opt_args = [opt, value] if form == "separate" else [opt + "=" + value]
-                    argv = ["--root", self.root, cmd] + opt_args + rest
-                    with self.subTest(cmd=cmd, option=opt, value=value[:40], form=form):
-                        rc, out, err = self.call(argv)
-                        self.assertEqual(rc, 2, out)
-                        j = json.loads(out)
-                        self.assertIs(j["ok"], False, j)
-                        self.assertEqual(j["error"]["code"], "usage_error", j)
-                        self.assertIn(opt, j["error"]["message"], j)
-                        self.assertIn("usage", err.lower())
-                        self.assertNotIn("Traceback", out + err)
-                        self.assertFalse(os.path.exists(self.root), "a usage error made the root")
 
 
 class EnvFileTests(unittest.TestCase):
