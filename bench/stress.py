@@ -44,13 +44,18 @@ from tests._procs import (  # noqa: E402  (the repository is on sys.path only no
     ROW_MAX,
     ROW_RE,
     file_sha,
+    fsize_limit,
+    kill_jobs_in,
     kill_quietly,
     kill_recorded,
+    mount_tiny_tmpfs,
     pid_alive,
     pids_running,
     proc_stat,
+    unmount_tiny_tmpfs,
     vmrss_kb,
     wait_until,
+    writer_code,
     zombies_of,
 )
 
@@ -164,16 +169,7 @@ class Stress:
     def cleanup(self):
         kill_quietly(pids_running(self.sleeps))
         for root in (self.root, os.path.join(self.base, "tiny", "root")):
-            if not os.path.isdir(root):
-                continue
-            for name in os.listdir(root):
-                try:
-                    with open(os.path.join(root, name, "state.json")) as f:
-                        st = json.load(f)
-                except (OSError, ValueError):
-                    continue
-                if isinstance(st, dict):
-                    kill_recorded(st)
+            kill_jobs_in(root)
 
     # ==== the cases ==========================================================
 
@@ -887,23 +883,14 @@ print(json.dumps({"children": kids, "zombies": zs, "bad": bad}))
         )
 
     def case_disk_errors(self):
-        import resource
-
-        limit = 256 * 1024
-
-        def fsize():
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-        code = (
-            "import os\nfor _ in range(64):\n    os.write(1, b'x' * 65536)\nraise SystemExit(7)\n"
-        )
+        code = writer_code(64, "x", 7)
         proc = subprocess.run(
             [PY, SCRIPT, "run", "--wait", "--", PY, "-c", code],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
             env=self.env,
-            preexec_fn=fsize,
+            preexec_fn=fsize_limit(256 * 1024),
             timeout=120,
         )
         j = json.loads(proc.stdout.decode())
@@ -922,26 +909,13 @@ print(json.dumps({"children": kids, "zombies": zs, "bad": bad}))
         s = self.ok("status", j["job_id"])
         good = s.get("exit_code") == 5 and bool(s.get("log_error"))
         self.record("disk_errors", "--log /dev/full: log_error", good, "", "true", good, repr(s))
-        if os.geteuid() != 0 or not shutil.which("mount"):
-            return
         mnt = os.path.join(self.base, "tiny")
-        os.mkdir(mnt, 0o700)
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", mnt],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=20,
-        )
-        if r.returncode != 0:
+        if not mount_tiny_tmpfs(mnt)[0]:
             return
+        root = os.path.join(mnt, "root")
         try:
-            env = dict(self.env, AGENT_EXEC_ROOT=os.path.join(mnt, "root"))
-            code = (
-                "import os\n"
-                "for _ in range(80):\n"
-                "    os.write(1, b'y' * 65536)\n"
-                "raise SystemExit(4)\n"
-            )
+            env = dict(self.env, AGENT_EXEC_ROOT=root)
+            code = writer_code(80, "y", 4)
             rc, j = self.cli("run", "--wait", "--", PY, "-c", code, env=env)
             rc, s = self.cli("status", (j or {}).get("job_id", "x"), env=env)
             good = (
@@ -960,8 +934,7 @@ print(json.dumps({"children": kids, "zombies": zs, "bad": bad}))
             )
         finally:
             self.cleanup()
-            time.sleep(0.2)
-            subprocess.run(["umount", "-l", mnt], timeout=20)
+            unmount_tiny_tmpfs(mnt, root)
 
 
 CASES = [

@@ -7,6 +7,7 @@ this module with the repository on sys.path.
 """
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -162,6 +163,71 @@ def kill_recorded(st):
         if isinstance(pid, int) and pid > 1 and st.get(token) is not None:
             if start_token(pid) == st.get(token):
                 kill_quietly([pid], group)
+
+
+def writer_code(chunks, byte="x", exit_code=0, stderr_line=""):
+    """Python source of a workload that writes ``chunks`` x 64 KiB of ``byte``
+    to stdout in single writes, then a line on stderr, then exits."""
+    code = "import os\nfor _ in range(%d):\n    os.write(1, b'%s' * 65536)\n" % (chunks, byte)
+    if stderr_line:
+        code += "os.write(2, %r)\n" % (stderr_line + "\n").encode()
+    return code + "raise SystemExit(%d)\n" % exit_code
+
+
+def fsize_limit(limit):
+    """A preexec_fn that caps the size of any file the process (and so its
+    job's supervisor) writes: RLIMIT_FSIZE."""
+    import resource
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def mount_tiny_tmpfs(path):
+    """Mount a 1 MiB tmpfs on ``path`` (a new directory); (mounted, why not)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False, "mounting a tmpfs needs root"
+    os.mkdir(path, 0o700)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=20,
+    )
+    if r.returncode != 0:
+        return False, "cannot mount a tmpfs here: %r" % r.stdout[-200:]
+    return True, ""
+
+
+def unmount_tiny_tmpfs(path, root):
+    """Kill the jobs of ``root`` (inside the mount), then unmount ``path``."""
+    import subprocess
+
+    kill_jobs_in(root)
+    time.sleep(0.1)
+    subprocess.run(["umount", "-l", path], timeout=20)
+
+
+def kill_jobs_in(root):
+    """kill_recorded() every job of a jobs root: what a test or a stress case
+    started must not outlive it."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        try:
+            with open(os.path.join(root, name, "state.json")) as f:
+                st = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(st, dict):
+            kill_recorded(st)
 
 
 # A driver for the kill race: it calls main() in process, so that the kill

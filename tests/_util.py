@@ -10,13 +10,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import unittest
 
-from tests._procs import pid_alive, wait_until  # noqa: F401 (re-exported)
+from tests._procs import kill_jobs_in, pid_alive, wait_until  # noqa: F401 (re-exported)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "agent_exec.py")
@@ -116,46 +115,6 @@ class Result:
         )
 
 
-def _start_time(pid):
-    """Field 22 of /proc/<pid>/stat (None if gone or not on Linux)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _kill_everything_in(root):
-    if not os.path.isdir(root):
-        return
-    for name in os.listdir(root):
-        path = os.path.join(root, name, "state.json")
-        try:
-            with open(path) as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if not isinstance(state, dict):
-            continue
-        pids = []
-        for key, token_key in (
-            ("pid", "pid_start_time"),
-            ("supervisor_pid", "supervisor_start_time"),
-        ):
-            pid = state.get(key)
-            # Only a process that is provably the one recorded: pids get reused.
-            if isinstance(pid, int) and _start_time(pid) == state.get(token_key):
-                pids.append(pid)
-        for pid in pids:
-            if pid <= 1:
-                continue
-            for fn in (os.killpg, os.kill):
-                try:
-                    fn(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-
-
 def only_regular(src, names):
     """copytree ignore: skip FIFOs, sockets and the like (a job dir may hold a
     control pipe, which copytree cannot copy)."""
@@ -188,7 +147,7 @@ class CLITestCase(unittest.TestCase):
         os.chmod(self.tmp, 0o700)
         self.root = os.path.join(self.tmp, "root")
         self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.addCleanup(_kill_everything_in, self.root)
+        self.addCleanup(kill_jobs_in, self.root)
 
     def env(self, **extra):
         env = dict(os.environ)

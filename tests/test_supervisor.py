@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import select
 import shutil
 import signal
@@ -35,14 +34,18 @@ from tests._procs import (
     ROW_RE,
     expected_no_newline_sha,
     file_sha,
+    fsize_limit,
     kill_quietly,
     kill_recorded,
+    mount_tiny_tmpfs,
     pid_alive,
     pids_running,
     proc_cmdline,
     proc_stat,
+    unmount_tiny_tmpfs,
     vmrss_kb,
     wait_until,
+    writer_code,
     zombies_of,
 )
 from tests._util import CALL_TIMEOUT, PY, SCRIPT
@@ -826,19 +829,11 @@ class DiskLimitsTests(JobsTestCase):
 
     def test_rlimit_fsize_gives_log_error_not_a_blocked_job(self):
         limit = 256 * 1024
-
-        def limit_fsize():
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-        code = (
-            "import os\n"
-            "for _ in range(32):\n"
-            "    os.write(1, b'x' * 65536)\n"
-            "os.write(2, b'done\\n')\n"
-            "raise SystemExit(7)\n"
-        )
+        code = writer_code(32, "x", 7, stderr_line="done")
         t0 = time.monotonic()
-        r = self.cli_raw("run", "--wait", "--", PY, "-c", code, preexec_fn=limit_fsize, timeout=60)
+        r = self.cli_raw(
+            "run", "--wait", "--", PY, "-c", code, preexec_fn=fsize_limit(limit), timeout=60
+        )
         took = time.monotonic() - t0
         self.assertEqual(r.code, 0, r)
         j = r.json
@@ -876,30 +871,14 @@ class DiskLimitsTests(JobsTestCase):
         self.assertEqual(self.ok("status", j["job_id"])["state"], "exited")
 
     def test_tiny_tmpfs_root(self):
-        if os.geteuid() != 0 or not shutil.which("mount"):
-            self.skipTest("mounting a tmpfs needs root")
         mnt = os.path.join(self.tmp, "tiny")
-        os.mkdir(mnt, 0o700)
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", mnt],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=20,
-        )
-        if r.returncode != 0:
-            self.skipTest("cannot mount a tmpfs here: %r" % r.stdout[-200:])
+        mounted, why = mount_tiny_tmpfs(mnt)
+        if not mounted:
+            self.skipTest(why)
         root = os.path.join(mnt, "root")
-
-        def unmount():
-            _kill_in(root)
-            time.sleep(0.1)
-            subprocess.run(["umount", "-l", mnt], timeout=20)
-
-        self.addCleanup(unmount)
+        self.addCleanup(unmount_tiny_tmpfs, mnt, root)
         env = self.env(AGENT_EXEC_ROOT=root)
-        code = (
-            "import os\nfor _ in range(80):\n    os.write(1, b'y' * 65536)\nraise SystemExit(4)\n"
-        )
+        code = writer_code(80, "y", 4)
         t0 = time.monotonic()
         r = self.cli("run", "--wait", "--", PY, "-c", code, env=env, timeout=60)
         self.assertLess(time.monotonic() - t0, 30.0)
@@ -910,19 +889,6 @@ class DiskLimitsTests(JobsTestCase):
         self.assertEqual(s["state"], "exited", s)
         self.assertEqual(s.get("exit_code"), 4, s)
         self.assertIsInstance(s.get("log_error"), str, s)
-
-
-def _kill_in(root):
-    if not os.path.isdir(root):
-        return
-    for name in os.listdir(root):
-        try:
-            with open(os.path.join(root, name, "state.json")) as f:
-                st = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(st, dict):
-            kill_recorded(st)
 
 
 # ==========================================================================
