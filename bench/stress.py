@@ -45,6 +45,7 @@ from tests._procs import (  # noqa: E402  (the repository is on sys.path only no
     ROW_RE,
     file_sha,
     fsize_limit,
+    hanging_hook,
     kill_jobs_in,
     kill_quietly,
     kill_recorded,
@@ -677,18 +678,9 @@ print(json.dumps({"children": kids, "zombies": zs, "bad": bad}))
         )
 
     def case_notify(self):
-        dur = "30.%06d" % random.randint(0, 999999)
-        self.sleeps.append(["sleep", dur])
-        j = self.ok(
-            "run",
-            "--wait",
-            "--notify-timeout",
-            "500",
-            "--notify-command",
-            json.dumps(["sleep", dur]),
-            "--",
-            "true",
-        )
+        hook_opts, hook = hanging_hook()
+        self.sleeps.append(hook)
+        j = self.ok("run", "--wait", *hook_opts, "--", "true")
         ev_path = os.path.join(self.root, j["job_id"], "completion_event.json")
         t0 = time.monotonic()
 

@@ -213,6 +213,18 @@ def unmount_tiny_tmpfs(path, root):
     subprocess.run(["umount", "-l", path], timeout=20)
 
 
+def hanging_hook():
+    """(run options for a notify command that hangs, its argv to find it by).
+
+    The hook is a ``sleep`` with a duration of its own, so that pids_running()
+    finds exactly this one, and run kills it after 500 ms."""
+    import random
+
+    argv = ["sleep", "30.%06d" % random.randint(0, 999999)]
+    opts = ["--notify-timeout", "500", "--notify-command", json.dumps(argv)]
+    return opts, argv
+
+
 def kill_jobs_in(root):
     """kill_recorded() every job of a jobs root: what a test or a stress case
     started must not outlive it."""

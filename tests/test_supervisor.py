@@ -7,7 +7,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import random
 import select
 import shutil
 import signal
@@ -35,6 +34,7 @@ from tests._procs import (
     expected_no_newline_sha,
     file_sha,
     fsize_limit,
+    hanging_hook,
     kill_quietly,
     kill_recorded,
     mount_tiny_tmpfs,
@@ -899,20 +899,10 @@ class DiskLimitsTests(JobsTestCase):
 @unittest.skipUnless(LINUX, "these fault injections read /proc")
 class NotifySinksTests(JobsTestCase):
     def test_hanging_command_sink_is_killed(self):
-        dur = "30.%06d" % random.randint(0, 999999)
-        self.addCleanup(lambda: kill_quietly(pids_running([["sleep", dur]])))
+        hook_opts, hook = hanging_hook()
+        self.addCleanup(lambda: kill_quietly(pids_running([hook])))
         t0 = time.monotonic()
-        j = self.ok(
-            "run",
-            "--wait",
-            "--notify-timeout",
-            "500",
-            "--notify-command",
-            json.dumps(["sleep", dur]),
-            "--",
-            "true",
-            timeout=30,
-        )
+        j = self.ok("run", "--wait", *hook_opts, "--", "true", timeout=30)
         self.assertEqual(j["state"], "exited", j)
         ev = self.event_results(j["job_id"])
         took = time.monotonic() - t0
@@ -921,7 +911,7 @@ class NotifySinksTests(JobsTestCase):
         self.assertIs(res["success"], False, res)
         self.assertIs(res.get("timed_out"), True, res)
         self.assertLess(took, 10.0)
-        self.assertTrue(wait_until(lambda: not pids_running([["sleep", dur]]), 3))
+        self.assertTrue(wait_until(lambda: not pids_running([hook]), 3))
         self.assertEqual(self.ok("status", j["job_id"])["state"], "exited")
 
     def test_shared_notify_file_gets_exactly_one_line_per_job(self):
