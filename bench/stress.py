@@ -41,6 +41,7 @@ from tests._procs import (  # noqa: E402  (the repository is on sys.path only no
     GEN_NO_NEWLINE,
     MIB,
     RACE_DRIVER,
+    ZOMBIE_DRIVER,
     ROW_MAX,
     ROW_RE,
     file_sha,
@@ -379,44 +380,21 @@ class Stress:
 
     def case_zombies(self):
         n = self.size("zombie_jobs")
-        code = r"""
-import io, json, os, sys, contextlib
-import agent_exec
-root, n = sys.argv[1], int(sys.argv[2])
-def call(argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        agent_exec.main(["--root", root] + argv)
-    return json.loads(out.getvalue())
-modes = [["--snapshot-after", "0"], ["--snapshot-after", "3000"], ["--wait"]]
-cmds = [["sh", "-c", "(sleep 0.1 &); exit %d" % (i % 3)] for i in range(n)]
-ids = [call(["run"] + modes[i % 3] + ["--"] + cmds[i])["job_id"] for i in range(n)]
-finals = [call(["wait", "--timeout-ms", "30000", j]) for j in ids]
-kids = []
-for tid in os.listdir("/proc/self/task"):
-    with open("/proc/self/task/%s/children" % tid) as f:
-        kids += f.read().split()
-zs = []
-for name in os.listdir("/proc"):
-    if name.isdigit():
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                fl = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fl[0] == b"Z" and int(fl[1]) == os.getpid():
-            zs.append(name)
-bad = [f for i, f in enumerate(finals) if f.get("state") != "exited" or f.get("exit_code") != i % 3]
-print(json.dumps({"children": kids, "zombies": zs, "bad": bad}))
-"""
         proc = subprocess.run(
-            [PY, "-c", code, self.root, str(n)],
+            [PY, "-c", ZOMBIE_DRIVER, self.root, str(n)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=REPO,
             timeout=600,
         )
         out = json.loads(proc.stdout.decode()) if proc.returncode == 0 else None
+        if out is not None:
+            finals = [f for _rc, f in out["finals"][:n]]
+            out["bad"] = [
+                f
+                for i, f in enumerate(finals)
+                if f.get("state") != "exited" or f.get("exit_code") != i % 3
+            ]
         if out is None:
             self.record(
                 "zombies",

@@ -274,3 +274,58 @@ for i in range(first, first + count):
                 "krc": krc, "k": k, "wrc": wrc, "w": w})
 print(json.dumps(res))
 """
+
+
+# A driver that calls main() in process for n jobs (some leaving a background
+# child), waits for them, and reports the children and zombies it is left
+# with: agent-exec must leave a long-lived caller neither.
+ZOMBIE_DRIVER = r"""
+import io, json, os, sys, contextlib
+import agent_exec
+root, n = sys.argv[1], int(sys.argv[2])
+
+def call(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = agent_exec.main(["--root", root] + argv)
+    return rc, json.loads(out.getvalue())
+
+answers = []
+for i in range(n):
+    mode = ["--snapshot-after", "0"], ["--snapshot-after", "3000"], ["--wait"]
+    cmd = ["sh", "-c", "echo job-%d; exit %d" % (i, i % 3)]
+    if i % 5 == 4:
+        cmd = ["sh", "-c", "(sleep 0.2 &); echo job-%d; exit %d" % (i, i % 3)]
+    answers.append(call(["run"] + mode[i % 3] + ["--"] + cmd))
+ids = [a[1]["job_id"] for a in answers]
+finals = [call(["wait", "--timeout-ms", "20000", j]) for j in ids]
+# One more: a job that cannot start, and a kill of a finished job.
+answers.append(call(["run", "--snapshot-after", "0", "--", "/nonexistent-xyz"]))
+finals.append(call(["kill", ids[0]]))
+
+def children():
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/children" % tid) as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+def zombies():
+    me, out = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == b"Z" and int(fields[1]) == me:
+                out.append(int(name))
+    return out
+
+print(json.dumps({"answers": answers, "finals": finals, "children": children(),
+                  "zombies": zombies()}))
+"""
