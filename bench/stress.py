@@ -38,6 +38,7 @@ SH = "/bin/sh"
 
 sys.path.insert(0, REPO)
 from tests._procs import (  # noqa: E402  (the repository is on sys.path only now)
+    FLOOD_STDERR_THEN_STDOUT,
     GEN_NO_NEWLINE,
     MIB,
     RACE_DRIVER,
@@ -574,18 +575,8 @@ class Stress:
             "output", "full.log rows rebuild stdout exactly", full_exact, "", "true", full_exact
         )
         shutil.rmtree(os.path.join(self.root, jid), True)
-        # 10 MB on stderr, then 10 MB on stdout.
-        code = (
-            "import os\n"
-            "def w(fd, d):\n"
-            "    v = memoryview(d)\n"
-            "    while v:\n"
-            "        v = v[os.write(fd, v):]\n"
-            "w(2, b'e' * 10000000)\n"
-            "w(1, b'o' * 10000000)\n"
-        )
         t0 = time.monotonic()
-        j = self.ok("run", "--wait", "--", PY, "-c", code, timeout=120)
+        j = self.ok("run", "--wait", "--", PY, "-c", FLOOD_STDERR_THEN_STDOUT, timeout=120)
         took = time.monotonic() - t0
         sizes = (os.path.getsize(j["stderr_log_path"]), os.path.getsize(j["stdout_log_path"]))
         good = j["state"] == "exited" and sizes == (10000000, 10000000)

@@ -174,6 +174,19 @@ def writer_code(chunks, byte="x", exit_code=0, stderr_line=""):
     return code + "raise SystemExit(%d)\n" % exit_code
 
 
+# A workload that writes 10 MB to stderr, and only then 10 MB to stdout: a
+# supervisor that drained one pipe at a time would deadlock on it.
+FLOOD_STDERR_THEN_STDOUT = (
+    "import os\n"
+    "def w(fd, data):\n"
+    "    v = memoryview(data)\n"
+    "    while v:\n"
+    "        v = v[os.write(fd, v):]\n"
+    "w(2, b'e' * 10000000)\n"
+    "w(1, b'o' * 10000000)\n"
+)
+
+
 def fsize_limit(limit):
     """A preexec_fn that caps the size of any file the process (and so its
     job's supervisor) writes: RLIMIT_FSIZE."""

@@ -27,6 +27,7 @@ from tests._jobs import (
     write_json_atomic,
 )
 from tests._procs import (
+    FLOOD_STDERR_THEN_STDOUT,
     GEN_NO_NEWLINE,
     MIB,
     ROW_MAX,
@@ -693,17 +694,8 @@ class OutputVolumeTests(JobsTestCase):
         self.assertIn("\ufffd", t["stdout_tail"])
 
     def test_stderr_flood_then_stdout_flood_never_deadlocks(self):
-        code = (
-            "import os\n"
-            "def w(fd, data):\n"
-            "    v = memoryview(data)\n"
-            "    while v:\n"
-            "        v = v[os.write(fd, v):]\n"
-            "w(2, b'e' * 10000000)\n"
-            "w(1, b'o' * 10000000)\n"
-        )
         t0 = time.monotonic()
-        j = self.ok("run", "--wait", "--", PY, "-c", code, timeout=60)
+        j = self.ok("run", "--wait", "--", PY, "-c", FLOOD_STDERR_THEN_STDOUT, timeout=60)
         self.assertLess(time.monotonic() - t0, 30.0)
         self.assertEqual(j["state"], "exited", j)
         self.assertEqual(os.path.getsize(j["stderr_log_path"]), 10000000)
