@@ -69,6 +69,11 @@ except ImportError:  # pragma: no cover - exercised on Windows only
 __version__ = "0.1.0"
 
 _IS_POSIX = os.name == "posix" and fcntl is not None
+
+# The module's own code object, when this file runs as a program: `install`
+# from a pipe (curl ... | python3 - install) has no file to copy, but it can
+# write this code as the installed bytecode.
+_MAIN_CODE = sys._getframe(0).f_code if __name__ == "__main__" else None
 _IS_LINUX = sys.platform.startswith("linux")
 
 
@@ -405,10 +410,18 @@ def _clean_surrogates(obj):
             return obj
         except UnicodeEncodeError:
             pass
-        try:  # the bytes surrogateescape stood for, then U+FFFD for each bad one
-            return obj.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        except UnicodeEncodeError:  # a surrogate that stands for no byte
-            return obj.encode("utf-8", "replace").decode("utf-8")
+        # The bytes that surrogateescape stood for, U+FFFD for any other lone
+        # surrogate; then U+FFFD for each byte that is not UTF-8.
+        raw = bytearray()
+        for ch in obj:
+            code = ord(ch)
+            if 0xDC80 <= code <= 0xDCFF:
+                raw.append(code - 0xDC00)
+            elif 0xD800 <= code <= 0xDFFF:
+                raw += b"\xef\xbf\xbd"
+            else:
+                raw += ch.encode("utf-8")
+        return raw.decode("utf-8", "replace")
     if isinstance(obj, dict):
         return {_clean_surrogates(k): _clean_surrogates(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -835,6 +848,8 @@ def resolve_root(explicit: "str | None") -> str:
     HOME is ignored (the XDG spec says so for the one, and "/.local" or a
     path below the current directory is no one's home for the other).
     """
+    if explicit == "":
+        raise UsageError("--root needs a directory, not an empty string")
     root = explicit or os.environ.get("AGENT_EXEC_ROOT")
     if root:
         try:
@@ -845,17 +860,22 @@ def resolve_root(explicit: "str | None") -> str:
                 "cannot make the jobs root %r absolute: the current directory is gone (%s)"
                 % (root, e.strerror),
             )
+    return os.path.join(_data_home("the jobs root", "--root DIR"), "agent-exec", "jobs")
+
+
+def _data_home(what: str, instead: str) -> str:
+    """$XDG_DATA_HOME when absolute, else <home>/.local/share (see resolve_root)."""
     data = os.environ.get("XDG_DATA_HOME") or ""
-    if not os.path.isabs(data):
-        home = _home_dir()
-        if home is None:
-            raise AgentExecError(
-                "invalid_argument",
-                "no home directory to put the jobs root in (HOME is unset, empty or relative, "
-                "and the passwd entry has none): pass --root DIR or set AGENT_EXEC_ROOT",
-            )
-        data = os.path.join(home, ".local", "share")
-    return os.path.join(os.path.normpath(data), "agent-exec", "jobs")
+    if os.path.isabs(data):
+        return os.path.normpath(data)
+    home = _home_dir()
+    if home is None:
+        raise AgentExecError(
+            "invalid_argument",
+            "no home directory to put %s in (HOME is unset, empty or relative, and the "
+            "passwd entry has none): pass %s" % (what, instead),
+        )
+    return os.path.join(home, ".local", "share")
 
 
 def _home_dir() -> "str | None":
@@ -2966,7 +2986,7 @@ def supervise_main(job_dir: str, lock_fd: int, config_fd: int, handshake_fd: int
 def _script_path() -> "str | None":
     """The file to re-execute as the supervisor, or None (stdin, zipapp, ...)."""
     path = globals().get("__file__")
-    if not path or not path.endswith(".py"):
+    if not path or not path.endswith((".py", ".pyc")):  # .pyc: installed from a pipe
         return None
     path = os.path.abspath(path)
     return path if os.path.isfile(path) else None
@@ -2995,7 +3015,8 @@ def _fds_to_close(keep: "set") -> "list":
 # imports).  argv[1] is the file, the rest is main()'s argv.
 _SUPERVISOR_BOOT = (
     "import sys,importlib.machinery as im;n='agent_exec_supervisor';"
-    "l=im.SourceFileLoader(n,sys.argv[1]);m=type(sys)(n);"
+    "l=(im.SourcelessFileLoader if sys.argv[1].endswith('.pyc') else im.SourceFileLoader)"
+    "(n,sys.argv[1]);m=type(sys)(n);"
     "m.__file__=sys.argv[1];m.__loader__=l;l.exec_module(m);sys.exit(m.main(sys.argv[2:]))"
 )
 
@@ -4065,17 +4086,8 @@ def _lingering(job: _Job, cache: "dict | None" = None) -> list:
         return []
     sup = job.record.get("supervisor_pid")
     sup_alive = isinstance(sup, int) and sup > 1 and _supervisor_alive(job)
-    group = job.record.get("pid")
-    group_alive = False
-    if isinstance(group, int) and group > 1:
-        try:
-            os.killpg(group, 0)
-            group_alive = True
-        except PermissionError:  # someone else's group now: not the job's
-            pass
-        except OSError:
-            pass
-    if not sup_alive and not group_alive:
+    group = job.record.get("pid") if _job_group_alive(job) else None
+    if not sup_alive and group is None:
         return []
     cache = {} if cache is None else cache
     if "table" not in cache:
@@ -4084,9 +4096,28 @@ def _lingering(job: _Job, cache: "dict | None" = None) -> list:
     pids = [sup] if sup_alive else []
     if sup_alive:
         pids += _descendants_of(sup, table=table)
-    if group_alive:
+    if group is not None:
         pids += [p for p, (_ppid, pgid) in table.items() if pgid == group and p not in pids]
     return [p for p in pids if p != os.getpid()]
+
+
+def _job_group_alive(job: _Job) -> bool:
+    """True when the job's own process group still has a member.
+
+    The group's id is the workload's pid.  While a process with that pid
+    lives, the group is the job's only if that process is the workload (its
+    start time matches); a pid cannot be handed out again while a group of
+    that id exists, so a group whose leader is gone is still the job's.
+    """
+    group = job.record.get("pid")
+    if not isinstance(group, int) or group <= 1:
+        return False
+    try:
+        os.killpg(group, 0)
+    except OSError:  # no such group, or someone else's (EPERM)
+        return False
+    leader = _proc_start_time(group)
+    return leader is None or leader == job.record.get("pid_start_time")
 
 
 def _lingering_reason(job: _Job, pids: list) -> str:
@@ -4102,9 +4133,7 @@ def _lingering_reason(job: _Job, pids: list) -> str:
         ", ".join(str(p) for p in others[:10]) + (", ..." if len(others) > 10 else ""),
     )
     them = "it" if len(others) == 1 else "them"
-    if job.record.get("supervisor_pid") in pids:
-        return "%s; end %s with: agent-exec kill %s (or --signal KILL)" % (what, them, job.id)
-    return "%s; end %s with: kill -TERM -- -%d" % (what, them, job.record.get("pid"))
+    return "%s; end %s with: agent-exec kill %s (or --signal KILL)" % (what, them, job.id)
 
 
 # A job's supervisor outlives its terminal state by a moment (it delivers the
@@ -4499,8 +4528,9 @@ def cmd_kill(o) -> dict:
 def _ask_supervisor_to_signal(job: _Job, sig: int) -> bool:
     """Ask the live supervisor, through its control FIFO, to signal the job's tree."""
     if job.state != "running":
-        # Terminal: only descendants can be alive, and only a live supervisor
-        # knows them; skip the FIFO unless it provably still runs.
+        # Terminal: only descendants can be alive; skip the FIFO unless the
+        # supervisor provably still runs (without it, _signal_without_supervisor
+        # reaches what is left of the job's group).
         if not _supervisor_alive(job) or not _descendants_of(job.record["supervisor_pid"]):
             return False
     if not job.record.get("control_protocol"):
@@ -4511,14 +4541,23 @@ def _ask_supervisor_to_signal(job: _Job, sig: int) -> bool:
 
 
 def _signal_without_supervisor(job: _Job, sig: int) -> bool:
-    """The supervisor is gone: signal the workload's group only if provably ours."""
+    """The supervisor is gone: signal the workload's group only if provably ours.
+
+    That is the workload itself while it lives (its start time matches), or,
+    once it has ended, what is left of its group (see _job_group_alive): the
+    processes a finished job left behind can still be ended after its
+    supervisor died.
+    """
     pid = job.record.get("pid")
-    if job.state in ("exited", "killed") or not _is_alive(pid, job.record.get("pid_start_time")):
+    alive = _is_alive(pid, job.record.get("pid_start_time"))
+    if not alive and not (job.terminal and _job_group_alive(job)):
         return False
     try:
         os.killpg(pid, sig)
         return True
     except OSError:
+        if not alive:
+            return False
         try:
             os.kill(pid, sig)
             return True
@@ -4752,19 +4791,20 @@ def cmd_gc(o) -> dict:
         if not job.terminal:
             out["skipped"] += 1  # running (or unknown): never touched
             continue
-        pids = _lingering(job, processes)
-        if pids:  # deleting it would leave processes no command can reach
-            out["refused"].append({"job_id": name, "reason": _lingering_reason(job, pids)})
-            continue
         stamp = job.record.get("finished_at") or job.meta.get("created_at")
         try:
             age_ms = (now - _parse_rfc3339(stamp)) * 1000
         except (TypeError, ValueError):
             age_ms = 0
         beyond = o.max_jobs is not None and rank > o.max_jobs
-        if age_ms >= o.older_than or beyond:
-            out["freed_bytes"] += _remove_job(job.dir, o.dry_run)
-            out["job_ids"].append(name)
+        if age_ms < o.older_than and not beyond:
+            continue
+        pids = _lingering(job, processes)
+        if pids:  # deleting it would leave processes no command can reach
+            out["refused"].append({"job_id": name, "reason": _lingering_reason(job, pids)})
+            continue
+        out["freed_bytes"] += _remove_job(job.dir, o.dry_run)
+        out["job_ids"].append(name)
     out["deleted"] = len(out["job_ids"])
     return out
 
@@ -5013,7 +5053,12 @@ def build_parser(command: "str | None" = None):
     for opt in GLOBAL_OPTS:
         help_text = _GLOBAL_HELP_IN_COMMAND.get(opt.name, opt.help)
         _add_option(common, opt, default=argparse.SUPPRESS, help=help_text)
-    sub = parser.add_subparsers(dest="command_name", metavar="<command>", parser_class=Parser)
+    sub = parser.add_subparsers(
+        dest="command_name",
+        metavar="<command>",
+        parser_class=Parser,
+        help="one of these; `agent-exec help <command>` shows its options",
+    )
     sub.required = True
     parser.commands = {}
     for name, cmd in COMMANDS.items():
@@ -5076,11 +5121,18 @@ def _did_you_mean(parser, message: str) -> str:
 
 def _command_in(argv: list) -> "str | None":
     """The command named in argv (None if there is none), before argparse runs."""
+    at = _command_index(argv)
+    return None if at is None else argv[at]
+
+
+def _command_index(argv: list, start: int = 0) -> "int | None":
+    """Where the first word that is not an option (or a global option's value) is."""
     takes_value = {
         flag for opt in GLOBAL_OPTS if _KINDS[opt.kind].action is None for flag in _flags(opt)
     }
     skip = False
-    for arg in argv:
+    for i in range(start, len(argv)):
+        arg = argv[i]
         if skip:
             skip = False
         elif arg in takes_value:
@@ -5088,17 +5140,17 @@ def _command_in(argv: list) -> "str | None":
         elif arg == "--":
             return None
         elif not arg.startswith("-"):
-            return arg
+            return i
     return None
 
 
 def _help_argv(argv: list) -> list:
     """`help [command]` is `[command] --help`: the same text, one way to make it."""
-    if _command_in(argv) != "help":
+    at = _command_index(argv)
+    if at is None or argv[at] != "help":
         return argv
-    at = argv.index("help")
-    topic = [a for a in argv[at + 1 :] if not a.startswith("-")][:1]
-    return argv[:at] + topic + ["--help"]
+    topic = _command_index(argv, at + 1)
+    return argv[:at] + ([argv[topic]] if topic is not None else []) + ["--help"]
 
 
 def _refuse_nul(cmd: _Command, o) -> None:

@@ -842,7 +842,7 @@ class StrictJsonTests(JobsTestCase):
     def test_clean_surrogates(self):
         f = agent_exec._to_json
         self.assertEqual(f(["a\udcffb"]), '["a\\ufffdb"]')
-        self.assertEqual(f({"k\udc80": "\ud800"}), '{"k\\ufffd": "?"}')
+        self.assertEqual(f({"k\udc80": "\ud800"}), '{"k\\ufffd": "\\ufffd"}')
         self.assertEqual(f(["\U0001f600"]), '["\\ud83d\\ude00"]')  # a valid pair stays
 
     def test_last_output_never_before_started(self):
@@ -883,6 +883,9 @@ class HelpTests(unittest.TestCase):
         self.assertNotIn("README", text)
         self.assertEqual(self.help_text("help", "run"), text)
         self.assertEqual(self.help_text("help"), self.help_text("--help"))
+        # global options (and their values) before or after the word help
+        self.assertEqual(self.help_text("help", "--root", "/tmp/x", "run"), text)
+        self.assertEqual(self.help_text("--root", "help", "help", "run"), text)
 
     def test_no_abbreviations_and_suggestions(self):
         r = subprocess.run(

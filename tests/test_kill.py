@@ -381,6 +381,21 @@ class KillOnceTests(JobsTestCase):
         # The job did not end: USR1 is not a kill.
         self.assertEqual(self.ok("status", jid)["state"], "running")
 
+    def test_what_a_job_left_is_reached_after_its_supervisor_died(self):
+        jid = self.start_bg("sh", "-c", "sleep 300 > /dev/null 2>&1 & echo $!; exit 0")
+        self.wait_job(jid)
+        st = self.read_state(jid)
+        os.kill(st["supervisor_pid"], signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: not pid_alive(st["supervisor_pid"]), 5))
+        listed = self.ok("list")["jobs"][0]
+        self.assertTrue(listed["lingering"], listed)
+        reason = self.ok("delete", jid)["refused"][0]["reason"]
+        self.assertIn("agent-exec kill %s" % jid, reason)
+        j = self.ok("kill", jid)
+        self.assertTrue(j["sent"], j)
+        self.assertTrue(wait_until(lambda: not self.ok("list", "--lingering")["jobs"], 10))
+        self.assertEqual(self.ok("delete", jid)["deleted"], [jid])
+
     def test_stop_cont_winch_by_name(self):
         jid = self.start_bg("sleep", "30")
         for name in ("STOP", "CONT", "WINCH"):

@@ -611,6 +611,35 @@ class LingeringTests(JobsTestCase):
         self.assertTrue(wait_until(lambda: not self.ok("list", "--lingering")["jobs"], 10))
         self.assertEqual(self.ok("delete", jid)["deleted"], [jid])
 
+    def test_gc_refuses_only_jobs_it_would_delete(self):
+        jid = self.start_bg("sh", "-c", "sleep 30 > /dev/null 2>&1 & echo started")
+        self.wait_job(jid)
+        self.assertTrue(self.ok("list")["jobs"][0]["lingering"])
+        g = self.ok("gc")  # 7 days: the job is too young to be collected at all
+        self.assertEqual((g["job_ids"], g["refused"]), ([], []), g)
+
+    def test_a_recycled_group_id_is_not_the_jobs(self):
+        import signal
+        import subprocess
+
+        jid = self.ok("run", "--wait", "--", "true")["job_id"]
+        # A stranger whose group id is the job's recorded pid: as if the pid
+        # had been handed out again after the job ended.
+        stranger = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(stranger.wait)
+        self.addCleanup(stranger.kill)
+        path = os.path.join(self.job_dir(jid), "state.json")
+        with open(path) as f:
+            st = json.load(f)
+        st["pid"] = st["pgid"] = stranger.pid
+        with open(path, "w") as f:
+            json.dump(st, f)
+        self.assertFalse(self.ok("list")["jobs"][0]["lingering"])
+        self.assertFalse(self.ok("kill", jid)["sent"])
+        self.assertIsNone(stranger.poll())  # not signalled
+        self.assertEqual(self.ok("delete", jid)["deleted"], [jid])
+        stranger.send_signal(signal.SIGTERM)
+
 
 if __name__ == "__main__":
     unittest.main()
