@@ -80,6 +80,16 @@ class OutputContractTests(JobsTestCase):
             with self.subTest(args=args):
                 self.usage_error(*args)
 
+    def test_a_conflict_found_after_parsing_prints_the_commands_usage(self):
+        for args, prog in (
+            (("run", "--no-inherit-env", "--inherit-env", "--", "true"), "agent-exec run"),
+            (("list", "--all", "--cwd", "/"), "agent-exec list"),
+        ):
+            with self.subTest(args=args):
+                r = self.usage_error(*args)
+                self.assertTrue(r.stderr.startswith("usage: " + prog + " "), r.stderr)
+                self.assertIn(prog + ": error: ", r.stderr)
+
     def test_bad_signal_name_is_usage_error(self):
         jid = self.finished_job()
         for sig in ("BOGUS", "SIGFOO", "-1"):
