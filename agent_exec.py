@@ -4830,6 +4830,223 @@ def cmd_schema(o) -> dict:
     }
 
 
+# ---- install, uninstall ----------------------------------------------------------
+#
+# As a script, every call compiles this whole file first (CPython never caches
+# a script's bytecode); imported, it loads the cached bytecode.  `install`
+# puts a copy where it can be imported, compiles it once, and writes a
+# launcher that imports it.  What it wrote is listed in install.json beside
+# the copy, which is all that `uninstall` removes.
+
+_MANIFEST = "install.json"
+_LAUNCHER = """#!{python} -IS
+# The agent-exec {version} launcher, written by `agent-exec install`: it runs
+# the copy in this directory through its cached bytecode:
+#     {lib}
+# `agent-exec uninstall` removes it.
+import sys
+
+sys.path.insert(0, {lib!r})
+import agent_exec
+
+agent_exec.cli()
+"""
+
+
+def _library_dir(prefix: "str | None") -> str:
+    """<--prefix>/lib, by default $XDG_DATA_HOME/agent-exec/lib (or ~/.local/share/...)."""
+    if prefix == "":
+        raise UsageError("--prefix needs a directory, not an empty string")
+    prefix = prefix or os.path.join(_data_home("the library", "--prefix DIR"), "agent-exec")
+    return os.path.join(os.path.abspath(prefix), "lib")
+
+
+def _bin_dir(bin_dir: "str | None") -> str:
+    """--bin-dir, by default ~/.local/bin."""
+    if bin_dir == "":
+        raise UsageError("--bin-dir needs a directory, not an empty string")
+    if not bin_dir:
+        home = _home_dir()
+        if home is None:
+            raise AgentExecError("invalid_argument", "no home directory: pass --bin-dir DIR")
+        bin_dir = os.path.join(home, ".local", "bin")
+    return os.path.abspath(bin_dir)
+
+
+def _on_path(directory: str) -> bool:
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    return any(e and os.path.abspath(e) == directory for e in entries)
+
+
+@command(
+    "install",
+    "install agent-exec for fast start-up: a private copy and an agent-exec launcher",
+    opts=(
+        Opt(
+            "bin_dir",
+            help="where the agent-exec launcher goes (default ~/.local/bin)",
+            metavar="DIR",
+        ),
+        Opt(
+            "prefix",
+            help="where the copy goes, in DIR/lib (default $XDG_DATA_HOME/agent-exec)",
+            metavar="DIR",
+        ),
+    ),
+    returns=(
+        Field("version", STR, True),
+        Field("python", STR, True),
+        Field("library_path", STR, True),
+        Field("bytecode_path", STR, True),
+        Field("launcher_path", STR, True),
+        Field("bin_dir", STR, True),
+        Field("on_path", BOOL, True),
+        Field("upgraded", BOOL, True),
+        Field("manifest_path", STR, True),
+    ),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
+)
+def cmd_install(o) -> dict:
+    """Copy this file (or, piped in, its bytecode) into the library; write the launcher."""
+    import importlib.util
+
+    lib, bin_dir = _library_dir(o.prefix), _bin_dir(o.bin_dir)
+    manifest = os.path.join(lib, _MANIFEST)
+    before = _installed_files(manifest)
+    upgraded = before is not None
+    try:
+        os.makedirs(lib, 0o755, exist_ok=True)
+        os.makedirs(bin_dir, 0o755, exist_ok=True)
+        source = globals().get("__file__")
+        if source and source.endswith(".py") and os.path.isfile(source):
+            library = os.path.join(lib, "agent_exec.py")
+            if os.path.abspath(source) != library:
+                with open(source, "rb") as f:
+                    _write_file_atomic(library, f.read(), 0o644)
+            bytecode = importlib.util.cache_from_source(library)
+            import py_compile
+
+            py_compile.compile(library, cfile=bytecode, doraise=True)
+        else:
+            # No source to copy: write the bytecode as a sourceless module,
+            # which the import system loads from lib/agent_exec.pyc when no
+            # agent_exec.py stands beside it.
+            library = bytecode = os.path.join(lib, "agent_exec.pyc")
+            _write_file_atomic(bytecode, _own_bytecode(source), 0o644)
+        launcher = os.path.join(bin_dir, "agent-exec")
+        if any(c.isspace() for c in sys.executable):
+            raise AgentExecError(
+                "invalid_argument",
+                "install: the interpreter's path %r holds white space, which a #! line "
+                "cannot take" % sys.executable,
+            )
+        text = _LAUNCHER.format(python=sys.executable, version=__version__, lib=lib)
+        _write_file_atomic(launcher, text.encode(), 0o755)
+        written = [library, launcher] + ([bytecode] if bytecode != library else [])
+        _write_json_atomic(
+            manifest,
+            {"version": __version__, "python": sys.executable, "files": written},
+        )
+        for path in set(before or ()) - set(written):  # the last install's, not this one's
+            _unlink_quietly(path)
+    except OSError as e:
+        raise AgentExecError("io_error", "install: %s: %s" % (e.filename or lib, e.strerror or e))
+    return {
+        "version": __version__,
+        "python": sys.executable,
+        "library_path": library,
+        "bytecode_path": bytecode,
+        "launcher_path": launcher,
+        "bin_dir": bin_dir,
+        "on_path": _on_path(bin_dir),
+        "upgraded": upgraded,
+        "manifest_path": manifest,
+    }
+
+
+def _installed_files(manifest: str) -> "list | None":
+    """The files an earlier install wrote (its install.json), or None if none."""
+    try:
+        files = _read_json(manifest).get("files")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise AgentExecError("io_error", "cannot read %s: %s" % (manifest, e))
+    return [p for p in files if isinstance(p, str)] if isinstance(files, list) else []
+
+
+def _unlink_quietly(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _own_bytecode(source: "str | None") -> bytes:
+    """This module as a .pyc file: the one it was loaded from, or its code object."""
+    if source and source.endswith(".pyc") and os.path.isfile(source):
+        with open(source, "rb") as f:  # run from a sourceless install: copy it
+            return f.read()
+    if _MAIN_CODE is None:
+        raise AgentExecError("invalid_argument", "install: cannot find agent-exec's own code")
+    import importlib.util
+    import marshal
+
+    # The header is the magic number, then flags, mtime and source size,
+    # which a sourceless load does not check.
+    return importlib.util.MAGIC_NUMBER + b"\0" * 12 + marshal.dumps(_MAIN_CODE)
+
+
+def _write_file_atomic(path: str, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data``, mode ``mode``: a temp file, then a rename;
+    nothing is left behind on error."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, mode)  # exactly, whatever the umask
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+@command(
+    "uninstall",
+    "remove what install wrote, and nothing else",
+    opts=(Opt("prefix", help="the --prefix that install was given", metavar="DIR"),),
+    returns=(Field("removed", STRS, True), Field("manifest_path", STR, True)),
+    annotations=_DESTRUCTIVE,
+)
+def cmd_uninstall(o) -> dict:
+    """Remove the files that install.json lists, then install.json and the empty lib dir."""
+    lib = _library_dir(o.prefix)
+    manifest = os.path.join(lib, _MANIFEST)
+    listed = _installed_files(manifest)
+    if listed is None:
+        return {"removed": [], "manifest_path": manifest}
+    removed = []
+    for path in listed + [manifest]:
+        try:
+            if _unlink_quietly(path):
+                removed.append(path)
+        except OSError as e:
+            raise AgentExecError("io_error", "uninstall: %s: %s" % (path, e.strerror or e))
+    for d in (os.path.join(lib, "__pycache__"), lib):
+        try:
+            os.rmdir(d)  # only when empty: nothing install did not write
+        except OSError:
+            pass
+    return {"removed": removed, "manifest_path": manifest}
+
+
 def cmd_supervise(job_dir: str, fds: str) -> int:
     """The hidden ``_supervise`` subcommand: returns an exit code, prints nothing."""
     lock_fd, cfg_fd, handshake_fd = (int(x) for x in fds.split(","))
