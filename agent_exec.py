@@ -33,6 +33,7 @@ File map (the sections, in order; each banner says what it owns):
     Declarations         Opt, Field, @command: one declaration per command
     Commands             per command: its declaration, its handler, its helpers
     Response schema      derived from the declarations
+    Views for people     --format table: list, status and tail as aligned text
     Front end: CLI       the parser derived from the declarations, dispatch, main
 
 Rules the file keeps:
@@ -3206,7 +3207,9 @@ _Kind = collections.namedtuple(
 Field = collections.namedtuple("Field", "name schema required", defaults=(False,))
 
 _Command = collections.namedtuple(
-    "_Command", "name help handler opts returns checks variants annotations exit_status examples"
+    "_Command",
+    "name help handler opts returns checks variants annotations exit_status examples table streams"
+    " fronts",
 )
 COMMANDS = {}  # name -> _Command, in the order --help and a tool list show them
 
@@ -3221,6 +3224,9 @@ def command(
     annotations=None,
     exit_status=None,
     examples=(),
+    table=None,
+    streams=False,
+    fronts=("cli", "mcp"),
 ):
     """Declare a command beside its handler.
 
@@ -3233,6 +3239,11 @@ def command(
     a function of ``o`` and the answer, gives the exit code of a successful
     answer (default 0): run --wait --exit-code passes the job's on.
     ``examples`` are (command line, what it does) pairs that end --help.
+    ``table`` renders a successful answer for a person (--format table);
+    a command that ``streams`` writes its output to ``o.out`` (a binary file)
+    as it goes, and its answer is not printed unless it is an error.
+    ``fronts`` are the front ends that offer the command (a tool list only
+    those with "mcp").
     """
 
     def register(handler):
@@ -3247,6 +3258,9 @@ def command(
             annotations,
             exit_status,
             tuple(examples),
+            table,
+            streams,
+            tuple(fronts),
         )
         return handler
 
@@ -3405,6 +3419,7 @@ _KINDS = {
     "env_pairs": _Kind(_env_pair, "env", STRS, "append", metavar="KEY=VALUE"),
     "env_keys": _Kind(_env_key, "key", STRS, "append", metavar="KEY"),
     "job_id": _Kind(json=STR, positional=True),
+    "word": _Kind(json=STR, positional=True),
     "job_ids": _Kind(json=dict(STRS, minItems=1), nargs="+", positional=True),
     "argv": _Kind(json=dict(STRS, minItems=1), nargs="...", positional=True),
 }
@@ -3432,6 +3447,30 @@ MAX_BYTES = Opt(
     "max_bytes", "size", DEFAULT_MAX_BYTES, "at most SIZE bytes of each stream (default 64k)"
 )
 _UNUSED_HELP = "accepted for old scripts; it has no effect"
+# The view for people, on the commands that have one (the CLI only).
+FORMAT_OPTS = (
+    Opt(
+        "format",
+        "choice",
+        None,  # json; None tells "not given" apart, for the conflict with -H
+        "json (the default, for programs) or table (for people)",
+        choices=("json", "table"),
+        fronts=("cli",),
+    ),
+    Opt("human", "flag", help="same as --format table", fronts=("cli",), flags=("-H",)),
+)
+
+
+def _format_conflict(o) -> "str | None":
+    if getattr(o, "human", False) and getattr(o, "format", None) == "json":
+        return "-H and --format json conflict"
+    return None
+
+
+def _wants_table(o) -> bool:
+    return bool(getattr(o, "human", False)) or getattr(o, "format", None) == "table"
+
+
 DRY_RUN = Opt("dry_run", "flag", help="say what would go; delete nothing")
 
 
@@ -3988,7 +4027,9 @@ RUSAGE_FIELDS = (
 @command(
     "status",
     "show a job's state",
-    opts=(JOB_ID,),
+    opts=FORMAT_OPTS + (JOB_ID,),
+    checks=(_format_conflict,),
+    table=lambda answer, color: _status_table(answer, color),
     returns=JOB_HEAD
     + (Field("started_at", STR, True),)
     + RESULT_FIELDS
@@ -4154,7 +4195,9 @@ def _settled_lingering(job: _Job) -> list:
 @command(
     "tail",
     "show the end of a job's output",
-    opts=(TAIL_LINES, MAX_BYTES, JOB_ID),
+    opts=(TAIL_LINES, MAX_BYTES) + FORMAT_OPTS + (JOB_ID,),
+    checks=(_format_conflict,),
+    table=lambda answer, color: _tail_table(answer, color),
     returns=(Field("job_id", STR, True), Field("state", JOB_STATE))
     + LOG_PATH_FIELDS
     + SNAPSHOT_FIELDS
@@ -4606,8 +4649,10 @@ def _running_state_conflict(o) -> "str | None":
             "flag",
             help="only finished jobs whose processes still run (delete and gc refuse them)",
         ),
-    ),
-    checks=(conflict("cwd", "all"), _running_state_conflict),
+    )
+    + FORMAT_OPTS,
+    checks=(conflict("cwd", "all"), _running_state_conflict, _format_conflict),
+    table=lambda answer, color: _list_table(answer, color),
     returns=(
         Field("root", STR, True),
         Field("jobs", array(_LIST_ENTRY), True),
@@ -4830,6 +4875,177 @@ def cmd_schema(o) -> dict:
     }
 
 
+# ---- follow, completion ---------------------------------------------------------
+
+
+@command(
+    "follow",
+    "print a job's output as it arrives, until the job ends (text, not JSON)",
+    opts=(
+        Opt(
+            "stream",
+            "choice",
+            help="which output (default both, interleaved as they arrive)",
+            choices=("both", "stdout", "stderr"),
+        ),
+        Opt("cursor", "cursor", help="start from C (default: the start)"),
+        JOB_ID,
+    ),
+    returns=JOB_HEAD + RESULT_FIELDS + (CURSOR_FIELD,),
+    exit_status=lambda o, answer: _job_exit_status(answer),
+    streams=True,
+    fronts=("cli",),
+    examples=(
+        ("agent-exec follow 01M8", "watch it to the end; exits as the job did"),
+        ("agent-exec follow --stream stderr 01M8", "only its stderr"),
+    ),
+)
+def cmd_follow(o) -> dict:
+    """Copy the job's new bytes to ``o.out`` until the job is terminal and read."""
+    job = _open_job(o, o.job_id)
+    streams = list(_STREAMS) if (o.stream or "both") == "both" else [o.stream]
+    pos = dict(zip(_STREAMS, o.cursor if o.cursor is not None else (0, 0)))
+    cancel = _cancelled(o)
+    watch = None
+    try:
+        while True:
+            terminal = job.terminal
+            before = _log_sizes(job)  # before reading: see _wait_output
+            wrote = more = False
+            for stream in streams:
+                data, pos[stream], cut = read_span(job, stream, pos[stream], READ_CHUNK, terminal)
+                if data:
+                    o.out.write(data)
+                    wrote = True
+                more = more or cut
+            if wrote:
+                o.out.flush()
+            if (terminal and not more) or (cancel is not None and cancel.is_set()):
+                break
+            if not wrote:
+                if watch is None:
+                    watch = _LockWatch.acquire(job.path(META))
+                _wait_output(job, watch, None, before, cancel)
+            job = job.reload()
+    except BrokenPipeError:  # `follow ID | head`: the reader has seen enough
+        pass
+    finally:
+        if watch is not None:
+            watch.release()
+    out = job.head()
+    out["cursor"] = make_cursor(pos["stdout"], pos["stderr"])
+    return out
+
+
+@command(
+    "completion",
+    "print a shell completion script (bash, zsh or fish)",
+    opts=(Opt("shell", "word", help="bash, zsh or fish", choices=("bash", "zsh", "fish")),),
+    streams=True,
+    fronts=("cli",),
+    examples=(
+        ('eval "$(agent-exec completion bash)"', "in ~/.bashrc"),
+        ("agent-exec completion fish > ~/.config/fish/completions/agent-exec.fish", "fish"),
+    ),
+)
+def cmd_completion(o) -> dict:
+    o.out.write(_completion_script(o.shell).encode())
+    return {}
+
+
+def _completion_words() -> dict:
+    """command -> its option strings, from the declarations (so new ones appear)."""
+    words = {}
+    for name, cmd in COMMANDS.items():
+        flags = ["--help"]
+        for opt in GLOBAL_OPTS + cmd.opts:
+            if "cli" in opt.fronts and not _KINDS[opt.kind].positional:
+                flags += list(_flags(opt))
+        words[name] = flags
+    return words
+
+
+# Commands whose positional arguments are job ids, for the completion scripts.
+_TAKES_JOB_IDS = ("status", "tail", "wait", "read", "kill", "delete", "follow")
+
+
+def _completion_script(shell: str) -> str:
+    words = _completion_words()
+    names = " ".join(list(words) + ["help"])
+    ids = "agent-exec _complete_ids 2>/dev/null"
+    if shell == "fish":
+        lines = [
+            "# agent-exec completion for fish",
+            "complete -c agent-exec -f",
+            "complete -c agent-exec -n __fish_use_subcommand -a '%s'" % names,
+        ]
+        for name, flags in words.items():
+            for flag in flags:
+                lines.append(
+                    "complete -c agent-exec -n '__fish_seen_subcommand_from %s' -l %s"
+                    % (name, flag[2:])
+                    if flag.startswith("--")
+                    else "complete -c agent-exec -n '__fish_seen_subcommand_from %s' -s %s"
+                    % (name, flag[1:])
+                )
+        lines.append(
+            "complete -c agent-exec -n '__fish_seen_subcommand_from %s' -a '(%s)'"
+            % (" ".join(_TAKES_JOB_IDS), ids)
+        )
+        return "\n".join(lines) + "\n"
+    cases = "".join(
+        "        %s) opts=%s ;;\n" % (name, _sh_quote(" ".join(flags)))
+        for name, flags in words.items()
+    )
+    script = _BASH_COMPLETION % {
+        "names": names,
+        "cases": cases,
+        "ids_for": "|".join(_TAKES_JOB_IDS),
+        "ids": ids,
+    }
+    if shell == "zsh":
+        script = "# agent-exec completion for zsh (through bashcompinit)\n" + (
+            "autoload -U +X bashcompinit && bashcompinit\n" + script
+        )
+    return script
+
+
+def _sh_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+_BASH_COMPLETION = """# agent-exec completion for bash: eval "$(agent-exec completion bash)"
+_agent_exec() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" cmd="" i opts
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${COMP_WORDS[i]}" in
+            --root) ((i++)) ;;
+            -*) ;;
+            *) cmd="${COMP_WORDS[i]}"; break ;;
+        esac
+    done
+    if [[ -z "$cmd" ]]; then
+        COMPREPLY=($(compgen -W "%(names)s --help --version --root -v" -- "$cur"))
+        return
+    fi
+    case "$cmd" in
+%(cases)s        *) opts="" ;;
+    esac
+    if [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+        return
+    fi
+    case "$cmd" in
+        %(ids_for)s) COMPREPLY=($(compgen -W "$(%(ids)s)" -- "$cur")) ;;
+        help) COMPREPLY=($(compgen -W "%(names)s" -- "$cur")) ;;
+    esac
+}
+complete -F _agent_exec agent-exec
+"""
+
+
 # ---- install, uninstall ----------------------------------------------------------
 #
 # As a script, every call compiles this whole file first (CPython never caches
@@ -4893,6 +5109,7 @@ def _on_path(directory: str) -> bool:
             metavar="DIR",
         ),
     ),
+    fronts=("cli",),
     returns=(
         Field("version", STR, True),
         Field("python", STR, True),
@@ -5024,6 +5241,7 @@ def _write_file_atomic(path: str, data: bytes, mode: int) -> None:
     opts=(Opt("prefix", help="the --prefix that install was given", metavar="DIR"),),
     returns=(Field("removed", STRS, True), Field("manifest_path", STR, True)),
     annotations=_DESTRUCTIVE,
+    fronts=("cli",),
 )
 def cmd_uninstall(o) -> dict:
     """Remove the files that install.json lists, then install.json and the empty lib dir."""
@@ -5093,7 +5311,8 @@ def response_schema() -> dict:
     )
     defs = {"snapshot": obj(SNAPSHOT_FIELDS), "error": error}
     for cmd in COMMANDS.values():
-        defs[cmd.name] = _answer_schema(cmd)
+        if not cmd.streams:  # a streaming command's answer is its output, not JSON
+            defs[cmd.name] = _answer_schema(cmd)
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "agent-exec response",
@@ -5105,7 +5324,7 @@ def response_schema() -> dict:
 def tool_list() -> list:
     """The commands as tools (name, description, inputSchema, annotations), for a
     front end that is not the command line; from the same Opts as the parser."""
-    return [_tool(cmd) for cmd in COMMANDS.values()]
+    return [_tool(cmd) for cmd in COMMANDS.values() if "mcp" in cmd.fronts]
 
 
 def _tool(cmd: _Command) -> dict:
@@ -5187,6 +5406,182 @@ def _parse_value(opt: Opt, kind: _Kind, value):
         )
 
 
+# ==== Views for people =======================================================
+#
+# --format table (-H) on list, status and tail: what a person looking over an
+# agent's shoulder wants to read.  JSON stays the default and the only format
+# a program needs; colour only on a terminal, and never with NO_COLOR set.
+
+_STATE_COLOURS = {"running": "36", "exited": "32", "killed": "33", "failed": "31", "unknown": "2"}
+
+
+def _color_wanted() -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _paint(text: str, code: str, color: bool) -> str:
+    return "\033[%sm%s\033[0m" % (code, text) if color and code else text
+
+
+def _state_colour(entry: dict) -> str:
+    if entry.get("state") == "exited" and entry.get("success") is False:
+        return "31"  # exited, but not with 0: a failure to a person
+    return _STATE_COLOURS.get(entry.get("state"), "")
+
+
+def _ago(stamp: "str | None", now: float) -> str:
+    """'3m ago' for an RFC 3339 time."""
+    try:
+        ms = (now - _parse_rfc3339(stamp)) * 1000
+        return (_human_span(ms) if ms >= 60000 else "%ds" % (ms // 1000)) + " ago"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def _human_span(ms: float) -> str:
+    """850ms, 12.3s, 3m04s, 2h05m, 3d04h."""
+    ms = max(0, int(ms))
+    if ms < 1000:
+        return "%dms" % ms
+    secs = ms // 1000
+    if secs < 60:
+        return "%.1fs" % (ms / 1000.0)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if secs >= size:
+            return "%d%s%02d%s" % (secs // size, unit, secs % size // sub_size, sub)
+    return "%dm%02ds" % (secs // 60, secs % 60)
+
+
+def _duration(entry: dict, now: float) -> str:
+    start = entry.get("started_at")
+    end = entry.get("finished_at")
+    try:
+        until = _parse_rfc3339(end) if end else now
+        return _human_span((until - _parse_rfc3339(start)) * 1000)
+    except (TypeError, ValueError):
+        return "-"
+
+
+def _outcome(entry: dict) -> str:
+    """EXIT: the exit code, else the signal, else the failure's code."""
+    if entry.get("exit_code") is not None:
+        return str(entry["exit_code"])
+    if entry.get("signal"):
+        return entry["signal"]
+    return (entry.get("failure") or {}).get("code") or "-"
+
+
+def _command_line(argv) -> str:
+    import shlex
+
+    if not isinstance(argv, list):
+        return "-"
+    return " ".join(shlex.quote(str(word)) for word in argv)
+
+
+def _short_ids(ids: list) -> list:
+    """The shortest prefixes (12 characters at least) that tell these ids apart."""
+    n = 12
+    while n < 26 and len({i[:n] for i in ids}) < len(set(ids)):
+        n += 1
+    return [i[:n] for i in ids]
+
+
+def _columns(rows: list, colours: list, color: bool, width: int) -> str:
+    """Rows of cells as aligned columns; the last column is cut to the width."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    out = []
+    for row, colour in zip(rows, colours):
+        cells = [cell.ljust(w) for cell, w in zip(row, widths)]
+        if colour:
+            cells[2] = _paint(cells[2], colour, color)  # the STATE column
+        line = "  ".join(cells) + "  "
+        room = max(10, width - sum(widths) - 2 * len(widths))
+        last = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "\u2026"
+        out.append((line + last).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def _list_table(answer: dict, color: bool) -> str:
+    import shutil
+
+    jobs = answer["jobs"]
+    if not jobs:
+        return "no jobs here (list --all shows those of every directory)\n"
+    now = time.time()
+    rows = [["ID", "NAME", "STATE", "EXIT", "AGE", "DURATION", "COMMAND"]]
+    colours = ["1"] if color else [""]
+    for short, job in zip(_short_ids([j["job_id"] for j in jobs]), jobs):
+        state = job["state"] + ("*" if job.get("lingering") else "")
+        rows.append(
+            [
+                short,
+                job.get("name") or "-",
+                state,
+                _outcome(job) if job["state"] != "running" else "-",
+                _ago(job.get("started_at"), now),
+                _duration(job, now),
+                _command_line(job.get("command")),
+            ]
+        )
+        colours.append(_state_colour(job))
+    text = _columns(rows, colours, color, shutil.get_terminal_size((100, 24)).columns)
+    if color:
+        text = text.replace(rows[0][0], _paint(rows[0][0], "1", color), 1)
+    notes = []
+    if any(j.get("lingering") for j in jobs):
+        notes.append("* finished, but processes it started still run")
+    if answer.get("truncated"):
+        notes.append("more jobs than --limit: --limit 0 shows them all")
+    return text + "".join("(%s)\n" % n for n in notes)
+
+
+def _status_table(answer: dict, color: bool) -> str:
+    """One aligned "key  value" line per field of the answer."""
+    now = time.time()
+    lines = []
+    for key, value in answer.items():
+        if key in ("schema_version", "ok", "type"):
+            continue
+        if key == "state":
+            value = _paint(value, _state_colour(answer), color)
+        elif key in ("started_at", "finished_at", "last_output_at", "ready_at", "updated_at"):
+            value = "%s (%s)" % (value, _ago(value, now)) if value else "-"
+        elif key in ("duration_ms", "idle_ms"):
+            value = _human_span(value)
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join("%s=%s" % kv for kv in value.items())
+        elif value is None:
+            value = "-"
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        lines.append((key.replace("_", " "), str(value)))
+    width = max(len(k) for k, _ in lines)
+    return "".join("%s  %s\n" % (k.ljust(width), v) for k, v in lines)
+
+
+def _tail_table(answer: dict, color: bool) -> str:
+    """The two tails as text, each under a rule that names its stream."""
+    state = _paint(answer.get("state") or "?", _state_colour(answer), color)
+    out = ["%s  %s\n" % (answer["job_id"], state)]
+    for stream in _STREAMS:
+        text = answer[stream + "_tail"]
+        if stream == "stderr" and not text:
+            continue
+        out.append(_paint("--- %s ---" % stream, "2", color) + "\n")
+        out.append(text if not text or text.endswith("\n") else text + "\n")
+    if answer.get("truncated"):
+        out.append(_paint("(the start is cut: --tail-lines, --max-bytes)", "2", color) + "\n")
+    return "".join(out)
+
+
 # ==== Front end: CLI =========================================================
 #
 # The parser is derived from the declarations, and built for the invoked
@@ -5236,6 +5631,7 @@ def _add_option(parser, opt: Opt, **override) -> None:
     if kind.positional:
         parser.add_argument(opt.name, **kw)
     else:
+        kw.setdefault("dest", opt.name)  # -H is o.human, not o.H
         parser.add_argument(*_flags(opt), **kw)
 
 
@@ -5445,6 +5841,30 @@ def _emit(envelope: dict) -> None:
         pass
 
 
+def _binary_stdout():
+    return getattr(sys.stdout, "buffer", sys.stdout)
+
+
+def _emit_text(text: str) -> None:
+    """Print a view for people (the table of --format table)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _print_job_ids(argv: list) -> int:
+    root = argv[argv.index("--root") + 1] if "--root" in argv[:-1] else None
+    try:
+        o = options_from_arguments("list", {"limit": 200}, root)
+        ids = [job["job_id"] for job in cmd_list(o)["jobs"]]
+    except Exception:
+        return 1
+    _emit_text("".join(i + "\n" for i in ids))
+    return 0
+
+
 def _print_usage_error(usage: str, prog: str, message: str) -> None:
     try:
         sys.stderr.write("%s%s: error: %s\n" % (usage, prog, message))
@@ -5461,6 +5881,10 @@ def main(argv: "list | None" = None) -> int:
     if not _IS_POSIX:
         _emit(_envelope_error("unsupported_platform", "agent-exec runs on Linux and macOS only"))
         return 1
+    if _command_in(argv) == "_complete_ids":
+        # Hidden, for the completion scripts: the ids of this directory's
+        # jobs, newest first, one per line (nothing at all on any error).
+        return _print_job_ids(argv)
     if argv[:1] == ["_supervise"]:
         # The hidden subcommand that runs the detached supervisor.  `run`
         # starts it with exactly these arguments; it prints nothing, and it
@@ -5489,11 +5913,22 @@ def main(argv: "list | None" = None) -> int:
     if o.verbose:
         _log_level = max(_log_level, 1 + min(o.verbose, 2))
     o.started = started
+    cmd = COMMANDS[o.command_name]
+    if cmd.streams:
+        o.out = _binary_stdout()
     code, envelope = dispatch(o.command_name, o)
-    if not envelope["ok"] and envelope["error"]["code"] == "usage_error":
+    if envelope["ok"]:
+        if cmd.streams:  # its output was the answer
+            return code
+        if cmd.table is not None and _wants_table(o):
+            _emit_text(cmd.table(envelope, _color_wanted()))
+            return code
+    elif envelope["error"]["code"] == "usage_error":
         # A conflict found after parsing: the command's usage, as argparse gives.
         sub = parser.commands[o.command_name]
         _print_usage_error(sub.format_usage(), sub.prog, envelope["error"]["message"])
+    elif cmd.streams and envelope["error"]["code"] == "interrupted":
+        return 130  # Ctrl-C stops following (never the job): the usual 128 + SIGINT
     _emit(envelope)
     return code
 
