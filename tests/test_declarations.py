@@ -22,7 +22,13 @@ if REPO not in sys.path:
 
 import agent_exec  # noqa: E402
 
-COMMAND_NAMES = ("run", "status", "tail", "wait", "read", "kill", "list", "delete", "gc", "schema")
+# The commands with a JSON answer that a tool list offers too, then those
+# of the command line only (follow and completion print text, not JSON).
+TOOL_NAMES = ("run", "status", "tail", "wait", "read", "kill", "list", "delete", "gc", "schema")
+CLI_ONLY = ("follow", "completion", "install", "uninstall")
+STREAMING = ("follow", "completion")
+COMMAND_NAMES = TOOL_NAMES + CLI_ONLY
+JSON_NAMES = tuple(n for n in COMMAND_NAMES if n not in STREAMING)
 
 
 def _readme_table(heading: str) -> list:
@@ -100,13 +106,16 @@ class ErrorTableTests(unittest.TestCase):
 class SchemaTests(unittest.TestCase):
     def test_one_definition_per_command_and_the_envelope(self):
         schema = agent_exec.response_schema()
-        self.assertEqual(set(schema["definitions"]), set(COMMAND_NAMES) | {"error", "snapshot"})
+        self.assertEqual(set(schema["definitions"]), set(JSON_NAMES) | {"error", "snapshot"})
         refs = [x["$ref"].rsplit("/", 1)[1] for x in schema["oneOf"]]
-        self.assertEqual(refs, sorted(set(COMMAND_NAMES) | {"error"}))
+        self.assertEqual(refs, sorted(set(JSON_NAMES) | {"error"}))
 
     def test_each_answer_lists_its_declared_fields(self):
         defs = agent_exec.response_schema()["definitions"]
         for name, cmd in agent_exec.COMMANDS.items():
+            if cmd.streams:
+                self.assertNotIn(name, defs)
+                continue
             with self.subTest(command=name):
                 props = defs[name]["properties"]
                 self.assertEqual(set(props) - {"schema_version", "ok", "type"},
@@ -170,8 +179,10 @@ class SchemaTests(unittest.TestCase):
 class ToolListTests(unittest.TestCase):
     def test_every_command_is_a_tool_with_its_options(self):
         tools = {t["name"]: t for t in agent_exec.tool_list()}
-        self.assertEqual(tuple(tools), COMMAND_NAMES)
+        self.assertEqual(tuple(tools), TOOL_NAMES)
         for name, cmd in agent_exec.COMMANDS.items():
+            if name in CLI_ONLY:
+                continue
             with self.subTest(tool=name):
                 props = tools[name]["inputSchema"]["properties"]
                 self.assertEqual(set(props), {o.name for o in cmd.opts if "mcp" in o.fronts})
