@@ -5515,7 +5515,7 @@ def _list_table(answer: dict, color: bool) -> str:
         return "no jobs here (list --all shows those of every directory)\n"
     now = time.time()
     rows = [["ID", "NAME", "STATE", "EXIT", "AGE", "DURATION", "COMMAND"]]
-    colours = ["1"] if color else [""]
+    colours = [""]
     for short, job in zip(_short_ids([j["job_id"] for j in jobs]), jobs):
         state = job["state"] + ("*" if job.get("lingering") else "")
         rows.append(
@@ -5531,8 +5531,8 @@ def _list_table(answer: dict, color: bool) -> str:
         )
         colours.append(_state_colour(job))
     text = _columns(rows, colours, color, shutil.get_terminal_size((100, 24)).columns)
-    if color:
-        text = text.replace(rows[0][0], _paint(rows[0][0], "1", color), 1)
+    header, _, body = text.partition("\n")
+    text = _paint(header, "1", color) + "\n" + body  # the header in bold
     notes = []
     if any(j.get("lingering") for j in jobs):
         notes.append("* finished, but processes it started still run")
