@@ -361,6 +361,14 @@ def pid_alive(pid):
 
 # ==== The bench ==============================================================
 
+# How figures 1-3 start the tool: the row id's suffix and the label's.
+_MODE_IDS = {"": "", " -m": "-m", " launcher": "-L"}
+_MODE_LABELS = {
+    "": " (script)",
+    " -m": " (`-m agent_exec`, cached bytecode)",
+    " launcher": " (the launcher `install` writes)",
+}
+
 
 class Bench:
     def __init__(self, opts):
@@ -402,9 +410,35 @@ class Bench:
     def py(self, *args):
         return [self.python] + self.flags + list(args)
 
-    def tool(self, root, *args, module=False):
-        head = self.py("-m", "agent_exec") if module else self.py(TOOL)
+    def tool(self, root, *args, module=False, launcher=None):
+        """The argv of the tool: as a script, with -m, or through an installed launcher."""
+        if launcher:
+            head = [launcher]
+        else:
+            head = self.py("-m", "agent_exec") if module else self.py(TOOL)
         return head + ["--root", root] + list(args)
+
+    def launcher(self):
+        """The agent-exec launcher that `install` writes for the tool under
+        test (installed once per tool, in the bench's temp dir); None when the
+        tool has no install command (an older baseline)."""
+        cache = self.__dict__.setdefault("_launchers", {})
+        if TOOL not in cache:
+            where = os.path.join(self.base, "install-%d" % len(cache))
+            argv = self.py(TOOL, "install", "--bin-dir", where + "/bin", "--prefix", where)
+            res = self.timed(argv, env=self.env)
+            try:
+                cache[TOOL] = json.loads(res["out"].decode())["launcher_path"]
+            except (ValueError, KeyError):
+                cache[TOOL] = None
+        return cache[TOOL]
+
+    def launch_modes(self):
+        """(label suffix, module, launcher) for the script, -m and the launcher."""
+        modes = [("", False, None), (" -m", True, None)]
+        if self.launcher():
+            modes.append((" launcher", False, self.launcher()))
+        return modes
 
     def timed(self, argv, env=None, stdout=None, answer=False, timeout=600.0, cwd=None):
         """Run argv; time it from just before the spawn to its exit (exactly).
@@ -664,28 +698,27 @@ class Bench:
         root = self.new_root("f1")
         job = self.finished_job(root)
         variants = [("F_py", self.floor_py)]
+        modes = self.launch_modes()
         for cmd in ("status", "tail", "wait"):
-            for module in (False, True):
-                argv = self.tool(root, cmd, job, module=module)
+            for suffix, module, launcher in modes:
+                argv = self.tool(root, cmd, job, module=module, launcher=launcher)
                 env = self.env_m if module else self.env
-                variants.append(("%s%s" % (cmd, " -m" if module else ""), self._fn_tool(argv, env)))
+                variants.append((cmd + suffix, self._fn_tool(argv, env)))
         res = self.rounds(variants, runs=self.short_runs)
         rows = []
         for sub, cmd in (("a", "status"), ("b", "tail"), ("c", "wait")):
-            for module in (False, True):
-                label = "%s on a finished job" % cmd
-                label += " (`-m agent_exec`, cached bytecode)" if module else " (script)"
-                key = cmd + (" -m" if module else "")
+            for suffix, _module, _launcher in modes:
+                limit, target = (1.15, "≤ 1.15 × F_py") if _launcher else (1.25, "≤ 1.25 × F_py")
                 rows.append(
                     self.ratio_row(
-                        "1" + sub + ("-m" if module else ""),
-                        label,
-                        res[key],
+                        "1" + sub + _MODE_IDS[suffix],
+                        "%s on a finished job%s" % (cmd, _MODE_LABELS[suffix]),
+                        res[cmd + suffix],
                         res["F_py"],
                         "F_py",
-                        1.25,
-                        "≤ 1.25 × F_py",
-                        cpu=(res["cpu:" + key], res["cpu:F_py"]),
+                        limit,
+                        target,
+                        cpu=(res["cpu:" + cmd + suffix], res["cpu:F_py"]),
                     )
                 )
         return rows
@@ -699,9 +732,12 @@ class Bench:
     def fig_run_start(self):
         root = self.new_root("f2")
         last = {}
+        modes = self.launch_modes()
 
-        def make(module):
-            argv = self.tool(root, "run", "--snapshot-after", "0", "--", "true", module=module)
+        def make(module, launcher=None):
+            argv = self.tool(
+                root, "run", "--snapshot-after", "0", "--", "true", module=module, launcher=launcher
+            )
             env = self.env_m if module else self.env
 
             def fn():
@@ -717,40 +753,36 @@ class Bench:
                 self.settle(root, last.pop("job"))
 
         res = self.rounds(
-            [("F_py", self.floor_py), ("run", make(False)), ("run -m", make(True))],
+            [("F_py", self.floor_py)]
+            + [("run" + suffix, make(module, launcher)) for suffix, module, launcher in modes],
             before=before,
         )
         before(None)
-        return [
-            self.ratio_row(
-                "2",
-                "run --snapshot-after 0 -- true (script)",
-                res["run"],
-                res["F_py"],
-                "F_py",
-                2.5,
-                "≤ 2.5 × F_py",
-                cpu=(res["cpu:run"], res["cpu:F_py"]),
-            ),
-            self.ratio_row(
-                "2-m",
-                "run --snapshot-after 0 -- true (`-m agent_exec`)",
-                res["run -m"],
-                res["F_py"],
-                "F_py",
-                2.5,
-                "≤ 2.5 × F_py",
-                cpu=(res["cpu:run -m"], res["cpu:F_py"]),
-            ),
-        ]
+        rows = []
+        for suffix, _module, launcher in modes:
+            limit, target = (2.0, "≤ 2 × F_py") if launcher else (2.5, "≤ 2.5 × F_py")
+            rows.append(
+                self.ratio_row(
+                    "2" + _MODE_IDS[suffix],
+                    "run --snapshot-after 0 -- true" + _MODE_LABELS[suffix],
+                    res["run" + suffix],
+                    res["F_py"],
+                    "F_py",
+                    limit,
+                    target,
+                    cpu=(res["cpu:run" + suffix], res["cpu:F_py"]),
+                )
+            )
+        return rows
 
     def fig_run_wait(self):
         root = self.new_root("f3")
-        exits = {"run": [], "run -m": []}
+        modes = self.launch_modes()
+        exits = {"run" + suffix: [] for suffix, _m, _l in modes}
         last = {}
 
-        def make(name, module):
-            argv = self.tool(root, "run", "--wait", "--", "true", module=module)
+        def make(name, module, launcher=None):
+            argv = self.tool(root, "run", "--wait", "--", "true", module=module, launcher=launcher)
             env = self.env_m if module else self.env
 
             def fn():
@@ -769,18 +801,22 @@ class Bench:
                 self.settle(root, last.pop("job"))
 
         res = self.rounds(
-            [
-                ("F_py", self.floor_py),
-                ("run", make("run", False)),
-                ("run -m", make("run -m", True)),
+            [("F_py", self.floor_py)]
+            + [
+                ("run" + suffix, make("run" + suffix, module, launcher))
+                for suffix, module, launcher in modes
             ],
             before=before,
         )
         before(None)
         rows = []
         for key, fid, label in (
-            ("run", "3", "run --wait -- true, until the answer is printed (script)"),
-            ("run -m", "3-m", "run --wait -- true, until the answer is printed (`-m agent_exec`)"),
+            (
+                "run" + suffix,
+                "3" + _MODE_IDS[suffix],
+                "run --wait -- true, until the answer is printed" + _MODE_LABELS[suffix],
+            )
+            for suffix, _m, _l in modes
         ):
             to_exit = median(exits[key][1:])
             note = "until its exit: %.2f× F_py (%s)" % (
