@@ -5697,8 +5697,9 @@ def build_parser(command: "str | None" = None):
 
 
 _EPILOG = (
-    "Every command prints exactly one JSON object on stdout;\n"
-    "`agent-exec schema` prints the JSON Schema of every answer."
+    "Every command prints exactly one JSON object on stdout (follow, completion\n"
+    "and --format table print text, for people); `agent-exec schema` prints the\n"
+    "JSON Schema of every answer."
 )
 _HELP_HELP = "show the help of agent-exec, or of one command"
 
