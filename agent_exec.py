@@ -5151,6 +5151,7 @@ def cmd_install(o) -> dict:
             library = bytecode = os.path.join(lib, "agent_exec.pyc")
             _write_file_atomic(bytecode, _own_bytecode(source), 0o644)
         launcher = os.path.join(bin_dir, "agent-exec")
+        _refuse_foreign_launcher(launcher)
         if any(c.isspace() for c in sys.executable):
             raise AgentExecError(
                 "invalid_argument",
@@ -5179,6 +5180,25 @@ def cmd_install(o) -> dict:
         "upgraded": upgraded,
         "manifest_path": manifest,
     }
+
+
+def _refuse_foreign_launcher(path: str) -> None:
+    """An agent-exec in the bin dir that install did not write (pip's, or a
+    user's script) is left alone: install must not replace what it cannot
+    give back."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise AgentExecError("io_error", "install: cannot read %s: %s" % (path, e.strerror or e))
+    if b"written by `agent-exec install`" not in head:
+        raise AgentExecError(
+            "invalid_argument",
+            "install: %s exists and was not written by agent-exec install; remove it, "
+            "or pass --bin-dir DIR" % path,
+        )
 
 
 def _installed_files(manifest: str) -> "list | None":

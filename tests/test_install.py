@@ -106,6 +106,18 @@ class InstallTests(unittest.TestCase):
         rc, e = self.call([PY, SCRIPT, "install", "--prefix", ""])
         self.assertEqual((rc, e["error"]["code"]), (2, "usage_error"), e)
 
+    def test_an_agent_exec_that_install_did_not_write_is_left_alone(self):
+        bin_dir = os.path.join(self.home, "b")
+        os.mkdir(bin_dir)
+        theirs = os.path.join(bin_dir, "agent-exec")
+        with open(theirs, "w") as f:
+            f.write("#!/bin/sh\necho pip's agent-exec\n")
+        rc, e = self.call([PY, SCRIPT, "install", "--bin-dir", bin_dir])
+        self.assertEqual((rc, e["error"]["code"]), (1, "invalid_argument"), e)
+        self.assertIn("--bin-dir", e["error"]["message"])
+        with open(theirs) as f:
+            self.assertIn("pip's", f.read())
+
 
 if __name__ == "__main__":
     unittest.main()
