@@ -5131,6 +5131,14 @@ def cmd_install(o) -> dict:
     manifest = os.path.join(lib, _MANIFEST)
     before = _installed_files(manifest)
     upgraded = before is not None
+    launcher = os.path.join(bin_dir, "agent-exec")
+    _refuse_foreign_launcher(launcher)  # before anything is written
+    if any(c.isspace() for c in sys.executable):
+        raise AgentExecError(
+            "invalid_argument",
+            "install: the interpreter's path %r holds white space, which a #! line "
+            "cannot take" % sys.executable,
+        )
     try:
         os.makedirs(lib, 0o755, exist_ok=True)
         os.makedirs(bin_dir, 0o755, exist_ok=True)
@@ -5150,14 +5158,6 @@ def cmd_install(o) -> dict:
             # agent_exec.py stands beside it.
             library = bytecode = os.path.join(lib, "agent_exec.pyc")
             _write_file_atomic(bytecode, _own_bytecode(source), 0o644)
-        launcher = os.path.join(bin_dir, "agent-exec")
-        _refuse_foreign_launcher(launcher)
-        if any(c.isspace() for c in sys.executable):
-            raise AgentExecError(
-                "invalid_argument",
-                "install: the interpreter's path %r holds white space, which a #! line "
-                "cannot take" % sys.executable,
-            )
         text = _LAUNCHER.format(python=sys.executable, version=__version__, lib=lib)
         _write_file_atomic(launcher, text.encode(), 0o755)
         written = [library, launcher] + ([bytecode] if bytecode != library else [])

@@ -117,6 +117,7 @@ class InstallTests(unittest.TestCase):
         self.assertIn("--bin-dir", e["error"]["message"])
         with open(theirs) as f:
             self.assertIn("pip's", f.read())
+        self.assertFalse(os.path.exists(self.lib))  # nothing written at all
 
 
 if __name__ == "__main__":
