@@ -103,6 +103,34 @@ class ErrorTableTests(unittest.TestCase):
         self.assertRaises(KeyError, agent_exec.AgentExecError, "no_such_code", "x")
 
 
+class ReadmeTests(unittest.TestCase):
+    """The README stands on its own: a clone has everything it points at."""
+
+    def setUp(self):
+        with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+            self.text = f.read()
+
+    def test_no_pointers_outside_the_repository(self):
+        self.assertNotIn("CONTRACT.md", self.text)
+        self.assertNotRegex(self.text, r"(?i)rust original|the original agent-exec")
+        self.assertNotRegex(self.text, r"(?i)\bissue\s*#?\d")
+        for link in re.findall(r"\]\(([^)#]+)\)", self.text):
+            if "://" not in link:
+                self.assertTrue(os.path.exists(os.path.join(REPO, link)), link)
+
+    def test_the_agent_loop_runs_a_server_of_the_repository(self):
+        self.assertIn("python3 -u examples/server.py", self.text)
+        self.assertTrue(os.path.isfile(os.path.join(REPO, "examples", "server.py")))
+        self.assertIn("PYTHONUNBUFFERED", self.text)
+
+    def test_a_fast_subset_of_the_tests_is_named(self):
+        self.assertIn(
+            "python3 -m unittest tests.test_units tests.test_declarations "
+            "tests.test_supervisor_units",
+            self.text,
+        )
+
+
 class SchemaTests(unittest.TestCase):
     def test_one_definition_per_command_and_the_envelope(self):
         schema = agent_exec.response_schema()
