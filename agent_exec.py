@@ -4892,7 +4892,8 @@ def cmd_schema(o) -> dict:
         JOB_ID,
     ),
     returns=JOB_HEAD + RESULT_FIELDS + (CURSOR_FIELD,),
-    exit_status=lambda o, answer: _job_exit_status(answer),
+    # 141 (128 + SIGPIPE) when the reader went away before the end.
+    exit_status=lambda o, answer: 141 if getattr(o, "closed", False) else _job_exit_status(answer),
     streams=True,
     fronts=("cli",),
     examples=(
@@ -4901,40 +4902,126 @@ def cmd_schema(o) -> dict:
     ),
 )
 def cmd_follow(o) -> dict:
-    """Copy the job's new bytes to ``o.out`` until the job is terminal and read."""
+    """Copy the job's new bytes to ``o.out`` until the job is terminal and read.
+
+    Both streams come in the order full.log's rows give (_RowOrder); one
+    stream, or a job whose full.log cannot give that order, is copied chunk
+    by chunk.  Every byte is copied once, from stdout.log and stderr.log.
+    """
     job = _open_job(o, o.job_id)
-    streams = list(_STREAMS) if (o.stream or "both") == "both" else [o.stream]
+    which = o.stream or "both"
+    streams = list(_STREAMS) if which == "both" else [which]
     pos = dict(zip(_STREAMS, o.cursor if o.cursor is not None else (0, 0)))
+    rows = _RowOrder(job, pos) if which == "both" else None
     cancel = _cancelled(o)
-    watch = None
+    watch = _LockWatch.acquire(job.path(META))
     try:
         while True:
             terminal = job.terminal
             before = _log_sizes(job)  # before reading: see _wait_output
-            wrote = more = False
-            for stream in streams:
-                data, pos[stream], cut = read_span(job, stream, pos[stream], READ_CHUNK, terminal)
-                if data:
-                    o.out.write(data)
-                    wrote = True
-                more = more or cut
-            if wrote:
+            if rows is not None:
+                data = rows.take(job)
+                more = bool(data)
+                if rows.broken or (terminal and not data):
+                    rows = None  # the rest, chunk by chunk (full.log has said all it can)
+                    more = True
+            else:
+                data, more = b"", False
+                for stream in streams:
+                    chunk, pos[stream], cut = read_span(
+                        job, stream, pos[stream], READ_CHUNK, terminal
+                    )
+                    data += chunk
+                    more = more or cut
+            if data:
+                o.out.write(data)
                 o.out.flush()
-            if (terminal and not more) or (cancel is not None and cancel.is_set()):
+            if (terminal and not more and rows is None) or (cancel is not None and cancel.is_set()):
                 break
-            if not wrote:
-                if watch is None:
-                    watch = _LockWatch.acquire(job.path(META))
-                _wait_output(job, watch, None, before, cancel)
+            if not data:
+                if rows is not None:  # a row may come without the logs growing (a partial line)
+                    watch.wait(READ_POLL_S, cancel)
+                else:
+                    _wait_output(job, watch, None, before, cancel)
             job = job.reload()
     except BrokenPipeError:  # `follow ID | head`: the reader has seen enough
-        pass
+        o.closed = True
     finally:
-        if watch is not None:
-            watch.release()
+        watch.release()
     out = job.head()
     out["cursor"] = make_cursor(pos["stdout"], pos["stderr"])
     return out
+
+
+class _RowOrder:
+    """The order in which the two streams' bytes arrived, from full.log's rows.
+
+    Each row of full.log is one line (or a cut piece of one) of one stream,
+    in arrival order, its text byte for byte what the stream's log holds.
+    take() walks the new rows and, for each, copies that many bytes (and the
+    newline that ends them) from the stream's own log.  ``broken`` goes up
+    when the rows cannot be matched with the logs (--max-output dropped
+    bytes, a full.log that a full disk cut short, a row that differs): the
+    caller then copies the rest chunk by chunk, so no byte is lost or doubled.
+    """
+
+    _TAGS = {b" [STDOUT] ": "stdout", b" [STDERR] ": "stderr"}
+    _PREFIX = 24  # the RFC 3339 timestamp that starts every row
+
+    def __init__(self, job: _Job, pos: dict) -> None:
+        self.path = job.meta.get("log_path") or job.path(FULL_LOG)
+        self.pos = pos  # the caller's: where each stream's next byte to copy is
+        self.seen = {"stdout": 0, "stderr": 0}  # where the rows have got to
+        self.cut = {"stdout": False, "stderr": False}  # the last row had no newline
+        self.offset = 0  # of the next full.log row
+        self.broken = bool(job.meta.get("max_output"))
+
+    def take(self, job: _Job) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(READ_CHUNK)
+        except OSError:
+            self.broken = True
+            return b""
+        out = []
+        start = 0
+        while not self.broken:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            if not self._row(job, data[start:end], out):
+                break  # its bytes are not in the log yet: again next time
+            start = end + 1
+        self.offset += start
+        return b"".join(out)
+
+    def _row(self, job: _Job, row: bytes, out: list) -> bool:
+        stream = self._TAGS.get(row[self._PREFIX : self._PREFIX + 10])
+        if stream is None:
+            self.broken = True
+            return False
+        text = row[self._PREFIX + 10 :]
+        at = self.seen[stream]
+        data, new_pos, _more = read_span(job, stream, at, len(text) + 2, True)
+        if new_pos - len(data) != at:  # bytes dropped before this row
+            self.broken = True
+            return False
+        i = 1 if self.cut[stream] and data[:1] == b"\n" else 0  # it ended the cut row
+        if len(data) < i + len(text):
+            return False
+        if data[i : i + len(text)] != text:
+            self.broken = True
+            return False
+        j = i + len(text)
+        self.cut[stream] = data[j : j + 1] != b"\n"
+        if not self.cut[stream]:
+            j += 1
+        skip = max(0, self.pos[stream] - at)  # before a --cursor: seen, not copied
+        out.append(data[skip:j])
+        self.seen[stream] = at + j
+        self.pos[stream] = max(self.pos[stream], at + j)
+        return True
 
 
 @command(
@@ -4972,7 +5059,8 @@ _TAKES_JOB_IDS = ("status", "tail", "wait", "read", "kill", "delete", "follow")
 def _completion_script(shell: str) -> str:
     words = _completion_words()
     names = " ".join(list(words) + ["help"])
-    ids = "agent-exec _complete_ids 2>/dev/null"
+    ids = 'agent-exec "${root[@]}" _complete_ids 2>/dev/null'
+    fish_ids = "agent-exec _complete_ids 2>/dev/null"
     if shell == "fish":
         lines = [
             "# agent-exec completion for fish",
@@ -4990,7 +5078,7 @@ def _completion_script(shell: str) -> str:
                 )
         lines.append(
             "complete -c agent-exec -n '__fish_seen_subcommand_from %s' -a '(%s)'"
-            % (" ".join(_TAKES_JOB_IDS), ids)
+            % (" ".join(_TAKES_JOB_IDS), fish_ids)
         )
         return "\n".join(lines) + "\n"
     cases = "".join(
@@ -5018,10 +5106,11 @@ def _sh_quote(text: str) -> str:
 
 _BASH_COMPLETION = """# agent-exec completion for bash: eval "$(agent-exec completion bash)"
 _agent_exec() {
-    local cur="${COMP_WORDS[COMP_CWORD]}" cmd="" i opts
+    local cur="${COMP_WORDS[COMP_CWORD]}" cmd="" i opts root=()
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            --root) ((i++)) ;;
+            --root) root=(--root "${COMP_WORDS[i + 1]}"); ((i++)) ;;
+            --root=*) root=("${COMP_WORDS[i]}") ;;
             -*) ;;
             *) cmd="${COMP_WORDS[i]}"; break ;;
         esac
@@ -5166,7 +5255,8 @@ def cmd_install(o) -> dict:
             {"version": __version__, "python": sys.executable, "files": written},
         )
         for path in set(before or ()) - set(written):  # the last install's, not this one's
-            _unlink_quietly(path)
+            if _ours(path, lib):
+                _unlink_quietly(path)
     except OSError as e:
         raise AgentExecError("io_error", "install: %s: %s" % (e.filename or lib, e.strerror or e))
     return {
@@ -5201,6 +5291,19 @@ def _refuse_foreign_launcher(path: str) -> None:
         )
 
 
+def _ours(path: str, lib: str) -> bool:
+    """May install or uninstall remove ``path``?  Files in the library are
+    ours; a launcher only while it is still the one written for ``lib``."""
+    if os.path.dirname(path) in (lib, os.path.join(lib, "__pycache__")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    return b"written by `agent-exec install`" in head and repr(lib).encode() in head
+
+
 def _installed_files(manifest: str) -> "list | None":
     """The files an earlier install wrote (its install.json), or None if none."""
     try:
@@ -5208,7 +5311,11 @@ def _installed_files(manifest: str) -> "list | None":
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise AgentExecError("io_error", "cannot read %s: %s" % (manifest, e))
+        raise AgentExecError(
+            "io_error",
+            "cannot read %s (%s): remove it, and the files beside it, to start afresh"
+            % (manifest, e),
+        )
     return [p for p in files if isinstance(p, str)] if isinstance(files, list) else []
 
 
@@ -5272,6 +5379,8 @@ def cmd_uninstall(o) -> dict:
         return {"removed": [], "manifest_path": manifest}
     removed = []
     for path in listed + [manifest]:
+        if not _ours(path, lib):
+            continue  # a launcher that another install (or the user) has replaced
         try:
             if _unlink_quietly(path):
                 removed.append(path)
@@ -5436,7 +5545,7 @@ _STATE_COLOURS = {"running": "36", "exited": "32", "killed": "33", "failed": "31
 
 
 def _color_wanted() -> bool:
-    if os.environ.get("NO_COLOR"):
+    if "NO_COLOR" in os.environ:  # set, even empty: no colour
         return False
     try:
         return sys.stdout.isatty()
@@ -5501,7 +5610,15 @@ def _command_line(argv) -> str:
 
     if not isinstance(argv, list):
         return "-"
-    return " ".join(shlex.quote(str(word)) for word in argv)
+    return _printable(" ".join(shlex.quote(str(word)) for word in argv))
+
+
+def _printable(text: str) -> str:
+    """A table cell without control characters: a job's command must not be
+    able to move the cursor or recolour a person's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _short_ids(ids: list) -> list:
@@ -5541,7 +5658,7 @@ def _list_table(answer: dict, color: bool) -> str:
         rows.append(
             [
                 short,
-                job.get("name") or "-",
+                _printable(str(job.get("name") or "-")),
                 state,
                 _outcome(job) if job["state"] != "running" else "-",
                 _ago(job.get("started_at"), now),
@@ -5876,7 +5993,12 @@ def _emit_text(text: str) -> None:
 
 
 def _print_job_ids(argv: list) -> int:
-    root = argv[argv.index("--root") + 1] if "--root" in argv[:-1] else None
+    root = None
+    for i, arg in enumerate(argv):
+        if arg == "--root" and i + 1 < len(argv):
+            root = argv[i + 1]
+        elif arg.startswith("--root="):
+            root = arg[len("--root=") :]
     try:
         o = options_from_arguments("list", {"limit": 200}, root)
         ids = [job["job_id"] for job in cmd_list(o)["jobs"]]

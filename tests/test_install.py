@@ -106,6 +106,27 @@ class InstallTests(unittest.TestCase):
         rc, e = self.call([PY, SCRIPT, "install", "--prefix", ""])
         self.assertEqual((rc, e["error"]["code"]), (2, "usage_error"), e)
 
+    def test_uninstall_keeps_a_launcher_that_is_no_longer_its_own(self):
+        rc, j = self.call([PY, SCRIPT, "install"])
+        with open(self.launcher, "w") as f:  # the user put their own in its place
+            f.write("#!/bin/sh\necho mine\n")
+        rc, u = self.call([PY, SCRIPT, "uninstall"])
+        self.assertEqual(rc, 0, u)
+        self.assertNotIn(self.launcher, u["removed"])
+        with open(self.launcher) as f:
+            self.assertIn("mine", f.read())
+        # Two prefixes, one launcher: it belongs to the second; uninstalling the
+        # first leaves it.
+        os.unlink(self.launcher)
+        p1, p2 = os.path.join(self.home, "p1"), os.path.join(self.home, "p2")
+        self.call([PY, SCRIPT, "install", "--prefix", p1])
+        self.call([PY, SCRIPT, "install", "--prefix", p2])
+        rc, u = self.call([PY, SCRIPT, "uninstall", "--prefix", p1])
+        self.assertNotIn(self.launcher, u["removed"])
+        self.assertTrue(os.path.exists(self.launcher))
+        rc, u = self.call([PY, SCRIPT, "uninstall", "--prefix", p2])
+        self.assertIn(self.launcher, u["removed"])
+
     def test_an_agent_exec_that_install_did_not_write_is_left_alone(self):
         bin_dir = os.path.join(self.home, "b")
         os.mkdir(bin_dir)

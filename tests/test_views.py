@@ -92,6 +92,15 @@ class TableTests(JobsTestCase):
         self.assertNotIn("\033[", r.stdout)
         self.assertTrue(self.cli("list").stdout.startswith("{"))  # JSON by default
 
+    def test_control_characters_never_reach_the_terminal(self):
+        self.ok("run", "--wait", "--", "echo", "x\ny\033[31mRED")
+        r = self.cli("list", "-H")
+        self.assertNotIn("\033", r.stdout)
+        self.assertIn("\\n", r.stdout)
+        self.assertEqual(len(r.stdout.splitlines()), 5, r.stdout)  # header + 4 jobs
+        code, text = on_a_terminal(CLI + ["list", "-H"], self.term_env(NO_COLOR=""), self.tmp)
+        self.assertNotIn("\033[", text)  # NO_COLOR set, even empty: no colour
+
     def test_status_and_tail_tables(self):
         r = self.cli("status", "-H", self.bad_id)
         self.assertRegex(r.stdout, r"(?m)^state\s+exited$")
@@ -133,6 +142,29 @@ class FollowTests(JobsTestCase):
         self.assertEqual(text, "first\nsecond\nthird\n")
         # each line came when the job wrote it, not all at the end
         self.assertLess(seen[b"first"], seen[b"third"] - 1.0, seen)
+
+    def test_both_streams_in_full_logs_order_and_a_cursor(self):
+        script = "echo o1; sleep 0.2; echo e1 >&2; sleep 0.2; echo o2; printf tail"
+        jid = self.ok("run", "--wait", "--", "sh", "-c", script)["job_id"]
+        r = self.cli("follow", jid)
+        self.assertEqual((r.code, r.stdout), (0, "o1\ne1\no2\ntail"))
+        r = self.cli("follow", "--cursor", "c1.3.0", jid)  # past "o1\n"
+        self.assertEqual(r.stdout, "e1\no2\ntail")
+
+    @unittest.skipUnless(shutil.which("bash"), "bash is not installed")
+    def test_a_reader_that_goes_away(self):
+        jid = self.start_bg("sh", "-c", "while :; do echo y; sleep 0.05; done")
+        argv = " ".join(shlex.quote(a) for a in CLI)
+        proc = subprocess.run(
+            ["bash", "-c", "%s follow %s | head -n 2; echo ${PIPESTATUS[0]}" % (argv, jid)],
+            stdout=subprocess.PIPE,
+            env=self.env(),
+            cwd=self.tmp,
+            universal_newlines=True,
+            timeout=60,
+        )
+        self.assertEqual(proc.stdout.split(), ["y", "y", "141"], proc.stdout)
+        self.assertEqual(self.ok("status", jid)["state"], "running")
 
     def test_ctrl_c_stops_following_not_the_job(self):
         jid = self.start_bg("sh", "-c", "echo started; sleep 30")
