@@ -97,6 +97,7 @@ DEFAULT_WAIT_POLL_MS = 200
 DEFAULT_LIST_LIMIT = 50
 DEFAULT_NOTIFY_TIMEOUT_MS = 30000
 DEFAULT_GC_OLDER_THAN_MS = 7 * 86400000
+DEFAULT_STDIN_MAX_BYTES = 64 << 20
 # How long `kill` waits for the job to become terminal before it answers.
 KILL_SETTLE_S = 1.0
 
@@ -130,6 +131,7 @@ STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
 FULL_LOG = "full.log"
 EVENT_FILE = "completion_event.json"
+STDIN_FILE = "stdin"  # run --stdin/--stdin-file: the bytes the workload reads
 CONTROL = "control"  # FIFO: `kill` asks the live supervisor to signal
 READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
 RESERVE = ".reserve"  # disk space set aside so the terminal state fits on a full disk
@@ -1743,15 +1745,18 @@ class _ChildSetup:
     listing the signals, and later rlimits or a terminal) is done here.
     """
 
-    __slots__ = ("path", "argv", "env", "cwd", "stdout", "stderr", "default_signals")
+    __slots__ = ("path", "argv", "env", "cwd", "stdin", "stdout", "stderr", "default_signals")
 
-    def __init__(self, argv: list, env: dict, cwd: str, stdout: int, stderr: int) -> None:
+    def __init__(
+        self, argv: list, env: dict, cwd: str, stdout: int, stderr: int, stdin: "str | None" = None
+    ) -> None:
         import signal
 
         self.argv = argv
         self.env = env
         self.cwd = cwd
-        self.stdout = stdout  # the fds that become 1 and 2 (0 is /dev/null)
+        self.stdin = stdin  # the file that becomes fd 0 (None: /dev/null)
+        self.stdout = stdout  # the fds that become 1 and 2
         self.stderr = stderr
         try:
             path = _resolve_command(argv[0], cwd, env)  # type: str | None
@@ -1777,7 +1782,8 @@ def _spawn_workload(setup: "_ChildSetup") -> int:
     internal signals 32 and 33 ignored in the new program.)  Raises OSError
     (with the exec's errno) or ValueError when the program did not start.
     """
-    null = os.open(os.devnull, os.O_RDWR)
+    # fd 0: the job's stdin file, else /dev/null (read-write, as it always was)
+    null = os.open(setup.stdin, os.O_RDONLY) if setup.stdin else os.open(os.devnull, os.O_RDWR)
     try:
         errpipe_r, errpipe_w = os.pipe()  # both close-on-exec (PEP 446)
     except OSError:
@@ -2683,7 +2689,9 @@ class _Supervisor:
             os.close(out_w)
             raise
         try:
-            setup = _ChildSetup(cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w)
+            setup = _ChildSetup(
+                cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w, cfg.get("stdin_path")
+            )
             facts.pid = _spawn_workload(setup)
         except BaseException:
             for fd in (out_r, out_w, err_r, err_w):
@@ -3602,6 +3610,21 @@ _RUN_OPTS = (
         "keep at most SIZE bytes per stream on disk, the newest (0 = no limit)",
         metavar="SIZE",
     ),
+    Opt(
+        "stdin",
+        help="the job reads TEXT on its stdin, then EOF ('-': read this command's own "
+        "stdin to EOF first; default: /dev/null)",
+        metavar="TEXT",
+    ),
+    Opt(
+        "stdin_file", help="the job reads this file's bytes on its stdin, then EOF", metavar="PATH"
+    ),
+    Opt(
+        "stdin_max_bytes",
+        "size",
+        DEFAULT_STDIN_MAX_BYTES,
+        "refuse more stdin than this (default 64 MiB)",
+    ),
     Opt("command", "argv", help="the command and its arguments"),
 )
 
@@ -3614,6 +3637,7 @@ _RUN_OPTS = (
         _needs_command,
         lambda o: _regex_error(o.ready_match, "--ready-match"),
         conflict("no_inherit_env", "inherit_env"),
+        conflict("stdin", "stdin_file"),
         lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,
         _notify_command_error,
     ),
@@ -3671,7 +3695,9 @@ def cmd_run(o) -> dict:
     except OSError as e:
         raise AgentExecError("io_error", "cannot write %s: %s" % (meta_path, e.strerror or e))
     try:
-        ready = _launch_supervisor(job_dir, lock_fd, _supervisor_config(spec))
+        if spec["stdin"] is not None:  # before the supervisor: the workload reads it
+            _write_private_file(os.path.join(job_dir, STDIN_FILE), spec["stdin"])
+        ready = _launch_supervisor(job_dir, lock_fd, _supervisor_config(spec, job_dir))
     finally:
         os.close(lock_fd)  # the supervisor holds its own copy now
     if not ready.get("ok"):
@@ -3733,7 +3759,9 @@ def _job_spec(o) -> dict:
         raise
     if o.ready_port:
         _refuse_port_in_use(o.ready_port)
+    stdin = _job_stdin(o)
     return {
+        "stdin": stdin,
         "argv": argv,
         "cwd": cwd,
         "env": env,
@@ -3753,6 +3781,41 @@ def _job_spec(o) -> dict:
         "notify_file": os.path.abspath(o.notify_file) if o.notify_file else None,
         "notify_timeout_ms": o.notify_timeout,
     }
+
+
+def _job_stdin(o) -> "bytes | None":
+    """The bytes of --stdin TEXT, --stdin - or --stdin-file, checked; None for /dev/null.
+
+    Only these read anything: run never reads its caller's stdin unless told
+    (a harness often leaves a pipe open that never closes)."""
+    limit = o.stdin_max_bytes
+    if o.stdin_file is not None:
+        try:
+            with open(o.stdin_file, "rb") as f:
+                data = f.read(limit + 1)
+        except OSError as e:
+            raise AgentExecError(
+                "invalid_argument", "cannot read --stdin-file %s: %s" % (o.stdin_file, e.strerror)
+            )
+        what = "--stdin-file %s" % o.stdin_file
+    elif o.stdin == "-":
+        reader = getattr(sys.stdin, "buffer", None)
+        try:
+            data = reader.read(limit + 1) if reader is not None else b""
+        except (OSError, ValueError) as e:
+            raise AgentExecError("invalid_argument", "cannot read stdin: %s" % e)
+        what = "stdin"
+    elif o.stdin is not None:
+        data = os.fsencode(o.stdin)
+        what = "--stdin"
+    else:
+        return None
+    if len(data) > limit:
+        raise AgentExecError(
+            "invalid_argument",
+            "%s holds more than --stdin-max-bytes (%d bytes)" % (what, limit),
+        )
+    return data
 
 
 def _refuse_port_in_use(port: int) -> None:
@@ -3845,6 +3908,17 @@ def _create_job_dir(root: str) -> "tuple":
             raise AgentExecError("io_error", "cannot create job directory: %s" % e.strerror)
 
 
+def _write_private_file(path: str, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot write %s: %s" % (path, e.strerror or e))
+
+
 def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
     """meta.json: the job's definition, for readers; no environment values."""
     meta = {
@@ -3863,6 +3937,7 @@ def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
         "ready_match": spec["ready_match"],
         "ready_port": spec["ready_port"],
         "log_path": spec["log_path"] or os.path.join(job_dir, FULL_LOG),
+        "stdin_bytes": len(spec["stdin"]) if spec["stdin"] is not None else None,
         "agent_exec_version": __version__,
     }
     if spec["notify_command"] or spec["notify_file"]:
@@ -3893,8 +3968,10 @@ _SUPERVISOR_KEYS = (
 )
 
 
-def _supervisor_config(spec: dict) -> dict:
-    return {key: spec[key] for key in _SUPERVISOR_KEYS}
+def _supervisor_config(spec: dict, job_dir: str) -> dict:
+    cfg = {key: spec[key] for key in _SUPERVISOR_KEYS}
+    cfg["stdin_path"] = os.path.join(job_dir, STDIN_FILE) if spec["stdin"] is not None else None
+    return cfg
 
 
 def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:

@@ -1123,6 +1123,54 @@ class ReadinessTests(JobsTestCase):
         self.assertFalse(os.path.isdir(self.root) and os.listdir(self.root))
 
 
+class StdinTests(JobsTestCase):
+    """run --stdin TEXT | - and --stdin-file: bytes the job reads, then EOF."""
+
+    def final_out(self, *args, **kw):
+        j = self.ok("run", "--wait", *args, **kw)
+        self.assertEqual(j["state"], "exited", j)
+        return j, j["final_snapshot"]["stdout_tail"]
+
+    def test_text_file_and_the_callers_stdin(self):
+        j, out = self.final_out("--stdin", "two\nlines", "--", "cat")
+        self.assertEqual(out, "two\nlines")  # exact: no newline added
+        path = os.path.join(self.job_dir(j["job_id"]), "stdin")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(self.read_json(os.path.join(self.job_dir(j["job_id"]), "meta.json"))[
+            "stdin_bytes"], 9)  # fmt: skip
+        # input is never written to a log
+        j, out = self.final_out("--stdin", "s3cret\n", "--", "sh", "-c", "read x; echo read")
+        self.assertEqual(out, "read\n")
+        for log in ("stdout.log", "stderr.log", "full.log"):
+            with open(os.path.join(self.job_dir(j["job_id"]), log), "rb") as f:
+                self.assertNotIn(b"s3cret", f.read())
+        src = os.path.join(self.tmp, "in.bin")
+        with open(src, "wb") as f:
+            f.write(b"\x00\xffabc")
+        _j, out = self.final_out("--stdin-file", src, "--", "wc", "-c")
+        self.assertEqual(out.strip(), "5")
+        with open(src, "rb") as f:
+            _j, out = self.final_out("--stdin", "-", "--", "wc", "-c", stdin=f)
+        self.assertEqual(out.strip(), "5")
+        # without any: /dev/null, and run never reads its own stdin
+        with open(src, "rb") as f:
+            _j, out = self.final_out("--", "wc", "-c", stdin=f)
+        self.assertEqual(out.strip(), "0")
+
+    def test_bad_input_creates_nothing(self):
+        src = os.path.join(self.tmp, "in.txt")
+        with open(src, "w") as f:
+            f.write("abc")
+        self.fail_with("usage_error", "run", "--stdin", "x", "--stdin-file", src, "--", "cat",
+                       exit_code=2)  # fmt: skip
+        j = self.fail_with(
+            "invalid_argument", "run", "--stdin-max-bytes", "2", "--stdin-file", src, "--", "cat"
+        )
+        self.assertIn("--stdin-max-bytes", j["error"]["message"])
+        self.fail_with("invalid_argument", "run", "--stdin-file", src + ".nope", "--", "cat")
+        self.assertFalse(os.path.isdir(self.root) and os.listdir(self.root))
+
+
 class ExitCodeTests(JobsTestCase):
     def test_run_wait_exit_code_passes_the_job_status_on(self):
         for cmd, status in ((("sh", "-c", "exit 3"), 3), (("sh", "-c", "kill -TERM $$"), 143)):
