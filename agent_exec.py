@@ -166,8 +166,8 @@ ERROR_CODES = {
     "cwd_not_found": (1, False, "the working directory (or the current one) does not exist"),
     "command_not_found": (1, False, "run: the command is not an executable on the PATH"),
     "port_in_use": (1, False, "run --ready-port: something already accepts on that port"),
-    # Reserved: no command raises it yet (send, restart and renew will).
     "invalid_state": (1, False, "the job is not in a state that allows this"),
+    "input_full": (1, True, "send: the job has not read what was sent before; send later"),
     # The root, the machine, and agent-exec itself.
     "io_error": (1, False, "a filesystem operation failed"),
     "insecure_root": (1, False, "the jobs root is a symlink, not a directory, or not private"),
@@ -1490,6 +1490,73 @@ def _send_control_line(job_dir: str, line: bytes) -> bool:
         os.close(fd)
 
 
+def _ask_supervisor(job_dir: str, msg: dict, timeout: float) -> "dict | None":
+    """Send ``msg`` and wait for the supervisor's answer; None if none came.
+
+    The answer comes through a FIFO of the caller's own in the job
+    directory, named in the message as ``reply``: the control FIFO carries
+    requests only, and a FIFO of one's own cannot mix two callers' answers.
+    """
+    import select
+
+    path = os.path.join(job_dir, ".reply-%d-%s" % (os.getpid(), os.urandom(4).hex()))
+    try:
+        os.mkfifo(path, 0o600)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot create %s: %s" % (path, e.strerror or e))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # so the writer's open succeeds
+        try:
+            if not _send_control(job_dir, dict(msg, reply=path)):
+                return None
+            data = b""
+            deadline = time.monotonic() + timeout
+            while not data.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    return None
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk and data:
+                    break
+                data += chunk
+                if not chunk:
+                    time.sleep(0.005)  # no writer yet: EOF until it opens
+        finally:
+            os.close(fd)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    try:
+        answer = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _reply(job_dir: str, path: "str | None", answer: dict) -> None:
+    """The supervisor's side of _ask_supervisor: one JSON line to ``path``
+    (only a reply FIFO in this job's own directory)."""
+    if not isinstance(path, str) or os.path.dirname(path) != job_dir:
+        return
+    if not os.path.basename(path).startswith(".reply-"):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: the caller gave up
+    except OSError:
+        return
+    try:
+        _write_all(fd, (json.dumps(answer) + "\n").encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _open_control(job_dir: str) -> "int | None":
     """Create the job's control FIFO and open its reading end (None on error)."""
     path = os.path.join(job_dir, CONTROL)
@@ -1748,14 +1815,14 @@ class _ChildSetup:
     __slots__ = ("path", "argv", "env", "cwd", "stdin", "stdout", "stderr", "default_signals")
 
     def __init__(
-        self, argv: list, env: dict, cwd: str, stdout: int, stderr: int, stdin: "str | None" = None
+        self, argv: list, env: dict, cwd: str, stdout: int, stderr: int, stdin=None
     ) -> None:
         import signal
 
         self.argv = argv
         self.env = env
         self.cwd = cwd
-        self.stdin = stdin  # the file that becomes fd 0 (None: /dev/null)
+        self.stdin = stdin  # what becomes fd 0: a file's path, a pipe's fd, None (/dev/null)
         self.stdout = stdout  # the fds that become 1 and 2
         self.stderr = stderr
         try:
@@ -1783,7 +1850,12 @@ def _spawn_workload(setup: "_ChildSetup") -> int:
     (with the exec's errno) or ValueError when the program did not start.
     """
     # fd 0: the job's stdin file, else /dev/null (read-write, as it always was)
-    null = os.open(setup.stdin, os.O_RDONLY) if setup.stdin else os.open(os.devnull, os.O_RDWR)
+    if isinstance(setup.stdin, int):
+        null = os.dup(setup.stdin)  # the --stdin-open pipe (closed below like the others)
+    elif setup.stdin:
+        null = os.open(setup.stdin, os.O_RDONLY)
+    else:
+        null = os.open(os.devnull, os.O_RDWR)
     try:
         errpipe_r, errpipe_w = os.pipe()  # both close-on-exec (PEP 446)
     except OSError:
@@ -2236,6 +2308,70 @@ def _full_log_rows(s: _Stream, data: bytes, final: bool) -> list:
     return parts
 
 
+# ---- Input (run --stdin-open) ---------------------------------------------------
+
+# What `send` may have waiting for a workload that does not read, at most.
+STDIN_BUFFER_MAX = 1 << 20
+
+
+class _Input:
+    """The workload's stdin pipe, kept open for `send` (run --stdin-open).
+
+    The supervisor holds the writing end, non-blocking: what `send` gives is
+    buffered (up to STDIN_BUFFER_MAX) and written as the workload reads, so
+    neither `send` nor the loop ever blocks on a workload that does not read.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.fd = os.pipe()  # both close-on-exec; the child dup2s read_fd
+        os.set_blocking(self.fd, False)
+        self.buffer = bytearray()
+        self.eof = False  # close once the buffer is written
+        self.closed = False
+
+    def after_spawn(self) -> None:
+        os.close(self.read_fd)
+
+    def accept(self, data: bytes, eof: bool) -> dict:
+        if self.closed or self.eof:
+            return {"ok": False, "code": "invalid_state", "message": "the job's stdin is closed"}
+        if len(self.buffer) + len(data) > STDIN_BUFFER_MAX:
+            return {
+                "ok": False,
+                "code": "input_full",
+                "message": "the job has not read %d bytes sent earlier; %d more do not fit "
+                "(at most %d wait): send again later"
+                % (len(self.buffer), len(data), STDIN_BUFFER_MAX),
+            }
+        self.buffer += data
+        self.eof = eof
+        self.write()
+        return {"ok": True, "accepted_bytes": len(data), "buffered_bytes": len(self.buffer)}
+
+    def wants_write(self) -> bool:
+        return not self.closed and bool(self.buffer)
+
+    def write(self) -> None:
+        """Write what the pipe takes now; close it once asked and all is written."""
+        while self.buffer and not self.closed:
+            try:
+                n = os.write(self.fd, self.buffer)
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: the workload closed its stdin
+                self.buffer.clear()
+                self.close()
+                return
+            del self.buffer[:n]
+        if self.eof and not self.buffer:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
 # ---- The process tree -------------------------------------------------------
 
 
@@ -2638,7 +2774,8 @@ class _Supervisor:
             "probe": self._on_probe,
             "flush": self._on_flush,
         }
-        self.on_control = {"kill": self._on_kill}
+        self.on_control = {"kill": self._on_kill, "send": self._on_send}
+        self.input = _Input() if cfg.get("stdin_open") else None
         self.terminal = False  # the terminal state is written
         self.final_doc = None  # type: dict | None  (that state, for the events)
         self.wake_r = None  # type: int | None  (readable after a SIGCHLD)
@@ -2689,9 +2826,8 @@ class _Supervisor:
             os.close(out_w)
             raise
         try:
-            setup = _ChildSetup(
-                cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w, cfg.get("stdin_path")
-            )
+            stdin = self.input.read_fd if self.input is not None else cfg.get("stdin_path")
+            setup = _ChildSetup(cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w, stdin)
             facts.pid = _spawn_workload(setup)
         except BaseException:
             for fd in (out_r, out_w, err_r, err_w):
@@ -2702,6 +2838,8 @@ class _Supervisor:
             facts.started_at = _now()
         os.close(out_w)
         os.close(err_w)
+        if self.input is not None:
+            self.input.after_spawn()
         facts.pid_start = _proc_start_time(facts.pid)
         self.capture.attach(out_r, err_r)
         timeout_ms = cfg.get("timeout_ms") or 0
@@ -2737,7 +2875,14 @@ class _Supervisor:
         if self.control_fd is not None:
             poller.register(self.control_fd, select.POLLIN)
         timers = self.timers
+        writing = False  # the --stdin-open pipe is registered for POLLOUT
         while True:
+            if self.input is not None and self.input.wants_write() != writing:
+                writing = not writing
+                if writing:
+                    poller.register(self.input.fd, select.POLLOUT)
+                else:
+                    poller.unregister(self.input.fd)
             flush_at = self.capture.flush_due()
             if flush_at is None:
                 timers.cancel("flush")
@@ -2749,6 +2894,11 @@ class _Supervisor:
                     self.tree.reap()
                 elif fd == self.control_fd:
                     self._read_control()
+                elif self.input is not None and fd == self.input.fd:
+                    self.input.write()
+                    if self.input.closed:
+                        writing = False
+                        poller.unregister(fd)
                 elif not self.capture.read(streams[fd]):
                     poller.unregister(fd)
             for name in timers.pop_expired():
@@ -2837,6 +2987,32 @@ class _Supervisor:
                 self.facts.kill_signal = sig
         self.tree.kill_tree(sig)
 
+    def _on_send(self, msg: dict) -> None:
+        """{"verb": "send", "file": path, "eof": bool, "reply": fifo}: input for stdin.
+
+        The bytes come in a file that `send` wrote (so a message is always
+        small enough for one atomic write to the FIFO); it is removed here.
+        """
+        data = b""
+        path = msg.get("file")
+        if isinstance(path, str) and os.path.dirname(path) == self.job_dir:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(STDIN_BUFFER_MAX + 1)
+            except OSError:
+                pass
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if self.input is None:
+            answer = {"ok": False, "code": "invalid_state", "message": "no open stdin"}
+        elif self.terminal or self.facts.wait_status is not None:
+            answer = {"ok": False, "code": "invalid_state", "message": "the job has ended"}
+        else:
+            answer = self.input.accept(data, bool(msg.get("eof")))
+        _reply(self.job_dir, msg.get("reply"), answer)
+
     # -- callbacks from the capture ---------------------------------------
 
     def _on_dropped(self) -> None:
@@ -2871,6 +3047,8 @@ class _Supervisor:
 
     def _finish(self) -> None:
         """The main process has been reaped: write the one terminal state, wake the waiters."""
+        if self.input is not None:
+            self.input.close()  # nobody reads it any more
         self.capture.final_drain()
         self.capture.flush_partials(None)
         for name in ("timeout", "progress", "probe"):
@@ -3619,6 +3797,7 @@ _RUN_OPTS = (
     Opt(
         "stdin_file", help="the job reads this file's bytes on its stdin, then EOF", metavar="PATH"
     ),
+    Opt("stdin_open", "flag", help="keep the job's stdin open: `agent-exec send` writes to it"),
     Opt(
         "stdin_max_bytes",
         "size",
@@ -3638,6 +3817,8 @@ _RUN_OPTS = (
         lambda o: _regex_error(o.ready_match, "--ready-match"),
         conflict("no_inherit_env", "inherit_env"),
         conflict("stdin", "stdin_file"),
+        conflict("stdin", "stdin_open"),
+        conflict("stdin_file", "stdin_open"),
         lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,
         _notify_command_error,
     ),
@@ -3762,6 +3943,7 @@ def _job_spec(o) -> dict:
     stdin = _job_stdin(o)
     return {
         "stdin": stdin,
+        "stdin_open": bool(o.stdin_open),
         "argv": argv,
         "cwd": cwd,
         "env": env,
@@ -3938,6 +4120,7 @@ def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
         "ready_port": spec["ready_port"],
         "log_path": spec["log_path"] or os.path.join(job_dir, FULL_LOG),
         "stdin_bytes": len(spec["stdin"]) if spec["stdin"] is not None else None,
+        "stdin_open": spec["stdin_open"],
         "agent_exec_version": __version__,
     }
     if spec["notify_command"] or spec["notify_file"]:
@@ -3965,6 +4148,7 @@ _SUPERVISOR_KEYS = (
     "max_output",
     "ready_match",
     "ready_port",
+    "stdin_open",
 )
 
 
@@ -4683,6 +4867,103 @@ def _signal_without_supervisor(job: _Job, sig: int) -> bool:
             return True
         except OSError:
             return False
+
+
+# ---- send --------------------------------------------------------------------------
+
+# How long `send` waits for the supervisor's answer.
+SEND_ANSWER_S = 10.0
+
+
+def _send_input_options(o) -> "str | None":
+    given = [x for x in ("text", "file", "stdin") if getattr(o, x) is not None]
+    if len(given) > 1:
+        return "--text, --file and --stdin conflict: give one"
+    if not given and not o.eof:
+        return "send needs --text, --file, --stdin - or --eof"
+    if o.stdin is not None and o.stdin != "-":
+        return "--stdin takes '-' (this command's own stdin)"
+    return None
+
+
+@command(
+    "send",
+    "write to the stdin of a job started with --stdin-open",
+    opts=(
+        Opt("text", help="send TEXT (no newline is added)", metavar="TEXT"),
+        Opt("file", help="send this file's bytes", metavar="PATH"),
+        Opt("stdin", help="'-': send this command's own stdin, read to EOF", metavar="-"),
+        Opt("eof", "flag", help="then close the job's stdin (alone: just close it)"),
+        JOB_ID,
+    ),
+    checks=(_send_input_options,),
+    returns=JOB_HEAD
+    + (
+        Field("accepted_bytes", COUNT, True),
+        Field("buffered_bytes", COUNT, True),
+        Field("eof", BOOL, True),
+    ),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+)
+def cmd_send(o) -> dict:
+    """Hand bytes to the job's supervisor, which writes them as the job reads."""
+    job = _open_job(o, o.job_id)
+    if not job.meta.get("stdin_open"):
+        raise AgentExecError(
+            "invalid_state", "job %s has no open stdin (start it with run --stdin-open)" % job.id
+        )
+    if job.terminal:
+        raise AgentExecError(
+            "invalid_state", "job %s is %s: it reads no more" % (job.id, job.state)
+        )
+    data = _send_data(o)
+    path = os.path.join(job.dir, ".send-%d-%s" % (os.getpid(), os.urandom(4).hex()))
+    _write_private_file(path, data)
+    try:
+        answer = _ask_supervisor(
+            job.dir, {"verb": "send", "file": path, "eof": bool(o.eof)}, SEND_ANSWER_S
+        )
+    finally:
+        try:
+            os.unlink(path)  # the supervisor removes it once read; not if it never came
+        except OSError:
+            pass
+    if answer is None:
+        job = job.reload()
+        if job.terminal:
+            raise AgentExecError("invalid_state", "job %s has ended" % job.id)
+        raise AgentExecError("io_error", "job %s's supervisor did not answer" % job.id)
+    if not answer.get("ok"):
+        code = answer.get("code") if answer.get("code") in ERROR_CODES else "invalid_state"
+        raise AgentExecError(code, "job %s: %s" % (job.id, answer.get("message")))
+    return {
+        "job_id": job.id,
+        "state": job.state,
+        "accepted_bytes": answer.get("accepted_bytes", 0),
+        "buffered_bytes": answer.get("buffered_bytes", 0),
+        "eof": bool(o.eof),
+    }
+
+
+def _send_data(o) -> bytes:
+    if o.text is not None:
+        data = os.fsencode(o.text)
+    elif o.file is not None:
+        try:
+            with open(o.file, "rb") as f:
+                data = f.read(STDIN_BUFFER_MAX + 1)
+        except OSError as e:
+            raise AgentExecError("invalid_argument", "cannot read %s: %s" % (o.file, e.strerror))
+    elif o.stdin is not None:
+        reader = getattr(sys.stdin, "buffer", None)
+        data = reader.read(STDIN_BUFFER_MAX + 1) if reader is not None else b""
+    else:
+        data = b""
+    if len(data) > STDIN_BUFFER_MAX:
+        raise AgentExecError(
+            "invalid_argument", "send takes at most %d bytes at a time" % STDIN_BUFFER_MAX
+        )
+    return data
 
 
 # ---- list, delete, gc ---------------------------------------------------------------

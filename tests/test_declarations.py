@@ -24,7 +24,19 @@ import agent_exec  # noqa: E402
 
 # The commands with a JSON answer that a tool list offers too, then those
 # of the command line only (follow and completion print text, not JSON).
-TOOL_NAMES = ("run", "status", "tail", "wait", "read", "kill", "list", "delete", "gc", "schema")
+TOOL_NAMES = (
+    "run",
+    "status",
+    "tail",
+    "wait",
+    "read",
+    "kill",
+    "send",
+    "list",
+    "delete",
+    "gc",
+    "schema",
+)
 CLI_ONLY = ("follow", "completion", "install", "uninstall")
 STREAMING = ("follow", "completion")
 COMMAND_NAMES = TOOL_NAMES + CLI_ONLY

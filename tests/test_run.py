@@ -1171,6 +1171,47 @@ class StdinTests(JobsTestCase):
         self.assertFalse(os.path.isdir(self.root) and os.listdir(self.root))
 
 
+class SendTests(JobsTestCase):
+    """run --stdin-open and send: input while the job runs."""
+
+    def test_a_python_repl_driven_by_send(self):
+        jid = self.start_bg("python3", "-i", "-q", opts=("--stdin-open",))
+        j = self.ok("send", "--text", "2+2\n", jid)
+        self.assertEqual((j["accepted_bytes"], j["eof"]), (4, False), j)
+        m = self.ok("wait", "--match", "^4$", "--timeout-ms", "10000", jid)
+        self.assertTrue(m["matched"], m)
+        self.assertEqual(self.ok("send", "--eof", jid)["eof"], True)
+        w = self.ok("wait", "--timeout-ms", "10000", jid)
+        self.assertEqual((w["state"], w["exit_code"]), ("exited", 0), w)
+        self.assertEqual(
+            sorted(n for n in os.listdir(self.job_dir(jid)) if n.startswith(".")), []
+        )  # no .send-* or .reply-* left
+        e = self.fail_with("invalid_state", "send", "--text", "x", jid)
+        self.assertIn("exited", e["error"]["message"])
+
+    def test_send_never_blocks_and_says_when_to_retry(self):
+        jid = self.start_bg("sleep", "30", opts=("--stdin-open",))  # never reads
+        big = os.path.join(self.tmp, "big")
+        with open(big, "wb") as f:
+            f.write(b"x" * 1000000)
+        t0 = time.monotonic()
+        j = self.ok("send", "--file", big, jid)
+        self.assertEqual(j["accepted_bytes"], 1000000)
+        e = self.fail_with("input_full", "send", "--file", big, jid)
+        self.assertIs(e["error"]["retryable"], True)
+        self.assertLess(time.monotonic() - t0, 10)
+
+    def test_bad_sends(self):
+        done = self.ok("run", "--wait", "--", "true")["job_id"]
+        e = self.fail_with("invalid_state", "send", "--text", "x", done)
+        self.assertIn("--stdin-open", e["error"]["message"])
+        for args in (("--text", "a", "--file", "/etc/hostname"), (), ("--stdin", "x")):
+            with self.subTest(args=args):
+                self.fail_with("usage_error", "send", *args, done, exit_code=2)
+        self.fail_with("usage_error", "run", "--stdin-open", "--stdin", "x", "--", "true",
+                       exit_code=2)  # fmt: skip
+
+
 class ExitCodeTests(JobsTestCase):
     def test_run_wait_exit_code_passes_the_job_status_on(self):
         for cmd, status in ((("sh", "-c", "exit 3"), 3), (("sh", "-c", "kill -TERM $$"), 143)):
