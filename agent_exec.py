@@ -497,21 +497,22 @@ def _proc_start_time(pid: int) -> "str | None":
 
 
 def _process_table() -> "dict":
-    """pid -> (ppid, pgid) for every live, non-zombie process (best effort)."""
+    """pid -> (ppid, pgid, start time token or None) for every live, non-zombie
+    process (best effort; the token on Linux only)."""
     table = {}
     if _IS_LINUX:
         for name in os.listdir("/proc"):
             if name.isdigit():
                 stat = _proc_stat(int(name))
                 if stat is not None:
-                    table[int(name)] = (stat[1], stat[3])
+                    table[int(name)] = (stat[1], stat[3], stat[2])
         return table
     out = _ps(["-A", "-o", "pid=", "-o", "ppid=", "-o", "pgid=", "-o", "stat="], 10)
     for line in out.decode(errors="replace").splitlines():
         parts = line.split()
         if len(parts) >= 4 and all(p.isdigit() for p in parts[:3]):
             if not parts[3].startswith("Z"):
-                table[int(parts[0])] = (int(parts[1]), int(parts[2]))
+                table[int(parts[0])] = (int(parts[1]), int(parts[2]), None)
     return table
 
 
@@ -525,7 +526,7 @@ def _descendants_of(
     if table is None:
         table = _process_table()
     children = {}  # type: dict
-    for pid, (ppid, _pgid) in table.items():
+    for pid, (ppid, _pgid, _start) in table.items():
         children.setdefault(ppid, []).append(pid)
     out = []
     queue = list(children.get(root_pid, ()))
@@ -4386,12 +4387,18 @@ def _lingering(job: _Job, cache: "dict | None" = None) -> list:
     """
     if not job.terminal:
         return []
+    cache = {} if cache is None else cache
     sup = job.record.get("supervisor_pid")
-    sup_alive = isinstance(sup, int) and sup > 1 and _supervisor_alive(job)
-    group = job.record.get("pid") if _job_group_alive(job) else None
+    if _IS_LINUX and cache.get("checked", 0) >= _LINGER_TABLE_AFTER:
+        # Many jobs (list --all): one walk of /proc answers every job, where
+        # asking the kernel per job would cost two calls each.
+        sup_alive, group = _lingering_from_table(job, sup, cache)
+    else:
+        cache["checked"] = cache.get("checked", 0) + 1
+        sup_alive = isinstance(sup, int) and sup > 1 and _supervisor_alive(job)
+        group = job.record.get("pid") if _job_group_alive(job) else None
     if not sup_alive and group is None:
         return []
-    cache = {} if cache is None else cache
     if "table" not in cache:
         cache["table"] = _process_table()
     table = cache["table"]
@@ -4399,8 +4406,30 @@ def _lingering(job: _Job, cache: "dict | None" = None) -> list:
     if sup_alive:
         pids += _descendants_of(sup, table=table)
     if group is not None:
-        pids += [p for p, (_ppid, pgid) in table.items() if pgid == group and p not in pids]
+        pids += [p for p, (_ppid, pgid, _start) in table.items() if pgid == group and p not in pids]
     return [p for p in pids if p != os.getpid()]
+
+
+# After this many jobs checked one by one, _lingering reads the process table once.
+_LINGER_TABLE_AFTER = 64
+
+
+def _lingering_from_table(job: _Job, sup, cache: dict) -> "tuple":
+    """(supervisor alive, the job's group or None), from one process table (Linux)."""
+    if "table" not in cache:
+        cache["table"] = _process_table()
+    table = cache["table"]
+    if "groups" not in cache:
+        cache["groups"] = {pgid for _ppid, pgid, _start in table.values()}
+    entry = table.get(sup) if isinstance(sup, int) and sup > 1 else None
+    sup_alive = entry is not None and entry[2] == job.record.get("supervisor_start_time")
+    group = job.record.get("pid")
+    if not isinstance(group, int) or group <= 1 or group not in cache["groups"]:
+        return sup_alive, None
+    leader = table.get(group)  # see _job_group_alive: a live leader must be the workload
+    if leader is not None and leader[2] != job.record.get("pid_start_time"):
+        return sup_alive, None
+    return sup_alive, group
 
 
 def _job_group_alive(job: _Job) -> bool:

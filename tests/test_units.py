@@ -542,6 +542,30 @@ class TimeTests(unittest.TestCase):
         self.assertLess(abs(agent_exec._parse_rfc3339(agent_exec._now()) - time.time()), 5)
 
 
+class LingeringTableTests(unittest.TestCase):
+    """_lingering_from_table: the same answers as the one-job-at-a-time checks."""
+
+    def job(self, **record):
+        return agent_exec._Job("X", "/nonexistent", {}, record, "exited", None)
+
+    def test_answers_from_one_table(self):
+        table = {
+            100: (1, 100, "s100"),  # a live supervisor
+            200: (1, 150, "s200"),  # a member of group 150, whose leader is gone
+            300: (1, 300, "other"),  # a process whose pid is a recorded pgid: not the job's
+        }
+        cache = {"table": table}
+        f = agent_exec._lingering_from_table
+        j = self.job(supervisor_pid=100, supervisor_start_time="s100", pid=150)
+        self.assertEqual(f(j, 100, cache), (True, 150))
+        j = self.job(supervisor_pid=100, supervisor_start_time="old", pid=999)
+        self.assertEqual(f(j, 100, cache), (False, None))  # a recycled supervisor pid
+        j = self.job(supervisor_pid=5, supervisor_start_time="x", pid=300, pid_start_time="s0")
+        self.assertEqual(f(j, 5, cache), (False, None))  # group 300 is a stranger's
+        j = self.job(supervisor_pid=5, pid=300, pid_start_time="other")
+        self.assertEqual(f(j, 5, cache), (False, 300))  # its leader is the workload
+
+
 class RootResolutionTests(unittest.TestCase):
     def resolve(self, explicit=None, **env):
         saved = dict(os.environ)
