@@ -3692,14 +3692,39 @@ def _cancelled(o) -> "object | None":
 
 
 def _needs_command(o) -> "str | None":
-    if not _argv_of(o):
+    words = list(o.command or [])
+    words = words[1:] if words[:1] == ["--"] else words
+    if getattr(o, "shell", None) is not None:
+        if words:
+            return "--shell STRING and a command after -- conflict: give one"
+        if not o.shell.strip():
+            return "--shell needs a command line"
+        return None
+    if not words:
         return "run needs a command: agent-exec run [options] -- <command> [args...]"
     return None
 
 
 def _argv_of(o) -> list:
+    """The job's argv: the words after --, or /bin/sh -c STRING for --shell."""
+    if getattr(o, "shell", None) is not None:
+        return ["/bin/sh", "-c", o.shell]
     argv = list(o.command or [])
     return argv[1:] if argv[:1] == ["--"] else argv
+
+
+# run --noninteractive: what unattended programs look for, so that none waits
+# for a person (a pager, a credential prompt, a debconf question) or draws
+# for one (colours, progress bars).  --env-file and --env still win.
+NONINTERACTIVE_ENV = (
+    ("CI", "1"),
+    ("GIT_TERMINAL_PROMPT", "0"),
+    ("DEBIAN_FRONTEND", "noninteractive"),
+    ("PAGER", "cat"),
+    ("GIT_PAGER", "cat"),
+    ("PYTHONUNBUFFERED", "1"),
+    ("NO_COLOR", "1"),
+)
 
 
 def _regex_error(pattern: "str | None", option: str) -> "str | None":
@@ -3805,6 +3830,17 @@ _RUN_OPTS = (
         DEFAULT_STDIN_MAX_BYTES,
         "refuse more stdin than this (default 64 MiB)",
     ),
+    Opt(
+        "shell",
+        help="run /bin/sh -c STRING (pipes, redirections, &&) instead of a command after --",
+        metavar="STRING",
+    ),
+    Opt(
+        "noninteractive",
+        "flag",
+        help="set CI=1, GIT_TERMINAL_PROMPT=0, DEBIAN_FRONTEND=noninteractive, PAGER=cat, "
+        "GIT_PAGER=cat, PYTHONUNBUFFERED=1, NO_COLOR=1 (--env still wins)",
+    ),
     Opt("command", "argv", help="the command and its arguments"),
 )
 
@@ -3827,8 +3863,8 @@ _RUN_OPTS = (
     examples=(
         ("agent-exec run -- make test", "everything after -- is the command, word for word"),
         (
-            "agent-exec run -- sh -c 'make 2>&1 | tee build.log'",
-            "pipes, redirections and && need a shell",
+            "agent-exec run --shell 'make 2>&1 | tee build.log'",
+            "pipes, redirections and && need a shell (or: -- sh -c '...')",
         ),
         (
             "agent-exec run --timeout 10m --kill-after 5s -- ./slow-job",
@@ -3935,8 +3971,9 @@ def _job_spec(o) -> dict:
             raise AgentExecError(
                 e.code,
                 "command %r not found: it looks like a shell command line given as one "
-                "argument; to run it through a shell: agent-exec run -- sh -c %s"
-                % (_short(argv[0]), shlex.quote(argv[0])),
+                "argument; to run it through a shell: agent-exec run --shell %s "
+                "(or: agent-exec run -- sh -c %s)"
+                % (_short(argv[0]), shlex.quote(argv[0]), shlex.quote(argv[0])),
             )
         raise
     if o.ready_port:
@@ -3945,6 +3982,7 @@ def _job_spec(o) -> dict:
     return {
         "stdin": stdin,
         "stdin_open": bool(o.stdin_open),
+        "shell": o.shell,
         "argv": argv,
         "cwd": cwd,
         "env": env,
@@ -4038,6 +4076,8 @@ def _job_env(o) -> "tuple":
     """(env, env_keys, explicit): inherited (or not), then env files in order, then --env."""
     env = {} if o.no_inherit_env else dict(os.environ)
     env_keys = []  # type: list
+    if getattr(o, "noninteractive", False):
+        env.update(NONINTERACTIVE_ENV)
     for path in o.env_file or ():
         for key, value in _parse_env_file(path):
             env[key] = value
@@ -4122,6 +4162,8 @@ def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
         "log_path": spec["log_path"] or os.path.join(job_dir, FULL_LOG),
         "stdin_bytes": len(spec["stdin"]) if spec["stdin"] is not None else None,
         "stdin_open": spec["stdin_open"],
+        "shell": spec["shell"] is not None,
+        "shell_command": spec["shell"],
         "agent_exec_version": __version__,
     }
     if spec["notify_command"] or spec["notify_file"]:

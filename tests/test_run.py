@@ -1212,6 +1212,40 @@ class SendTests(JobsTestCase):
                        exit_code=2)  # fmt: skip
 
 
+class ShellAndNoninteractiveTests(JobsTestCase):
+    def test_shell_string(self):
+        j = self.ok("run", "--wait", "--shell", "echo a | tr a b && echo done >&2")
+        self.assertEqual(j["final_snapshot"]["stdout_tail"], "b\n")
+        self.assertEqual(j["final_snapshot"]["stderr_tail"], "done\n")
+        meta = self.read_json(os.path.join(self.job_dir(j["job_id"]), "meta.json"))
+        self.assertEqual(
+            (meta["shell"], meta["shell_command"]), (True, "echo a | tr a b && echo done >&2")
+        )
+        self.assertEqual(meta["command"], ["/bin/sh", "-c", "echo a | tr a b && echo done >&2"])
+        plain = self.read_json(
+            os.path.join(
+                self.job_dir(self.ok("run", "--wait", "--", "true")["job_id"]), "meta.json"
+            )
+        )
+        self.assertEqual((plain["shell"], plain["shell_command"]), (False, None))
+        self.fail_with("usage_error", "run", "--shell", "true", "--", "true", exit_code=2)
+        self.fail_with("usage_error", "run", "--shell", " ", exit_code=2)
+        e = self.fail_with("command_not_found", "run", "--", "make x | y")
+        self.assertIn("agent-exec run --shell 'make x | y'", e["error"]["message"])
+
+    def test_noninteractive_environment(self):
+        show = "echo $CI $GIT_TERMINAL_PROMPT $DEBIAN_FRONTEND $PAGER $GIT_PAGER"
+        show += " $PYTHONUNBUFFERED $NO_COLOR"
+        j = self.ok("run", "--wait", "--noninteractive", "--shell", show)
+        self.assertEqual(j["final_snapshot"]["stdout_tail"], "1 0 noninteractive cat cat 1 1\n")
+        j = self.ok(
+            "run", "--wait", "--noninteractive", "--env", "PAGER=less", "--shell", "echo $PAGER"
+        )
+        self.assertEqual(j["final_snapshot"]["stdout_tail"], "less\n")  # --env wins
+        j = self.ok("run", "--wait", "--env", "X=1", "--shell", "echo ${CI-unset}")
+        self.assertEqual(j["final_snapshot"]["stdout_tail"].strip(), os.environ.get("CI", "unset"))
+
+
 class ExitCodeTests(JobsTestCase):
     def test_run_wait_exit_code_passes_the_job_status_on(self):
         for cmd, status in ((("sh", "-c", "exit 3"), 3), (("sh", "-c", "kill -TERM $$"), 143)):
