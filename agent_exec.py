@@ -3890,6 +3890,7 @@ _RUN_OPTS = (
         Field("final_snapshot", ref("snapshot")),
         CURSOR_FIELD,
         Field("ready", BOOL),
+        Field("waiting_for_input", BOOL),
     )
     + RESULT_FIELDS,
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
@@ -4208,8 +4209,19 @@ def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
     meta_path = os.path.join(job_dir, META)
     snapshot_after = min(o.snapshot_after, MAX_SNAPSHOT_AFTER_MS)
     readiness = bool(o.ready_match or o.ready_port)
+    waiting = None
     if o.wait:
         _wait_lock(meta_path, None, _cancelled(o))
+    elif snapshot_after > 0 and spec["stdin_open"] and not readiness:
+        # A job whose stdin is open may stop to ask something: answer then,
+        # with waiting_for_input, rather than at the end of the snapshot wait.
+        job = load_job(root, job_id)
+        watch = _LockWatch.acquire(meta_path)
+        try:
+            deadline = time.monotonic() + snapshot_after / 1000.0
+            waiting = _input_wanted(job, watch, deadline, _cancelled(o))
+        finally:
+            watch.release()
     elif snapshot_after > 0:
         # With a readiness condition, answer as soon as the job is ready: the
         # supervisor lets go of ready.lock then (or when the job ends).
@@ -4235,6 +4247,8 @@ def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
         out["cursor"] = make_cursor(0, 0)  # nothing seen yet
     if readiness:
         out["ready"] = bool(job.record.get("ready"))
+    if waiting is not None:
+        out["waiting_for_input"] = waiting and not job.terminal
     out.update(job.result_fields())
     out.pop("duration_ms", None)
     out["elapsed_ms"] = int(round((time.monotonic() - o.started) * 1000))
@@ -4351,6 +4365,8 @@ RUSAGE_FIELDS = (
         Field("ready_at", STR_OR_NULL),
         Field("rusage", obj(RUSAGE_FIELDS)),
         Field("ports", array(COUNT)),
+        Field("waiting_for_input", BOOL),
+        Field("input_prompt", STR),
     ),
     annotations={"readOnlyHint": True, "idempotentHint": True},
 )
@@ -4403,7 +4419,70 @@ def cmd_status(o) -> dict:
         if running and isinstance(record.get("pid"), int):
             pids.insert(0, record["pid"])
         out["ports"] = _listening_ports(pids)
+        out["waiting_for_input"] = running and _waiting_for_input(pids)
+        if out["waiting_for_input"]:
+            prompt = _input_prompt(job)
+            if prompt is not None:
+                out["input_prompt"] = prompt
     return out
+
+
+# read(2), pread64(2), readv(2): the calls that block on an fd given as
+# their first argument, by machine (the numbers differ).
+_READ_SYSCALLS = {"x86_64": (0, 17, 19), "aarch64": (63, 67, 65)}
+INPUT_PROMPT_MAX = 200
+
+
+def _waiting_for_input(pids: list) -> bool:
+    """True when one of ``pids`` is blocked reading its stdin, a pipe or a terminal.
+
+    Linux: /proc/<pid>/syscall names the call a blocked process sleeps in,
+    and its first argument (the fd); /proc/<pid>/fd tells that the fd is the
+    process's stdin (the same pipe or terminal as its fd 0), not a socket or
+    a file.  A stdin of /dev/null or a file never blocks, so never counts.
+    """
+    calls = _READ_SYSCALLS.get(os.uname().machine, ())
+    for pid in pids:
+        try:
+            with open("/proc/%d/syscall" % pid) as f:
+                fields = f.read().split()
+            number, fd = int(fields[0]), int(fields[1], 16)
+        except (OSError, ValueError, IndexError):  # gone, not ours, or not in a call
+            continue
+        if number not in calls:
+            continue
+        try:
+            target = os.readlink("/proc/%d/fd/%d" % (pid, fd))
+            stdin = os.readlink("/proc/%d/fd/0" % pid)
+        except OSError:
+            continue
+        if target == stdin and target.startswith(("pipe:", "/dev/pts/", "/dev/tty")):
+            return True
+    return False
+
+
+def _input_prompt(job: _Job) -> "str | None":
+    """The last line of output that has no newline yet (a prompt), or None."""
+    best = None
+    for path, st in zip((job.path(STDOUT_LOG), job.path(STDERR_LOG)), _log_stats(job)):
+        if st is None or not st.st_size:
+            continue
+        data, _size, _cut = tail_bytes(path, 1, 4 * INPUT_PROMPT_MAX)
+        if data and not data.endswith(b"\n"):
+            if best is None or st.st_mtime >= best[0]:
+                best = (st.st_mtime, _decode(data.rsplit(b"\n", 1)[-1]))
+    if best is None:
+        return None
+    return best[1][-INPUT_PROMPT_MAX:] or None
+
+
+def _job_pids(job: _Job) -> list:
+    """The live processes of a running job: its main process and its descendants."""
+    pids = list(_live_descendants(job) or [])
+    main = job.record.get("pid")
+    if isinstance(main, int) and _is_alive(main, job.record.get("pid_start_time")):
+        pids.insert(0, main)
+    return pids
 
 
 def _live_descendants(job: _Job) -> "list | None":
@@ -4552,8 +4631,10 @@ def cmd_tail(o) -> dict:
 
 def _wait_single_job_options(o) -> "str | None":
     several = len(set(o.job_ids)) > 1 or o.any
-    if several and (o.match is not None or o.ready or o.cursor is not None):
-        return "--match, --ready and --cursor take a single job id"
+    if several and (o.match is not None or o.ready or o.cursor is not None or o.input):
+        return "--match, --ready, --input and --cursor take a single job id"
+    if o.input and (o.match is not None or o.ready):
+        return "--input goes alone (not with --match or --ready)"
     return None
 
 
@@ -4582,6 +4663,11 @@ _BRIEF = obj(
         Opt("cursor", "cursor", help="with --match: search from C"),
         Opt("any", "flag", help="with several ids: the first to end"),
         Opt("ready", "flag", help="return when ready or terminal"),
+        Opt(
+            "input",
+            "flag",
+            help="return when the job waits for input, on Linux (or is terminal)",
+        ),
         JOB_IDS,
     ),
     checks=(_wait_single_job_options, _wait_match_options),
@@ -4604,6 +4690,8 @@ _BRIEF = obj(
         ),
         Field("jobs", array(_BRIEF)),
         Field("first_job_id", STR_OR_NULL),
+        Field("waiting_for_input", BOOL),
+        Field("input_prompt", STR),
     )
     + RESULT_FIELDS,
     variants=[{"required": ["job_id", "state"]}, {"required": ["jobs"]}],
@@ -4623,6 +4711,8 @@ def cmd_wait(o) -> dict:
         start = o.cursor if o.cursor is not None else (0, 0)
         streams = o.stream or "both"
         return _wait_match(root, job_id, regex, streams, start, deadline, _cancelled(o), o.ready)
+    if o.input:
+        return _wait_input(root, job_id, deadline, _cancelled(o))
     job_dir = os.path.join(root, job_id)
     lock = os.path.join(job_dir, META)
     if o.ready and os.path.exists(os.path.join(job_dir, READY_LOCK)):
@@ -4634,6 +4724,45 @@ def cmd_wait(o) -> dict:
     if o.ready:
         out["ready"] = bool(ready)
     out["timed_out"] = job.state == "running" and not (o.ready and ready)
+    out["cursor"] = job_cursor(job)
+    return out
+
+
+# How often wait --input (and run --stdin-open's snapshot) look at the job's
+# processes: a blocked read shows only in /proc, which wakes nobody.
+INPUT_POLL_S = 0.05
+
+
+def _input_wanted(job: _Job, watch: "_LockWatch", deadline, cancel=None) -> bool:
+    """Sleep until the job waits for input (True), or it ends or time is up (False)."""
+    while _IS_LINUX:
+        if _waiting_for_input(_job_pids(job)):
+            return True
+        remaining = _remaining(deadline)
+        step = INPUT_POLL_S if remaining is None else min(INPUT_POLL_S, remaining)
+        if step <= 0 or watch.wait(step, cancel) or (cancel is not None and cancel.is_set()):
+            return False
+    watch.wait(_remaining(deadline), cancel)  # elsewhere: only the end can be seen
+    return False
+
+
+def _wait_input(root: str, job_id: str, deadline, cancel=None) -> dict:
+    """wait --input: until the job waits for input, ends, or the timeout."""
+    job = load_job(root, job_id)
+    watch = _LockWatch.acquire(job.path(META))
+    try:
+        waiting = not job.terminal and _input_wanted(job, watch, deadline, cancel)
+    finally:
+        watch.release()
+    job = job.reload()
+    waiting = waiting and not job.terminal
+    out = job.head()
+    out["waiting_for_input"] = waiting
+    if waiting:
+        prompt = _input_prompt(job)
+        if prompt is not None:
+            out["input_prompt"] = prompt
+    out["timed_out"] = job.state == "running" and not waiting
     out["cursor"] = job_cursor(job)
     return out
 
@@ -5307,6 +5436,35 @@ def cmd_schema(o) -> dict:
 # ---- follow, completion ---------------------------------------------------------
 
 
+def _cancel_on_sigint(o):
+    """A cancel flag that Ctrl-C raises (o.interrupted says so): the follow
+    loop then ends at its next step, wherever the signal found it."""
+    import signal
+    import threading
+
+    flag = threading.Event()
+
+    def on_sigint(_signum, _frame):
+        o.interrupted = True
+        flag.set()
+
+    try:
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Ctrl-C stays KeyboardInterrupt
+        pass
+    return flag
+
+
+def _follow_exit_status(o, answer: dict) -> int:
+    """The job's exit status; 130 after Ctrl-C, 141 (128 + SIGPIPE) when the
+    reader went away before the end."""
+    if getattr(o, "interrupted", False):
+        return 130
+    if getattr(o, "closed", False):
+        return 141
+    return _job_exit_status(answer)
+
+
 @command(
     "follow",
     "print a job's output as it arrives, until the job ends (text, not JSON)",
@@ -5321,8 +5479,7 @@ def cmd_schema(o) -> dict:
         JOB_ID,
     ),
     returns=JOB_HEAD + RESULT_FIELDS + (CURSOR_FIELD,),
-    # 141 (128 + SIGPIPE) when the reader went away before the end.
-    exit_status=lambda o, answer: 141 if getattr(o, "closed", False) else _job_exit_status(answer),
+    exit_status=lambda o, answer: _follow_exit_status(o, answer),
     streams=True,
     fronts=("cli",),
     examples=(
@@ -5342,7 +5499,7 @@ def cmd_follow(o) -> dict:
     streams = list(_STREAMS) if which == "both" else [which]
     pos = dict(zip(_STREAMS, o.cursor if o.cursor is not None else (0, 0)))
     rows = _RowOrder(job, pos) if which == "both" else None
-    cancel = _cancelled(o)
+    cancel = _cancelled(o) or _cancel_on_sigint(o)
     watch = _LockWatch.acquire(job.path(META))
     try:
         while True:

@@ -1212,6 +1212,42 @@ class SendTests(JobsTestCase):
                        exit_code=2)  # fmt: skip
 
 
+@unittest.skipUnless(LINUX, "waiting_for_input reads /proc")
+class WaitingForInputTests(JobsTestCase):
+    ASK = "import time; time.sleep(0.3); x = input('name? '); print('hi', x)"
+
+    def test_detected_answered_and_gone(self):
+        t0 = time.monotonic()
+        r = self.ok("run", "--stdin-open", "--", PY, "-c", self.ASK)  # snapshot up to 10 s
+        self.addCleanup(self.kill_job, r["job_id"])
+        self.assertLess(time.monotonic() - t0, 8)  # answered early, when it asked
+        self.assertIs(r["waiting_for_input"], True, r)
+        jid = r["job_id"]
+        st = self.ok("status", jid)
+        self.assertEqual((st["waiting_for_input"], st["input_prompt"]), (True, "name? "), st)
+        self.ok("send", "--text", "bob\n", jid)
+        w = self.ok("wait", "--timeout-ms", "10000", jid)
+        self.assertEqual(w["state"], "exited", w)
+        self.assertEqual(self.ok("tail", jid)["stdout_tail"], "name? hi bob\n")
+        self.assertIs(self.ok("status", jid)["waiting_for_input"], False)
+
+    def test_wait_input(self):
+        jid = self.start_bg(PY, "-c", self.ASK, opts=("--stdin-open",))
+        w = self.ok("wait", "--input", "--timeout-ms", "10000", jid)
+        self.assertEqual((w["waiting_for_input"], w["timed_out"]), (True, False), w)
+        self.assertEqual(w["input_prompt"], "name? ")
+        busy = self.start_bg("sleep", "30", opts=("--stdin-open",))  # never reads
+        w = self.ok("wait", "--input", "--timeout-ms", "300", busy)
+        self.assertEqual((w["waiting_for_input"], w["timed_out"]), (False, True), w)
+        self.assertIs(self.ok("status", busy)["waiting_for_input"], False)
+        done = self.ok("run", "--wait", "--", "true")["job_id"]
+        w = self.ok("wait", "--input", done)
+        self.assertEqual(
+            (w["waiting_for_input"], w["timed_out"], w["state"]), (False, False, "exited")
+        )
+        self.fail_with("usage_error", "wait", "--input", "--ready", done, exit_code=2)
+
+
 class ShellAndNoninteractiveTests(JobsTestCase):
     def test_shell_string(self):
         j = self.ok("run", "--wait", "--shell", "echo a | tr a b && echo done >&2")
