@@ -5738,9 +5738,7 @@ _LAUNCHER = """#!{python} -IS
 import sys
 
 sys.path.insert(0, {lib!r})
-import agent_exec
-
-agent_exec.cli()
+__import__("agent_exec").cli()
 """
 
 
