@@ -132,7 +132,7 @@ STDERR_LOG = "stderr.log"
 FULL_LOG = "full.log"
 EVENT_FILE = "completion_event.json"
 STDIN_FILE = "stdin"  # run --stdin/--stdin-file: the bytes the workload reads
-CONTROL = "control"  # FIFO: `kill` asks the live supervisor to signal
+CONTROL = "control"  # FIFO: `kill` and `send` talk to the live supervisor
 READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
 RESERVE = ".reserve"  # disk space set aside so the terminal state fits on a full disk
 RESERVE_BYTES = 256 * 1024
@@ -1577,7 +1577,7 @@ def _open_control(job_dir: str) -> "int | None":
 # own, with stdio on /dev/null and no descriptor of the caller.  It drains the
 # workload's two pipes continuously into stdout.log, stderr.log and full.log,
 # enforces the timeout on the whole process tree, listens on the control FIFO
-# for `kill`, reaps every child (on Linux it is a child subreaper, so orphaned
+# for `kill` and `send`, reaps every child (on Linux it is a child subreaper, so orphaned
 # descendants come back to it), writes the terminal state exactly once, lets
 # go of the job lock (waking every waiter), delivers the completion events and
 # then lives on only while descendants still hold the pipes or still run.
@@ -1588,6 +1588,7 @@ def _open_control(job_dir: str) -> "int | None":
 #
 #   _spawn_workload  fork and exec the workload, as a _ChildSetup prepared first
 #   _Capture         the output: logs, --mask, full.log rows, --ready-match
+#   _Input           the job's stdin pipe for `send` (--stdin-open)
 #   _ProcessTree     subreaper, reaping, whole-tree kills
 #   _StateWriter     state.json (built by _state_document) and the disk reserve
 #   _Notifier        the completion event and its sinks
