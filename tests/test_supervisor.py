@@ -151,15 +151,16 @@ class DetachmentTests(JobsTestCase):
         self.assertEqual(j["snapshot"]["stdout_tail"].rstrip("\n"), "cat-done")
         self.assertLess(took, 6.0)
 
-    @unittest.skipUnless(LINUX, "needs /proc")
-    def test_workload_inherits_no_caller_fd(self):
+    def run_holding_fd(self, high, *args):
+        """``agent_exec.py <args>`` (the script) from a caller that holds the
+        writing end of a pipe at fd ``high``, inherited; (the process, the
+        pipe's reading end, which the test closes)."""
         r, w = os.pipe()
-        high = 57
         os.dup2(w, high)
         os.close(w)
         try:
             proc = subprocess.run(
-                [PY, SCRIPT, "run", "--snapshot-after", "5000", "--", "ls", "/proc/self/fd"],
+                [PY, SCRIPT] + list(args),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -168,8 +169,19 @@ class DetachmentTests(JobsTestCase):
                 timeout=CALL_TIMEOUT,
                 pass_fds=(high,),
             )
+        except BaseException:
+            os.close(r)
+            raise
         finally:
             os.close(high)
+        return proc, r
+
+    @unittest.skipUnless(LINUX, "needs /proc")
+    def test_workload_inherits_no_caller_fd(self):
+        high = 57
+        proc, r = self.run_holding_fd(
+            high, "run", "--snapshot-after", "5000", "--", "ls", "/proc/self/fd"
+        )
         try:
             self.assertEqual(proc.returncode, 0, proc)
             j = json.loads(proc.stdout.decode())
@@ -228,23 +240,7 @@ class DetachmentTests(JobsTestCase):
     def test_running_job_holds_no_caller_fd(self):
         # While the job runs, neither the supervisor nor the workload keeps the
         # caller's descriptor: once the caller's copies are closed, the pipe is at EOF.
-        r, w = os.pipe()
-        high = 58
-        os.dup2(w, high)
-        os.close(w)
-        try:
-            proc = subprocess.run(
-                [PY, SCRIPT, "run", "--snapshot-after", "0", "--", "sleep", "30"],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self.env(),
-                cwd=self.tmp,
-                timeout=CALL_TIMEOUT,
-                pass_fds=(high,),
-            )
-        finally:
-            os.close(high)
+        proc, r = self.run_holding_fd(58, "run", "--snapshot-after", "0", "--", "sleep", "30")
         try:
             self.assertEqual(proc.returncode, 0, proc)
             jid = json.loads(proc.stdout.decode())["job_id"]
