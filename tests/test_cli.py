@@ -874,10 +874,19 @@ class HelpTests(unittest.TestCase):
                     if action.metavar in ("DURATION", "SIZE"):
                         self.assertIn(action.metavar + ":", action.help)
 
+    def call(self, *args):
+        """The CLI as a process: (exit code, stdout)."""
+        r = subprocess.run(
+            CLI + list(args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            universal_newlines=True,
+            timeout=60,
+        )
+        return r.returncode, r.stdout
+
     def help_text(self, *args):
-        return subprocess.run(
-            CLI + list(args), stdout=subprocess.PIPE, universal_newlines=True, timeout=60
-        ).stdout
+        return self.call(*args)[1]
 
     def test_run_help(self):
         text = self.help_text("run", "--help")
@@ -898,28 +907,12 @@ class HelpTests(unittest.TestCase):
         self.assertEqual(self.help_text("--root", "help", "help", "run"), text)
 
     def test_no_abbreviations_and_suggestions(self):
-        r = subprocess.run(
-            CLI + ["run", "--snap", "0", "--", "true"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            universal_newlines=True,
-            timeout=60,
-        )
-        j = json.loads(r.stdout)
-        self.assertEqual((r.returncode, j["error"]["code"]), (2, "usage_error"))
+        code, out = self.call("run", "--snap", "0", "--", "true")
+        j = json.loads(out)
+        self.assertEqual((code, j["error"]["code"]), (2, "usage_error"))
         self.assertIn("did you mean --snapshot-after?", j["error"]["message"])
-        r = subprocess.run(
-            CLI + ["run", "--tiemout", "5s", "--", "true"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            universal_newlines=True,
-            timeout=60,
-        )
-        self.assertIn("did you mean --timeout?", json.loads(r.stdout)["error"]["message"])
-
-
-if __name__ == "__main__":
-    unittest.main()
+        code, out = self.call("run", "--tiemout", "5s", "--", "true")
+        self.assertIn("did you mean --timeout?", json.loads(out)["error"]["message"])
 
 
 class OptionValueWiringTests(unittest.TestCase):
@@ -979,3 +972,7 @@ class OptionValueWiringTests(unittest.TestCase):
                         self.assertIn("usage", err.lower())
                         self.assertNotIn("Traceback", out + err)
                         self.assertFalse(os.path.exists(self.root), "a usage error made the root")
+
+
+if __name__ == "__main__":
+    unittest.main()
