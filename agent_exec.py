@@ -5862,13 +5862,12 @@ def _refuse_foreign_launcher(path: str) -> None:
     user's script) is left alone: install must not replace what it cannot
     give back."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
+        head = _launcher_head(path)
     except FileNotFoundError:
         return
     except OSError as e:
         raise AgentExecError("io_error", "install: cannot read %s: %s" % (path, e.strerror or e))
-    if b"written by `agent-exec install`" not in head:
+    if _LAUNCHER_MARK not in head:
         raise AgentExecError(
             "invalid_argument",
             "install: %s exists and was not written by agent-exec install; remove it, "
@@ -5882,11 +5881,21 @@ def _ours(path: str, lib: str) -> bool:
     if os.path.dirname(path) in (lib, os.path.join(lib, "__pycache__")):
         return True
     try:
-        with open(path, "rb") as f:
-            head = f.read(1024)
+        head = _launcher_head(path)
     except OSError:
         return False
-    return b"written by `agent-exec install`" in head and repr(lib).encode() in head
+    return _LAUNCHER_MARK in head and repr(lib).encode() in head
+
+
+# What every launcher that install writes says of itself (see _LAUNCHER).
+_LAUNCHER_MARK = b"written by `agent-exec install`"
+
+
+def _launcher_head(path: str) -> bytes:
+    """The start of a file that may be a launcher: enough for its mark and
+    its library path.  Raises OSError."""
+    with open(path, "rb") as f:
+        return f.read(1024)
 
 
 def _installed_files(manifest: str) -> "list | None":
