@@ -98,6 +98,9 @@ DEFAULT_LIST_LIMIT = 50
 DEFAULT_NOTIFY_TIMEOUT_MS = 30000
 DEFAULT_GC_OLDER_THAN_MS = 7 * 86400000
 DEFAULT_STDIN_MAX_BYTES = 64 << 20
+# run --pty: the terminal's size when --pty-size is not given, and its TERM.
+DEFAULT_PTY_SIZE = (80, 24)
+PTY_TERM = "xterm-256color"
 # How long `kill` waits for the job to become terminal before it answers.
 KILL_SETTLE_S = 1.0
 
@@ -105,6 +108,7 @@ KILL_SETTLE_S = 1.0
 # used (it costs about 0.4 ms of start-up); both are the same on every POSIX.
 _SIGKILL = 9  # cannot be caught: what a timeout ends with, and kill_tree repeats
 _SIGTERM = 15  # the request to stop that a timeout sends first
+_EIO = 5  # errno (the same on Linux and macOS): a terminal's master after hang-up
 
 # The supervisor asks Linux for pipes this large, so that bulk output costs
 # few system calls, and reads them in chunks a quarter that size: a chunk of
@@ -134,6 +138,7 @@ EVENT_FILE = "completion_event.json"
 STDIN_FILE = "stdin"  # run --stdin/--stdin-file: the bytes the workload reads
 CONTROL = "control"  # FIFO: `kill` and `send` talk to the live supervisor
 READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
+RESIZE_LOG = "resize.jsonl"  # run --pty: each `send --size`, where in stdout.log it took effect
 RESERVE = ".reserve"  # disk space set aside so the terminal state fits on a full disk
 RESERVE_BYTES = 256 * 1024
 
@@ -337,6 +342,120 @@ def parse_size(text: str) -> int:
     if len(digits) > 30:
         raise ValueError("size %r is too large" % text)
     return int(digits) * _SIZE_UNITS[unit]
+
+
+# A terminal's size is COLSxROWS, each 1 to this (a larger window is no screen).
+_TERM_SIZE_MAX = 9999
+
+
+def parse_term_size(text: str) -> "tuple":
+    """``COLSxROWS`` (80x24) -> (cols, rows); ValueError otherwise."""
+    cols, x, rows = str(text).strip().lower().partition("x")
+    if not x or not (cols.isdigit() and rows.isdigit()) or len(cols) > 4 or len(rows) > 4:
+        raise ValueError("expected COLSxROWS (like 80x24), got %r" % _short(text))
+    if not (0 < int(cols) <= _TERM_SIZE_MAX and 0 < int(rows) <= _TERM_SIZE_MAX):
+        raise ValueError(
+            "a terminal needs 1 to %d columns and rows, got %r" % (_TERM_SIZE_MAX, _short(text))
+        )
+    return int(cols), int(rows)
+
+
+# send --keys: what each named key types, as an xterm in its normal mode sends
+# it (the supervisor turns the cursor keys into their application-mode form
+# when the program asked for that mode).  Ctrl-a ... ctrl-z are added below.
+_KEYS = {
+    "enter": b"\r",
+    "return": b"\r",
+    "tab": b"\t",
+    "esc": b"\x1b",
+    "escape": b"\x1b",
+    "backspace": b"\x7f",
+    "space": b" ",
+    "comma": b",",
+    "up": b"\x1b[A",
+    "down": b"\x1b[B",
+    "right": b"\x1b[C",
+    "left": b"\x1b[D",
+    "home": b"\x1b[H",
+    "end": b"\x1b[F",
+    "insert": b"\x1b[2~",
+    "delete": b"\x1b[3~",
+    "pgup": b"\x1b[5~",
+    "pgdn": b"\x1b[6~",
+    "f1": b"\x1bOP",
+    "f2": b"\x1bOQ",
+    "f3": b"\x1bOR",
+    "f4": b"\x1bOS",
+    "f5": b"\x1b[15~",
+    "f6": b"\x1b[17~",
+    "f7": b"\x1b[18~",
+    "f8": b"\x1b[19~",
+    "f9": b"\x1b[20~",
+    "f10": b"\x1b[21~",
+    "f11": b"\x1b[23~",
+    "f12": b"\x1b[24~",
+}
+_KEYS.update(("ctrl-%s" % chr(c), bytes([c - 96])) for c in range(ord("a"), ord("z") + 1))
+_KEYS.update({"pageup": _KEYS["pgup"], "pagedown": _KEYS["pgdn"], "ctrl-space": b"\x00"})
+# A key may be repeated: "down*3".  More than this many at once is a mistake.
+_KEY_REPEAT_MAX = 1000
+
+
+def parse_keys(spec: str) -> bytes:
+    """send --keys SPEC -> the bytes typed; ValueError names what is wrong.
+
+    SPEC is a comma-separated list.  Each item is a key name from _KEYS
+    (case does not matter), optionally repeated as ``name*N``, or literal
+    text in quotes, ``"..."`` or ``'...'``, in which a comma is just a
+    comma.  ``enter`` types a carriage return, as a terminal's Enter key
+    does.
+    """
+    text = str(spec)
+    out = []
+    i = 0
+    n = len(text)
+    if not text.strip():
+        raise ValueError("--keys needs at least one key (like enter or ctrl-c)")
+    while i <= n:
+        while i < n and text[i] == " ":
+            i += 1
+        if i < n and text[i] in "\"'":
+            quote = text[i]
+            end = text.find(quote, i + 1)
+            if end < 0:
+                raise ValueError("--keys: text opened with %s at %d is not closed" % (quote, i))
+            out.append(text[i + 1 : end].encode("utf-8", "surrogateescape"))
+            i = end + 1
+            while i < n and text[i] == " ":
+                i += 1
+            if i < n and text[i] != ",":
+                raise ValueError("--keys: expected a comma after the quoted text at %d" % i)
+        else:
+            end = text.find(",", i)
+            end = n if end < 0 else end
+            item = text[i:end].strip().lower()
+            name, star, count = item.partition("*")
+            name = name.strip()
+            if not item:
+                raise ValueError("--keys: an empty item at %d (two commas in a row?)" % i)
+            if name not in _KEYS:
+                raise ValueError(
+                    "--keys: unknown key %r (keys: enter, tab, esc, backspace, up, down, "
+                    'left, right, home, end, pgup, pgdn, f1 ... f12, ctrl-a ... ctrl-z, or "text")'
+                    % _short(item or text[i:end])
+                )
+            times = 1
+            if star:
+                count = count.strip()
+                if not count.isdigit() or not 0 < int(count) <= _KEY_REPEAT_MAX:
+                    raise ValueError(
+                        "--keys: %r: a repeat is *1 to *%d" % (_short(item), _KEY_REPEAT_MAX)
+                    )
+                times = int(count)
+            out.append(_KEYS[name] * times)
+            i = end
+        i += 1  # past the comma (or the end)
+    return b"".join(out)
 
 
 def new_ulid(now: "float | None" = None) -> str:
@@ -1814,13 +1933,31 @@ class _ChildSetup:
     listing the signals, and later rlimits or a terminal) is done here.
     """
 
-    __slots__ = ("path", "argv", "env", "cwd", "stdin", "stdout", "stderr", "default_signals")
+    __slots__ = (
+        "path",
+        "argv",
+        "env",
+        "cwd",
+        "stdin",
+        "stdout",
+        "stderr",
+        "default_signals",
+        "tiocsctty",
+    )
 
     def __init__(
-        self, argv: list, env: dict, cwd: str, stdout: int, stderr: int, stdin=None
+        self, argv: list, env: dict, cwd: str, stdout: int, stderr: int, stdin=None, pty=False
     ) -> None:
         import signal
 
+        # run --pty: fds 0-2 are a terminal's slave side, which the child makes
+        # its controlling terminal with this ioctl (the request number, found
+        # before the fork); None otherwise.
+        self.tiocsctty = None  # type: int | None
+        if pty:
+            import termios
+
+            self.tiocsctty = termios.TIOCSCTTY
         self.argv = argv
         self.env = env
         self.cwd = cwd
@@ -1905,6 +2042,11 @@ def _exec_workload(setup: "_ChildSetup", stdio: tuple, inherited: list, errpipe_
         src = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) if fd < 3 else fd for fd in stdio]
         for target, fd in enumerate(src):
             os.dup2(fd, target)  # dup2 makes 0, 1 and 2 inheritable
+        if setup.tiocsctty is not None:
+            # A session leader without a controlling terminal takes the one
+            # on fd 0: its group becomes the terminal's foreground group, so
+            # ctrl-c typed there reaches it as SIGINT.
+            fcntl.ioctl(0, setup.tiocsctty, 0)
         for fd in inherited:
             try:
                 os.close(fd)
@@ -2091,6 +2233,7 @@ class _Capture:
         self.on_dropped = on_dropped
         self.on_ready = on_ready
         self.on_log_error = on_log_error
+        self.pty = None  # type: _Terminal | None  (run --pty: stdout is its master side)
         self.logs = ()  # type: tuple  (stdout.log, stderr.log), once opened
         self.full = None  # type: _LogFile | None
         self.streams = []  # type: list  (stdout, stderr), once attached
@@ -2136,7 +2279,10 @@ class _Capture:
         except BlockingIOError:
             return True
         except OSError as e:
-            self.on_log_error("read error on %s: %s" % (s.name, e.strerror))
+            # A terminal's master fails with EIO once no process holds the
+            # slave side: that is its end of file, not an error.
+            if not (self.pty is not None and e.errno == _EIO):
+                self.on_log_error("read error on %s: %s" % (s.name, e.strerror))
             data = b""
         if not data:
             s.eof = True
@@ -2172,6 +2318,8 @@ class _Capture:
 
     def emit(self, s: _Stream, data: bytes, final: bool = False) -> None:
         """Write a chunk of one stream to its log and to full.log."""
+        if self.pty is not None and s.name == "stdout":
+            self.pty.watch(data)
         if self.secrets:
             data = self._redact(s, data, final)
         if data:
@@ -2324,15 +2472,20 @@ class _Input:
     neither `send` nor the loop ever blocks on a workload that does not read.
     """
 
-    def __init__(self) -> None:
-        self.read_fd, self.fd = os.pipe()  # both close-on-exec; the child dup2s read_fd
+    def __init__(self, terminal_fd: "int | None" = None) -> None:
+        if terminal_fd is None:
+            self.read_fd, self.fd = os.pipe()  # both close-on-exec; the child dup2s read_fd
+        else:  # run --pty: typing is writing to the terminal's master side
+            self.read_fd, self.fd = None, os.dup(terminal_fd)
         os.set_blocking(self.fd, False)
         self.buffer = bytearray()
         self.eof = False  # close once the buffer is written
         self.closed = False
 
     def after_spawn(self) -> None:
-        os.close(self.read_fd)
+        if self.read_fd is not None:
+            os.close(self.read_fd)
+            self.read_fd = None
 
     def accept(self, data: bytes, eof: bool) -> dict:
         if self.closed or self.eof:
@@ -2372,6 +2525,73 @@ class _Input:
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+
+# ---- The terminal (run --pty) -------------------------------------------------
+
+# The cursor keys and Home/End as a terminal sends them in the application
+# mode a program asks for with ESC [ ? 1 h (less, vim and curses programs do).
+_APP_CURSOR_KEYS = tuple((b"\x1b[" + k, b"\x1bO" + k) for k in (b"A", b"B", b"C", b"D", b"H", b"F"))
+
+
+class _Terminal:
+    """The pseudo-terminal of a run --pty job.
+
+    Its master side is read as the job's stdout (by _Capture) and written
+    by `send` (through _Input); the slave side becomes the workload's
+    controlling terminal and is closed here once the workload has it, so
+    that reading the master fails with EIO when the last process holding
+    the terminal is gone: the terminal's EOF.  The size is set on the
+    master; the kernel then sends SIGWINCH to the foreground group.
+    """
+
+    def __init__(self, job_dir: str, cols: int, rows: int) -> None:
+        self.job_dir = job_dir
+        self.master, self.slave = os.openpty()  # both close-on-exec (PEP 446)
+        self.cols, self.rows = cols, rows
+        self.set_size(cols, rows)
+        os.set_blocking(self.master, False)
+        # Whether the program asked for application cursor keys (DECCKM):
+        # `send --keys up` must then type ESC O A rather than ESC [ A.
+        self.app_cursor = False
+
+    def set_size(self, cols: int, rows: int) -> None:
+        import struct
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.cols, self.rows = cols, rows
+
+    def resize(self, cols: int, rows: int, at: int) -> None:
+        """send --size: resize, and note where in stdout the new size starts (for screen)."""
+        self.set_size(cols, rows)
+        line = json.dumps({"at": at, "cols": cols, "rows": rows}) + "\n"
+        try:
+            fd = os.open(
+                os.path.join(self.job_dir, RESIZE_LOG),
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                0o600,
+            )
+            try:
+                _write_all(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _log(1, "cannot record the resize: %s" % e)
+
+    def watch(self, data: bytes) -> None:
+        """Follow the program's cursor-key mode in what it writes."""
+        if b"\x1b[?1" in data:
+            on, off = data.rfind(b"\x1b[?1h"), data.rfind(b"\x1b[?1l")
+            if on != off:  # both -1: another private mode (1049, 1000, ...)
+                self.app_cursor = on > off
+
+    def keys(self, data: bytes) -> bytes:
+        """Typed keys as the program's current cursor-key mode wants them."""
+        if self.app_cursor:
+            for normal, app in _APP_CURSOR_KEYS:
+                data = data.replace(normal, app)
+        return data
 
 
 # ---- The process tree -------------------------------------------------------
@@ -2776,8 +2996,16 @@ class _Supervisor:
             "probe": self._on_probe,
             "flush": self._on_flush,
         }
-        self.on_control = {"kill": self._on_kill, "send": self._on_send}
-        self.input = _Input() if cfg.get("stdin_open") else None
+        self.on_control = {"kill": self._on_kill, "send": self._on_send, "resize": self._on_resize}
+        # run --pty: the terminal, whose master side is both the output read
+        # as stdout and the input `send` types into.
+        self.pty = None  # type: _Terminal | None
+        if cfg.get("pty"):
+            self.pty = _Terminal(job_dir, cfg["pty"]["cols"], cfg["pty"]["rows"])
+            self.capture.pty = self.pty
+            self.input = _Input(self.pty.master)  # type: _Input | None
+        else:
+            self.input = _Input() if cfg.get("stdin_open") else None
         self.terminal = False  # the terminal state is written
         self.final_doc = None  # type: dict | None  (that state, for the events)
         self.wake_r = None  # type: int | None  (readable after a SIGCHLD)
@@ -2816,11 +3044,19 @@ class _Supervisor:
         return 0
 
     def _start(self) -> None:
-        """Open the logs, start the workload on two pipes, set the job's timers."""
+        """Open the logs, start the workload on two pipes (or a terminal), set the timers."""
         cfg = self.cfg
         facts = self.facts
+        term = self.pty
         self.capture.open_logs()
-        out_r, out_w = _output_pipe()
+        if term is not None:
+            # A terminal merges the two streams: the workload's 0, 1 and 2 are
+            # all its slave side, and what it writes is read from the master
+            # as stdout.  The stderr pipe stays unused (its write end is
+            # closed below, so stderr.log ends empty at once).
+            out_r, out_w = term.master, term.slave
+        else:
+            out_r, out_w = _output_pipe()
         try:
             err_r, err_w = _output_pipe()
         except BaseException:
@@ -2828,11 +3064,16 @@ class _Supervisor:
             os.close(out_w)
             raise
         try:
-            stdin = self.input.read_fd if self.input is not None else cfg.get("stdin_path")
-            setup = _ChildSetup(cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w, stdin)
+            if term is not None:
+                setup = _ChildSetup(
+                    cfg["argv"], cfg["env"], cfg["cwd"], out_w, out_w, out_w, pty=True
+                )
+            else:
+                stdin = self.input.read_fd if self.input is not None else cfg.get("stdin_path")
+                setup = _ChildSetup(cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w, stdin)
             facts.pid = _spawn_workload(setup)
         except BaseException:
-            for fd in (out_r, out_w, err_r, err_w):
+            for fd in {out_r, out_w, err_r, err_w}:
                 os.close(fd)
             raise
         finally:
@@ -2840,6 +3081,8 @@ class _Supervisor:
             facts.started_at = _now()
         os.close(out_w)
         os.close(err_w)
+        if term is not None:
+            term.slave = None  # closed just now, as out_w
         if self.input is not None:
             self.input.after_spawn()
         facts.pid_start = _proc_start_time(facts.pid)
@@ -3007,12 +3250,39 @@ class _Supervisor:
                 os.unlink(path)
             except OSError:
                 pass
+        eof = bool(msg.get("eof"))
+        if self.pty is not None:
+            # Typing on a terminal: the keys as the program's mode wants them,
+            # and an end of file is the terminal's EOF character (ctrl-d),
+            # which the program reads as one at the start of a line.  The
+            # terminal itself stays open: closing it would hang the job up.
+            data = self.pty.keys(data) if msg.get("keys") else data
+            data, eof = (data + b"\x04" if eof else data), False
         if self.input is None:
             answer = {"ok": False, "code": "invalid_state", "message": "no open stdin"}
         elif self.terminal or self.facts.wait_status is not None:
             answer = {"ok": False, "code": "invalid_state", "message": "the job has ended"}
         else:
-            answer = self.input.accept(data, bool(msg.get("eof")))
+            answer = self.input.accept(data, eof)
+        _reply(self.job_dir, msg.get("reply"), answer)
+
+    def _on_resize(self, msg: dict) -> None:
+        """{"verb": "resize", "cols": c, "rows": r, "reply": fifo}: send --size."""
+        cols, rows = msg.get("cols"), msg.get("rows")
+        if self.pty is None:
+            answer = {"ok": False, "code": "invalid_state", "message": "the job has no terminal"}
+        elif not all(type(v) is int and 0 < v <= _TERM_SIZE_MAX for v in (cols, rows)):
+            answer = {"ok": False, "code": "invalid_argument", "message": "bad size"}
+        else:
+            # Output written before the resize belongs to the old size: take
+            # it in first, so the recorded position divides the two.
+            self.capture.drain_available()
+            stdout = self.capture.streams[0] if self.capture.streams else None
+            try:
+                self.pty.resize(cols, rows, stdout.total if stdout else 0)
+                answer = {"ok": True, "cols": cols, "rows": rows}
+            except OSError as e:
+                answer = {"ok": False, "code": "io_error", "message": "cannot resize: %s" % e}
         _reply(self.job_dir, msg.get("reply"), answer)
 
     # -- callbacks from the capture ---------------------------------------
@@ -3604,6 +3874,13 @@ _KINDS = {
     "port": _Kind(
         _port, "port", {"type": "integer", "minimum": 1, "maximum": 65535}, metavar="PORT"
     ),
+    "term_size": _Kind(
+        parse_term_size,
+        "terminal size",
+        {"type": "string", "pattern": "^[0-9]+[xX][0-9]+$"},
+        metavar="COLSxROWS",
+    ),
+    "keys": _Kind(parse_keys, "keys", STR, metavar="SPEC"),
     "env_pairs": _Kind(_env_pair, "env", STRS, "append", metavar="KEY=VALUE"),
     "env_keys": _Kind(_env_key, "key", STRS, "append", metavar="KEY"),
     "job_id": _Kind(json=STR, positional=True),
@@ -3832,6 +4109,19 @@ _RUN_OPTS = (
         "refuse more stdin than this (default 64 MiB)",
     ),
     Opt(
+        "pty",
+        "flag",
+        help="run the job on a pseudo-terminal, its controlling terminal: both streams go "
+        "to stdout.log, and `agent-exec send` types into it",
+    ),
+    Opt(
+        "pty_size",
+        "term_size",
+        None,
+        "with --pty: the terminal's size (default 80x24)",
+        metavar="COLSxROWS",
+    ),
+    Opt(
         "shell",
         help="run /bin/sh -c STRING (pipes, redirections, &&) instead of a command after --",
         metavar="STRING",
@@ -3857,6 +4147,17 @@ _RUN_OPTS = (
         conflict("stdin", "stdin_file"),
         conflict("stdin", "stdin_open"),
         conflict("stdin_file", "stdin_open"),
+        conflict(
+            "pty",
+            "stdin",
+            "--pty and --stdin conflict: a terminal job reads what `agent-exec send` types",
+        ),
+        conflict(
+            "pty",
+            "stdin_file",
+            "--pty and --stdin-file conflict: a terminal job reads what `agent-exec send` types",
+        ),
+        lambda o: "--pty-size goes with --pty" if o.pty_size and not o.pty else None,
         lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,
         _notify_command_error,
     ),
@@ -3984,6 +4285,7 @@ def _job_spec(o) -> dict:
     return {
         "stdin": stdin,
         "stdin_open": bool(o.stdin_open),
+        "pty": _pty_size(o),
         "shell": o.shell,
         "argv": argv,
         "cwd": cwd,
@@ -4004,6 +4306,14 @@ def _job_spec(o) -> dict:
         "notify_file": os.path.abspath(o.notify_file) if o.notify_file else None,
         "notify_timeout_ms": o.notify_timeout,
     }
+
+
+def _pty_size(o) -> "dict | None":
+    """run --pty: {"cols": c, "rows": r}; None without a terminal."""
+    if not getattr(o, "pty", False):
+        return None
+    cols, rows = o.pty_size or DEFAULT_PTY_SIZE
+    return {"cols": cols, "rows": rows}
 
 
 def _job_stdin(o) -> "bytes | None":
@@ -4080,6 +4390,8 @@ def _job_env(o) -> "tuple":
     env_keys = []  # type: list
     if getattr(o, "noninteractive", False):
         env.update(NONINTERACTIVE_ENV)
+    if getattr(o, "pty", False):
+        env["TERM"] = PTY_TERM  # the terminal is an xterm's kind, whatever the caller's is
     for path in o.env_file or ():
         for key, value in _parse_env_file(path):
             env[key] = value
@@ -4163,7 +4475,9 @@ def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
         "ready_port": spec["ready_port"],
         "log_path": spec["log_path"] or os.path.join(job_dir, FULL_LOG),
         "stdin_bytes": len(spec["stdin"]) if spec["stdin"] is not None else None,
-        "stdin_open": spec["stdin_open"],
+        "stdin_open": spec["stdin_open"] or spec["pty"] is not None,
+        "pty": spec["pty"] is not None,
+        "pty_size": spec["pty"],
         "shell": spec["shell"] is not None,
         "shell_command": spec["shell"],
         "agent_exec_version": __version__,
@@ -4194,6 +4508,7 @@ _SUPERVISOR_KEYS = (
     "ready_match",
     "ready_port",
     "stdin_open",
+    "pty",
 )
 
 
@@ -4213,7 +4528,7 @@ def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
     waiting = None
     if o.wait:
         _wait_lock(meta_path, None, _cancelled(o))
-    elif snapshot_after > 0 and spec["stdin_open"] and not readiness:
+    elif snapshot_after > 0 and (spec["stdin_open"] or spec["pty"]) and not readiness:
         # A job whose stdin is open may stop to ask something: answer then,
         # with waiting_for_input, rather than at the end of the snapshot wait.
         job = load_job(root, job_id)
@@ -4428,9 +4743,15 @@ def cmd_status(o) -> dict:
     return out
 
 
-# read(2), pread64(2), readv(2): the calls that block on an fd given as
-# their first argument, by machine (the numbers differ).
+# The system calls in which a process waits for input, by machine (the numbers
+# differ): those that read the fd given as their first argument (read,
+# pread64, readv), and those that wait for several fds to become readable
+# (select and pselect6 take a bitmap, poll and ppoll an array of pollfd).
 _READ_SYSCALLS = {"x86_64": (0, 17, 19), "aarch64": (63, 67, 65)}
+_SELECT_SYSCALLS = {"x86_64": (23, 270), "aarch64": (72,)}
+_POLL_SYSCALLS = {"x86_64": (7, 271), "aarch64": (73,)}
+# A poll or select over more fds than this is a server's loop, not a prompt.
+_WAIT_FDS_MAX = 64
 INPUT_PROMPT_MAX = 200
 
 
@@ -4438,28 +4759,90 @@ def _waiting_for_input(pids: list) -> bool:
     """True when one of ``pids`` is blocked reading its stdin, a pipe or a terminal.
 
     Linux: /proc/<pid>/syscall names the call a blocked process sleeps in,
-    and its first argument (the fd); /proc/<pid>/fd tells that the fd is the
+    and its arguments; /proc/<pid>/fd tells that the fd it waits on is the
     process's stdin (the same pipe or terminal as its fd 0), not a socket or
-    a file.  A stdin of /dev/null or a file never blocks, so never counts.
+    a file.  A read(2) names its fd; a select(2) or poll(2) (a REPL with
+    readline, less, top) names a set of fds in its memory, read from
+    /proc/<pid>/mem where that is allowed, else only a select on fd 0 alone
+    (nfds 1) is recognised.  A stdin of /dev/null or a file never blocks, so
+    never counts.
     """
-    calls = _READ_SYSCALLS.get(os.uname().machine, ())
+    machine = os.uname().machine
+    reads = _READ_SYSCALLS.get(machine, ())
+    selects = _SELECT_SYSCALLS.get(machine, ())
+    polls = _POLL_SYSCALLS.get(machine, ())
     for pid in pids:
         try:
             with open("/proc/%d/syscall" % pid) as f:
                 fields = f.read().split()
-            number, fd = int(fields[0]), int(fields[1], 16)
+            number, args = int(fields[0]), [int(a, 16) for a in fields[1:4]]
         except (OSError, ValueError, IndexError):  # gone, not ours, or not in a call
             continue
-        if number not in calls:
+        if number in reads:
+            fds = [args[0]]
+        elif number in selects:
+            fds = _selected_fds(pid, args[0], args[1])
+        elif number in polls:
+            fds = _polled_fds(pid, args[0], args[1])
+        else:
             continue
         try:
-            target = os.readlink("/proc/%d/fd/%d" % (pid, fd))
             stdin = os.readlink("/proc/%d/fd/0" % pid)
         except OSError:
             continue
-        if target == stdin and target.startswith(("pipe:", "/dev/pts/", "/dev/tty")):
-            return True
+        if not stdin.startswith(("pipe:", "/dev/pts/", "/dev/tty")):
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink("/proc/%d/fd/%d" % (pid, fd))
+            except OSError:
+                continue
+            if target == stdin or (target == "/dev/tty" and stdin.startswith("/dev/pts/")):
+                return True
     return False
+
+
+def _peek(pid: int, address: int, size: int) -> "bytes | None":
+    """``size`` bytes of process ``pid``'s memory, or None when that is not allowed."""
+    try:
+        fd = os.open("/proc/%d/mem" % pid, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, size, address)
+    except (OSError, OverflowError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
+def _selected_fds(pid: int, nfds: int, readfds: int) -> list:
+    """The fds a select(2) waits to read; [0] alone is known without its memory."""
+    if not readfds or not 0 < nfds <= _WAIT_FDS_MAX:
+        return []
+    if nfds == 1:
+        return [0]
+    bitmap = _peek(pid, readfds, (nfds + 7) // 8)
+    if bitmap is None:
+        return []
+    return [fd for fd in range(nfds) if bitmap[fd // 8] >> (fd % 8) & 1]
+
+
+def _polled_fds(pid: int, pollfds: int, nfds: int) -> list:
+    """The fds a poll(2) waits to read (POLLIN), from its array of struct pollfd."""
+    if not pollfds or not 0 < nfds <= _WAIT_FDS_MAX:
+        return []
+    data = _peek(pid, pollfds, 8 * nfds)  # struct pollfd: int fd; short events, revents
+    if data is None:
+        return []
+    out = []
+    for i in range(nfds):
+        fd = int.from_bytes(data[8 * i : 8 * i + 4], sys.byteorder, signed=True)
+        events = int.from_bytes(data[8 * i + 4 : 8 * i + 6], sys.byteorder)
+        if fd >= 0 and events & 1:  # POLLIN
+            out.append(fd)
+    return out
 
 
 def _input_prompt(job: _Job) -> "str | None":
@@ -5080,8 +5463,8 @@ def _send_input_options(o) -> "str | None":
     given = [x for x in ("text", "file", "stdin") if getattr(o, x) is not None]
     if len(given) > 1:
         return "--text, --file and --stdin conflict: give one"
-    if not given and not o.eof:
-        return "send needs --text, --file, --stdin - or --eof"
+    if not given and not o.eof and o.keys is None and o.size is None:
+        return "send needs --text, --file, --stdin -, --keys, --size or --eof"
     if o.stdin is not None and o.stdin != "-":
         return "--stdin takes '-' (this command's own stdin)"
     return None
@@ -5089,46 +5472,105 @@ def _send_input_options(o) -> "str | None":
 
 @command(
     "send",
-    "write to the stdin of a job started with --stdin-open",
+    "write to the stdin of a job started with --stdin-open, or type into a --pty job",
     opts=(
         Opt("text", help="send TEXT (no newline is added)", metavar="TEXT"),
         Opt("file", help="send this file's bytes", metavar="PATH"),
         Opt("stdin", help="'-': send this command's own stdin, read to EOF", metavar="-"),
-        Opt("eof", "flag", help="then close the job's stdin (alone: just close it)"),
+        Opt(
+            "keys",
+            "keys",
+            help="--pty jobs: type named keys, after any text: a comma-separated list of "
+            "enter, tab, esc, backspace, up, down, left, right, home, end, pgup, pgdn, "
+            'f1 ... f12, ctrl-a ... ctrl-z, and "quoted text" (a key may repeat: down*3)',
+        ),
+        Opt(
+            "size",
+            "term_size",
+            None,
+            "--pty jobs: resize the terminal (the job gets SIGWINCH), before any typing",
+            metavar="COLSxROWS",
+        ),
+        Opt(
+            "eof",
+            "flag",
+            help="then close the job's stdin (alone: just close it); on a --pty job: type ctrl-d",
+        ),
         JOB_ID,
     ),
     checks=(_send_input_options,),
+    examples=(
+        ("agent-exec send JOB --text 'yes' --keys enter", "answer a prompt of a --pty job"),
+        ("agent-exec send JOB --keys ctrl-c", "interrupt the foreground program of a --pty job"),
+        ("agent-exec send JOB --text $'line\\n' --eof", "give a --stdin-open job its last line"),
+    ),
     returns=JOB_HEAD
     + (
         Field("accepted_bytes", COUNT, True),
         Field("buffered_bytes", COUNT, True),
         Field("eof", BOOL, True),
+        Field("size", obj((Field("cols", COUNT, True), Field("rows", COUNT, True)))),
     ),
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
 )
 def cmd_send(o) -> dict:
     """Hand bytes to the job's supervisor, which writes them as the job reads."""
     job = _open_job(o, o.job_id)
+    pty = bool(job.meta.get("pty"))
+    if not pty and (o.keys is not None or o.size is not None):
+        raise AgentExecError(
+            "invalid_state",
+            "job %s has no terminal: %s goes with jobs started with run --pty"
+            % (job.id, "--keys" if o.keys is not None else "--size"),
+        )
     if not job.meta.get("stdin_open"):
         raise AgentExecError(
-            "invalid_state", "job %s has no open stdin (start it with run --stdin-open)" % job.id
+            "invalid_state",
+            "job %s has no open stdin (start it with run --stdin-open or run --pty)" % job.id,
         )
     if job.terminal:
         raise AgentExecError(
             "invalid_state", "job %s is %s: it reads no more" % (job.id, job.state)
         )
+    out = {"job_id": job.id, "state": job.state}
+    if o.size is not None:
+        cols, rows = o.size
+        answer = _ask_supervisor(
+            job.dir, {"verb": "resize", "cols": cols, "rows": rows}, SEND_ANSWER_S
+        )
+        _check_send_answer(job, answer)
+        out["size"] = {"cols": cols, "rows": rows}
     data = _send_data(o)
+    keys = o.keys or b""  # parsed already (the "keys" kind)
+    if data or keys or o.eof or o.size is None:
+        answer = _send_bytes(job, data + keys, bool(o.eof), bool(keys))
+        out["accepted_bytes"] = answer.get("accepted_bytes", 0)
+        out["buffered_bytes"] = answer.get("buffered_bytes", 0)
+    else:  # --size alone
+        out["accepted_bytes"] = out["buffered_bytes"] = 0
+    out["eof"] = bool(o.eof)
+    return out
+
+
+def _send_bytes(job: _Job, data: bytes, eof: bool, keys: bool) -> dict:
+    """Hand ``data`` to the job's supervisor; its answer (ok, accepted and buffered bytes)."""
     path = os.path.join(job.dir, ".send-%d-%s" % (os.getpid(), os.urandom(4).hex()))
     _write_private_file(path, data)
     try:
-        answer = _ask_supervisor(
-            job.dir, {"verb": "send", "file": path, "eof": bool(o.eof)}, SEND_ANSWER_S
-        )
+        msg = {"verb": "send", "file": path, "eof": eof}
+        if keys:
+            msg["keys"] = True  # named keys: the supervisor types them as the terminal's mode wants
+        answer = _ask_supervisor(job.dir, msg, SEND_ANSWER_S)
     finally:
         try:
             os.unlink(path)  # the supervisor removes it once read; not if it never came
         except OSError:
             pass
+    _check_send_answer(job, answer)
+    return answer
+
+
+def _check_send_answer(job: _Job, answer: "dict | None") -> None:
     if answer is None:
         job = job.reload()
         if job.terminal:
@@ -5137,13 +5579,6 @@ def cmd_send(o) -> dict:
     if not answer.get("ok"):
         code = answer.get("code") if answer.get("code") in ERROR_CODES else "invalid_state"
         raise AgentExecError(code, "job %s: %s" % (job.id, answer.get("message")))
-    return {
-        "job_id": job.id,
-        "state": job.state,
-        "accepted_bytes": answer.get("accepted_bytes", 0),
-        "buffered_bytes": answer.get("buffered_bytes", 0),
-        "eof": bool(o.eof),
-    }
 
 
 def _send_data(o) -> bytes:
