@@ -2342,8 +2342,12 @@ class _Capture:
         buf = s.ready_buf + data
         cut = _complete_lines(buf, final, FULL_LOG_ROW_MAX)
         lines, s.ready_buf = buf[:cut], buf[cut:]
-        if lines and self.ready_re.search(lines.decode("utf-8", "replace")):
-            self.on_ready()
+        if lines:
+            text = lines.decode("utf-8", "replace")
+            if "\r\n" in text:  # a terminal's line ends: $ must match before them
+                text = text.replace("\r\n", "\n")
+            if self.ready_re.search(text):
+                self.on_ready()
 
     def _redact(self, s: _Stream, data: bytes, final: bool) -> bytes:
         """Replace every --mask secret in ``data`` with ***, across chunk ends.
@@ -5210,7 +5214,11 @@ def _match_line(regex, data: bytes) -> "tuple | None":
     line holding it is then tested on its own, so a match that only exists
     across a line break does not count.
     """
-    text = data.decode("utf-8", "surrogateescape")  # round-trips every byte
+    raw = data.decode("utf-8", "surrogateescape")  # round-trips every byte
+    # A line may end in \r\n (a terminal's, a Windows program's): its $ is
+    # before the \r, so the search runs on the text with LF line ends, and
+    # the offset is found again in the raw text by counting lines.
+    text = raw.replace("\r\n", "\n") if "\r\n" in raw else raw
     m = regex.search(text)
     while m:
         start = text.rfind("\n", 0, m.start()) + 1
@@ -5218,7 +5226,14 @@ def _match_line(regex, data: bytes) -> "tuple | None":
         end = len(text) if end < 0 else end
         line = text[start:end]
         if regex.search(line):
-            offset = len(text[: end + 1].encode("utf-8", "surrogateescape"))
+            raw_end = end
+            if text is not raw and end == len(text):
+                raw_end = len(raw)
+            elif text is not raw:  # the line's newline is the (lines before it + 1)th
+                raw_end = -1
+                for _ in range(text.count("\n", 0, end) + 1):
+                    raw_end = raw.find("\n", raw_end + 1)
+            offset = len(raw[: raw_end + 1].encode("utf-8", "surrogateescape"))
             return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), offset
         m = regex.search(text, end + 1)
     return None

@@ -435,6 +435,38 @@ class MatchLineTests(unittest.TestCase):
         regex = re.compile("ok", re.M)
         self.assertEqual(agent_exec._match_line(regex, b"\xff\nok \xfe\n"), ("ok \ufffd", 7))
 
+    def test_crlf_line_ends_match_dollar_and_offsets_stay_raw(self):
+        regex = re.compile("^4$", re.M)
+        for data, offset in (
+            (b">>> 2+2\r\n4\r\n>>> ", 12),
+            (b"a\nb\r\n4\r\nz", 8),
+            (b"x\r\ny\r\n4", 7),
+        ):
+            with self.subTest(data=data):
+                self.assertEqual(agent_exec._match_line(regex, data), ("4", offset))
+
+
+class KeysAndSizesTests(unittest.TestCase):
+    """send --keys SPEC and COLSxROWS sizes."""
+
+    def test_keys(self):
+        keys = agent_exec.parse_keys
+        self.assertEqual(keys('"2+2",enter'), b"2+2\r")
+        self.assertEqual(keys("ctrl-c"), b"\x03")
+        self.assertEqual(keys("Down*3, PgDn"), b"\x1b[B" * 3 + b"\x1b[6~")
+        self.assertEqual(keys("\"a,b\" , tab, 'c'"), b"a,b\tc")
+        self.assertEqual(keys("f1,f12,esc,backspace,ctrl-z"), b"\x1bOP\x1b[24~\x1b\x7f\x1a")
+        for bad in ("", "hyper", '"open', "down*0", "down*x", '"a"b', "enter,,tab", "enter,"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                keys(bad)
+
+    def test_terminal_sizes(self):
+        self.assertEqual(agent_exec.parse_term_size("80x24"), (80, 24))
+        self.assertEqual(agent_exec.parse_term_size("132X40"), (132, 40))
+        for bad in ("0x0", "80x0", "80", "x24", "80x", "1x99999", "axb", "-1x5"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                agent_exec.parse_term_size(bad)
+
 
 class LoadJobTests(unittest.TestCase):
     """load_job derives the published state from the files and the lock."""
