@@ -4,7 +4,7 @@ A job writes the wall clock just before it blocks reading its stdin (a
 ``read`` in sh, an ``input()`` in Python); a ``wait --input`` started before
 that returns when the job is seen blocked.  The latency is from the stamp
 to the return of ``wait``, wall clock on the same machine.  Each sample is
-one job (started with ``--stdin-open``, then killed).
+one job (started with ``--stdin-open``, or with ``--pty``, then killed).
 
     python3 bench/input_latency.py [--runs 20] [--tool PATH]
 """
@@ -30,7 +30,7 @@ WORKLOADS = {
 }
 
 
-def one(tool, root, workload, stamp):
+def one(tool, root, workload, stamp, mode):
     def cli(*args):
         out = subprocess.run(
             [sys.executable, tool, "--root", root] + list(args), stdout=subprocess.PIPE
@@ -38,7 +38,7 @@ def one(tool, root, workload, stamp):
         return json.loads(out)
 
     script = workload % stamp
-    job = cli("run", "--stdin-open", "--snapshot-after", "0", "--", "bash", "-c", script)["job_id"]
+    job = cli("run", mode, "--snapshot-after", "0", "--", "bash", "-c", script)["job_id"]
     try:
         answer = cli("wait", "--input", "--timeout-ms", "10000", job)
         seen = time.time_ns()
@@ -59,15 +59,17 @@ def main():
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "root")
-        for name, workload in WORKLOADS.items():
-            samples = sorted(
-                one(opts.tool, root, workload, os.path.join(tmp, "stamp")) for _ in range(opts.runs)
-            )
-            p95 = samples[max(0, int(round(0.95 * len(samples))) - 1)]
-            print(
-                "%-15s median %.1f ms, p95 %.1f ms, max %.1f ms (%d runs)"
-                % (name, statistics.median(samples), p95, samples[-1], len(samples))
-            )
+        for mode in ("--stdin-open", "--pty"):
+            for name, workload in WORKLOADS.items():
+                stamp = os.path.join(tmp, "stamp")
+                samples = sorted(
+                    one(opts.tool, root, workload, stamp, mode) for _ in range(opts.runs)
+                )
+                p95 = samples[max(0, int(round(0.95 * len(samples))) - 1)]
+                print(
+                    "%-12s %-15s median %.1f ms, p95 %.1f ms, max %.1f ms (%d runs)"
+                    % (mode, name, statistics.median(samples), p95, samples[-1], len(samples))
+                )
 
 
 if __name__ == "__main__":
