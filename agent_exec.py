@@ -6129,6 +6129,1008 @@ def _parse_value(opt: Opt, kind: _Kind, value):
         )
 
 
+# ==== Terminal screen ========================================================
+#
+# A small terminal emulator, enough to say what a person would see on a
+# job's terminal (`screen`), and the escape stripper of --plain.  It follows
+# xterm where programs rely on it: cursor movement, erase, scroll regions,
+# insert and delete, the alternate screen, deferred autowrap, tabs, UTF-8
+# and wide characters, the DEC line-drawing set.  Colours and every other
+# attribute, and sequences it does not implement (CSI, OSC, DCS, SOS, PM,
+# APC, charset designations, ESC x), are parsed and dropped, never shown.
+# Combining marks (Mn, Me) attach to the cell before them; other zero-width
+# characters (Cf: ZWJ, soft hyphen's kin) are dropped.  There is no
+# scrollback and no reflow on resize.  A run of printable ASCII is written
+# into its row with one slice assignment: that path is what bulk output
+# takes, and what keeps 10 MB of text at a few seconds.
+
+_ESC_RE = None  # compiled on first use: re costs start-up time that most commands never pay
+
+# How long an unterminated OSC/DCS string may grow while it waits for its
+# terminator across feed() calls; beyond, it is dropped.
+_SCREEN_STRING_MAX = 1 << 16
+# xterm's DEC Special Graphics set (ESC ( 0): the line-drawing characters
+# curses draws boxes with.
+_DEC_GRAPHICS = dict(
+    zip(
+        range(0x5F, 0x7F),
+        "\u00a0\u25c6\u2592\u2409\u240c\u240d\u240a\u00b0\u00b1\u2424\u240b\u2518\u2510"
+        "\u250c\u2514\u253c\u23ba\u23bb\u2500\u23bc\u23bd\u251c\u2524\u2534\u252c\u2502"
+        "\u2264\u2265\u03c0\u2260\u00a3\u00b7",
+    )
+)
+
+
+def _escape_regexes() -> "tuple":
+    """(one whole escape sequence, a prefix of one that runs to the end, a run of
+    single-width printable characters, a C0/C1 control or non-ASCII character)."""
+    global _ESC_RE
+    if _ESC_RE is None:
+        import re
+
+        whole = re.compile(
+            "\x1b(?:"
+            "\\[(?P<cp>[\x30-\x3f]*)(?P<ci>[\x20-\x2f]*)(?P<cf>[\x40-\x7e])"  # CSI
+            "|\\](?P<osc>[^\x07\x1b]*)(?:\x07|\x1b\\\\)"  # OSC, ended by BEL or ST
+            "|[PX^_][^\x07\x1b]*(?:\x07|\x1b\\\\)"  # DCS, SOS, PM, APC
+            "|(?P<ei>[\x20-\x2f]+)(?P<ef>[\x30-\x7e])"  # ESC ( 0, ESC # 8, ...
+            "|(?P<e>[\x30-\x7e])"  # ESC 7, ESC M, ESC c, ...
+            ")"
+        )
+        partial = re.compile(
+            "\x1b(?:\\[[\x30-\x3f]*[\x20-\x2f]*|[\\]PX^_][^\x07\x1b]*\x1b?|[\x20-\x2f]*)\\Z"
+        )
+        # Printable characters that take one cell each and combine with
+        # nothing (checked against unicodedata by the tests): Latin,
+        # Greek, Cyrillic, punctuation, arrows, maths, box drawing, blocks.
+        narrow = re.compile(
+            "[\x20-\x7e\u00a0-\u00ac\u00ae-\u02ff\u0370-\u0482\u048a-\u0590"
+            "\u2010-\u2027\u2030-\u205f\u2190-\u2319\u231c-\u2328\u232b-\u23e8"
+            "\u2500-\u25fc]+"
+        )
+        _ESC_RE = (whole, partial, narrow)
+    return _ESC_RE
+
+
+def _char_width(ch: str) -> int:
+    """Cells a character takes: 2 for East Asian wide/fullwidth, 0 for marks."""
+    import unicodedata
+
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+class _Screen:
+    """A terminal of ``cols`` x ``rows`` cells fed with a program's output bytes.
+
+    Each cell holds a str: one character (with its combining marks), or ""
+    for the right half of a wide character.  ``newline_mode`` makes LF also
+    return the carriage, as a terminal's ONLCR does for a program that
+    writes to it: on for the output of a job without a PTY (its "\\n" was
+    never translated), off for a PTY's output, which the kernel translated.
+    """
+
+    def __init__(self, cols: int = 80, rows: int = 24, newline_mode: bool = False):
+        import codecs
+
+        self.cols, self.rows = max(1, cols), max(1, rows)
+        self.newline_mode = newline_mode
+        self.title = None  # type: str | None
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""  # an escape sequence cut by the end of a feed()
+        self.reset()
+
+    # -- state ---------------------------------------------------------------
+
+    def reset(self) -> None:
+        """RIS (ESC c): the power-on state; the title stays, as in xterm."""
+        self.grid = [self._blank() for _ in range(self.rows)]
+        self.x = self.y = 0
+        self.wrap_next = False  # the last column was written: wrap before the next character
+        self.top, self.bottom = 0, self.rows - 1
+        self.autowrap = True
+        self.origin = False
+        self.insert = False
+        self.saved = None  # DECSC: (x, y, origin, charsets)
+        self.main = None  # the main screen's grid while the alternate one is shown
+        self.main_saved = None
+        self.alt_screen = False
+        self.tabs = set(range(8, self.cols, 8))
+        self.charsets = [False, False]  # G0, G1: the DEC line-drawing set?
+        self.shift = 0  # SI selects G0, SO G1
+        self.last = " "
+
+    def _blank(self) -> list:
+        return [" "] * self.cols
+
+    @property
+    def cursor(self) -> dict:
+        return {"row": self.y, "col": self.x}
+
+    @property
+    def lines(self) -> list:
+        """The rows as text, trailing spaces trimmed."""
+        return ["".join(row).rstrip(" ") for row in self.grid]
+
+    def state(self) -> dict:
+        """Everything the emulator holds, as JSON values (the screen cache)."""
+        pending, flag = self._decoder.getstate()
+        return {
+            "cols": self.cols,
+            "rows": self.rows,
+            "newline_mode": self.newline_mode,
+            "title": self.title,
+            "grid": self.grid,
+            "main": self.main,
+            "x": self.x,
+            "y": self.y,
+            "wrap_next": self.wrap_next,
+            "top": self.top,
+            "bottom": self.bottom,
+            "autowrap": self.autowrap,
+            "origin": self.origin,
+            "insert": self.insert,
+            "saved": self.saved,
+            "main_saved": self.main_saved,
+            "alt_screen": self.alt_screen,
+            "tabs": sorted(self.tabs),
+            "charsets": self.charsets,
+            "shift": self.shift,
+            "last": self.last,
+            "pending": self._pending,
+            "utf8": pending.hex(),
+            "utf8_flag": flag,
+        }
+
+    @classmethod
+    def from_state(cls, s: dict) -> "_Screen":
+        """The emulator that state() described; ValueError/KeyError/TypeError if damaged."""
+        scr = cls(int(s["cols"]), int(s["rows"]), bool(s["newline_mode"]))
+        for key in (
+            "title x y wrap_next top bottom autowrap origin insert alt_screen shift last".split()
+        ):
+            setattr(scr, key, s[key])
+        scr.grid = [list(r) for r in s["grid"]]
+        scr.main = [list(r) for r in s["main"]] if s["main"] is not None else None
+        scr.saved = tuple(s["saved"]) if s["saved"] is not None else None
+        scr.main_saved = tuple(s["main_saved"]) if s["main_saved"] is not None else None
+        scr.tabs = set(s["tabs"])
+        scr.charsets = list(s["charsets"])
+        scr._pending = s["pending"]
+        scr._decoder.setstate((bytes.fromhex(s["utf8"]), int(s["utf8_flag"])))
+        if len(scr.grid) != scr.rows or any(len(r) != scr.cols for r in scr.grid):
+            raise ValueError("screen state: grid does not match its size")
+        if not (0 <= scr.x < scr.cols and 0 <= scr.y < scr.rows):
+            raise ValueError("screen state: cursor out of the grid")
+        return scr
+
+    # -- input ---------------------------------------------------------------
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        """Interpret output bytes; a sequence cut by the end of ``data`` waits for the rest."""
+        text = self._decoder.decode(data, final)
+        if self._pending:
+            text, self._pending = self._pending + text, ""
+        if text:
+            self._interpret(text)
+
+    def _interpret(self, text: str) -> None:
+        whole, partial, narrow = _escape_regexes()
+        n = len(text)
+        i = 0
+        run = narrow.match
+        while i < n:
+            m = run(text, i)
+            if m is not None:
+                self._print_run(m.group())
+                i = m.end()
+                continue
+            ch = text[i]
+            if ch == "\x1b":
+                m = whole.match(text, i)
+                if m is not None:
+                    self._escape(m)
+                    i = m.end()
+                    continue
+                if partial.match(text, i):  # the rest comes with the next feed()
+                    if n - i <= _SCREEN_STRING_MAX:
+                        self._pending = text[i:]
+                    return
+                i += 1  # a broken sequence: drop the ESC, show what follows
+                continue
+            o = ord(ch)
+            if o < 0x20:
+                self._control(ch)
+            elif 0x7F <= o < 0xA0:
+                pass  # DEL and the C1 controls: nothing to show
+            else:
+                self._print_char(ch)
+            i += 1
+
+    # -- printing ------------------------------------------------------------
+
+    def _print_run(self, s: str) -> None:
+        """Characters of one cell each: written a row's worth at a time."""
+        if self.insert:
+            for ch in s:
+                self._print_char(ch)
+            return
+        if self.charsets[self.shift]:
+            s = s.translate(_DEC_GRAPHICS)
+        cols = self.cols
+        n = len(s)
+        i = 0
+        while i < n:
+            if self.wrap_next:
+                self._wrap()
+            row = self.grid[self.y]
+            x = self.x
+            k = min(cols - x, n - i)
+            if row[x] == "" and x > 0:  # overwriting a wide character's right half
+                row[x - 1] = " "
+            end = x + k
+            if end < cols and row[end] == "":  # ... or its left half
+                row[end] = " "
+            row[x:end] = s[i : i + k]
+            i += k
+            if end >= cols:
+                self.x = cols - 1
+                if self.autowrap:
+                    self.wrap_next = True
+                elif i < n:  # no autowrap: the rest overwrites the last column
+                    row[cols - 1] = s[n - 1]
+                    i = n
+            else:
+                self.x = end
+        self.last = s[-1]
+
+    def _print_char(self, ch: str) -> None:
+        width = _char_width(ch)
+        if width == 0:
+            if _char_category(ch) == "Cf":
+                return
+            # A combining mark joins the character before the cursor.
+            x, row = self.x, self.grid[self.y]
+            if not self.wrap_next:
+                x -= 1
+            if x >= 0 and row[x] == "" and x > 0:
+                x -= 1
+            if x >= 0:
+                row[x] += ch
+            return
+        if self.wrap_next:
+            self._wrap()
+        cols = self.cols
+        if width == 2 and self.x == cols - 1:
+            # A wide character does not fit in the last column: it wraps (xterm).
+            if not self.autowrap:
+                return
+            self.grid[self.y][self.x] = " "
+            self.x = cols - 1
+            self._wrap()
+        if width > cols:
+            return
+        row = self.grid[self.y]
+        x = self.x
+        if self.insert:
+            row[x:x] = [" "] * width
+            del row[cols:]
+            self._mend(row)
+        if row[x] == "" and x > 0:
+            row[x - 1] = " "
+        end = x + width
+        if end < cols and row[end] == "":
+            row[end] = " "
+        row[x] = ch
+        if width == 2:
+            row[x + 1] = ""
+        if end >= cols:
+            self.x = cols - 1
+            self.wrap_next = self.autowrap
+        else:
+            self.x = end
+        self.last = ch
+
+    def _wrap(self) -> None:
+        self.wrap_next = False
+        self.x = 0
+        self._index()
+
+    # -- controls ------------------------------------------------------------
+
+    def _control(self, ch: str) -> None:
+        if ch == "\r":
+            self.x = 0
+            self.wrap_next = False
+        elif ch in "\n\x0b\x0c":
+            if self.newline_mode:
+                self.x = 0
+            self.wrap_next = False
+            self._index()
+        elif ch == "\b":
+            if self.x > 0:
+                self.x -= 1
+            self.wrap_next = False
+        elif ch == "\t":
+            self._tab(1)
+        elif ch == "\x0e":
+            self.shift = 1
+        elif ch == "\x0f":
+            self.shift = 0
+        # BEL and the other C0 controls show nothing.
+
+    def _tab(self, n: int) -> None:
+        x = self.x
+        for _ in range(n):
+            stops = [t for t in self.tabs if t > x]
+            x = min(stops) if stops else self.cols - 1
+        self.x = min(x, self.cols - 1)
+        self.wrap_next = False
+
+    def _index(self) -> None:
+        """IND / LF: down one row, scrolling the region at its bottom margin."""
+        if self.y == self.bottom:
+            self._scroll_up(1)
+        elif self.y < self.rows - 1:
+            self.y += 1
+
+    def _reverse_index(self) -> None:
+        if self.y == self.top:
+            self._scroll_down(1)
+        elif self.y > 0:
+            self.y -= 1
+
+    def _scroll_up(self, n: int, top: "int | None" = None) -> None:
+        top = self.top if top is None else top
+        bottom = self.bottom
+        n = min(n, bottom - top + 1)
+        if n <= 0:
+            return
+        grid = self.grid
+        del grid[top : top + n]
+        grid[bottom - n + 1 : bottom - n + 1] = [self._blank() for _ in range(n)]
+
+    def _scroll_down(self, n: int, top: "int | None" = None) -> None:
+        top = self.top if top is None else top
+        bottom = self.bottom
+        n = min(n, bottom - top + 1)
+        if n <= 0:
+            return
+        grid = self.grid
+        del grid[bottom - n + 1 : bottom + 1]
+        grid[top:top] = [self._blank() for _ in range(n)]
+
+    # -- escape sequences ----------------------------------------------------
+
+    def _escape(self, m) -> None:
+        final = m.group("cf")
+        if final is not None:
+            self._csi(m.group("cp"), m.group("ci"), final)
+            return
+        osc = m.group("osc")
+        if osc is not None:
+            code, _, value = osc.partition(";")
+            if code in ("0", "2"):
+                self.title = value
+            return
+        e = m.group("e")
+        if e is not None:
+            self._esc(e)
+            return
+        inter, final = m.group("ei"), m.group("ef")
+        if inter is not None:
+            if inter in "()" and len(inter) == 1:
+                self.charsets["()".index(inter)] = final == "0"
+            elif inter == "#" and final == "8":  # DECALN: the screen full of E
+                self.grid = [["E"] * self.cols for _ in range(self.rows)]
+                self.x = self.y = 0
+                self.wrap_next = False
+        # DCS, SOS, PM, APC: dropped
+
+    def _esc(self, e: str) -> None:
+        if e == "7":
+            self._save_cursor()
+        elif e == "8":
+            self._restore_cursor()
+        elif e == "D":
+            self.wrap_next = False
+            self._index()
+        elif e == "E":
+            self.x = 0
+            self.wrap_next = False
+            self._index()
+        elif e == "M":
+            self.wrap_next = False
+            self._reverse_index()
+        elif e == "H":
+            self.tabs.add(self.x)
+        elif e == "c":
+            self.reset()
+        # ESC = and ESC > (keypad modes) and the rest: nothing to show
+
+    def _save_cursor(self) -> None:
+        self.saved = (self.x, self.y, self.origin, list(self.charsets), self.wrap_next)
+
+    def _restore_cursor(self) -> None:
+        if self.saved is None:
+            self.x = self.y = 0
+            self.origin = False
+            self.wrap_next = False
+            return
+        x, y, self.origin, charsets, wrap = self.saved
+        self.charsets = list(charsets)
+        self.x = min(x, self.cols - 1)
+        self.y = min(y, self.rows - 1)
+        self.wrap_next = bool(wrap) and self.x == self.cols - 1
+
+    def _csi(self, params: str, inter: str, final: str) -> None:
+        private = params[:1] if params[:1] in ("?", ">", "<", "=") else ""
+        if private:
+            params = params[1:]
+        args = []
+        for p in params.split(";") if params else ():
+            p = p.split(":", 1)[0]
+            args.append(int(p) if p.isdigit() else 0)
+        if inter:
+            return  # DECSCUSR (CSI q with a space) and the like: no visible effect
+        if private:
+            if private == "?" and final in "hl":
+                self._private_modes(args, final == "h")
+            return
+        a = args[0] if args else 0
+        n = a or 1  # a count: 0 or missing means 1
+        if final in "Hf":
+            row = args[0] if args else 0
+            col = args[1] if len(args) > 1 else 0
+            self._goto(max(row, 1) - 1, max(col, 1) - 1)
+        elif final == "A":
+            top = self.top if self.y >= self.top else 0
+            self._move(max(top, self.y - n), self.x)
+        elif final in "Be":
+            bottom = self.bottom if self.y <= self.bottom else self.rows - 1
+            self._move(min(bottom, self.y + n), self.x)
+        elif final in "Ca":
+            self._move(self.y, self.x + n)
+        elif final == "D":
+            self._move(self.y, self.x - n)
+        elif final == "E":
+            bottom = self.bottom if self.y <= self.bottom else self.rows - 1
+            self._move(min(bottom, self.y + n), 0)
+        elif final == "F":
+            top = self.top if self.y >= self.top else 0
+            self._move(max(top, self.y - n), 0)
+        elif final in "G`":
+            self._move(self.y, n - 1)
+        elif final == "d":
+            self._goto(n - 1, self.x)
+        elif final == "J":
+            self._erase_display(a)
+        elif final == "K":
+            self._erase_line(a)
+        elif final == "L":
+            if self.top <= self.y <= self.bottom:
+                self._scroll_down(n, self.y)
+                self.x = 0
+                self.wrap_next = False
+        elif final == "M":
+            if self.top <= self.y <= self.bottom:
+                self._scroll_up(n, self.y)
+                self.x = 0
+                self.wrap_next = False
+        elif final == "@":
+            row = self.grid[self.y]
+            n = min(n, self.cols - self.x)
+            row[self.x : self.x] = [" "] * n
+            del row[self.cols :]
+            self._mend(row)
+            self.wrap_next = False
+        elif final == "P":
+            row = self.grid[self.y]
+            n = min(n, self.cols - self.x)
+            del row[self.x : self.x + n]
+            row.extend([" "] * n)
+            self._mend(row)
+            self.wrap_next = False
+        elif final == "X":
+            row = self.grid[self.y]
+            end = min(self.cols, self.x + n)
+            row[self.x : end] = [" "] * (end - self.x)
+            self._mend(row)
+            self.wrap_next = False
+        elif final == "S":
+            self._scroll_up(n)
+        elif final == "T":
+            if len(args) <= 1:  # with 5 arguments: xterm's mouse highlighting
+                self._scroll_down(n)
+        elif final == "r":
+            top = (args[0] if args and args[0] else 1) - 1
+            bottom = (args[1] if len(args) > 1 and args[1] else self.rows) - 1
+            bottom = min(bottom, self.rows - 1)
+            if top < bottom:
+                self.top, self.bottom = top, bottom
+                self._goto(0, 0)
+        elif final == "s":
+            self._save_cursor()
+        elif final == "u":
+            self._restore_cursor()
+        elif final in "hl":
+            if 4 in args:  # IRM
+                self.insert = final == "h"
+            if 20 in args:  # LNM
+                self.newline_mode = final == "h"
+        elif final == "g":
+            if a == 0:
+                self.tabs.discard(self.x)
+            elif a == 3:
+                self.tabs.clear()
+        elif final == "I":
+            self._tab(n)
+        elif final == "Z":
+            x = self.x
+            for _ in range(n):
+                stops = [t for t in self.tabs if t < x]
+                x = max(stops) if stops else 0
+            self._move(self.y, x)
+        elif final == "b":  # REP: the last character again
+            if self.last:
+                self._print_run(self.last * min(n, self.cols * self.rows))
+        # m (SGR), n (DSR), c (DA), t (window ops), q (LEDs) and the rest: dropped
+
+    def _mend(self, row: list) -> None:
+        """After a shift of cells: no half of a wide character left alone."""
+        if row and row[0] == "":
+            row[0] = " "
+        for i in range(1, len(row)):
+            if row[i] == "" and _char_width(row[i - 1][:1] or " ") != 2:
+                row[i] = " "
+        last = row[-1]
+        if last and _char_width(last[:1]) == 2:
+            row[-1] = " "
+
+    def _move(self, y: int, x: int) -> None:
+        self.y = max(0, min(self.rows - 1, y))
+        self.x = max(0, min(self.cols - 1, x))
+        self.wrap_next = False
+
+    def _goto(self, y: int, x: int) -> None:
+        """CUP, VPA: with origin mode, rows count from the top margin and stay in the region."""
+        if self.origin:
+            y = max(self.top, min(self.bottom, y + self.top))
+        self._move(y, x)
+
+    def _erase_display(self, how: int) -> None:
+        if how == 0:
+            self._erase_line(0)
+            for r in range(self.y + 1, self.rows):
+                self.grid[r] = self._blank()
+        elif how == 1:
+            self._erase_line(1)
+            for r in range(self.y):
+                self.grid[r] = self._blank()
+        elif how == 2:
+            self.grid = [self._blank() for _ in range(self.rows)]
+        # 3: xterm erases the scrollback only, which is not kept here
+        self.wrap_next = False
+
+    def _erase_line(self, how: int) -> None:
+        row = self.grid[self.y]
+        x = self.x
+        if how == 0:
+            if x > 0 and row[x] == "":
+                row[x - 1] = " "
+            row[x:] = [" "] * (self.cols - x)
+        elif how == 1:
+            end = min(x + 1, self.cols)
+            if end < self.cols and row[end] == "":
+                row[end] = " "
+            row[:end] = [" "] * end
+        elif how == 2:
+            self.grid[self.y] = self._blank()
+        self.wrap_next = False
+
+    def _private_modes(self, args: list, on: bool) -> None:
+        for mode in args:
+            if mode == 7:
+                self.autowrap = on
+                if not on:
+                    self.wrap_next = False
+            elif mode == 6:
+                self.origin = on
+                self._goto(0, 0)
+            elif mode in (1049, 1047, 47):
+                if mode == 1049 and on:
+                    self._save_cursor()
+                self._alternate(on, clear=mode != 47)
+                if mode == 1049 and not on:
+                    self._restore_cursor()
+            elif mode == 1048:
+                if on:
+                    self._save_cursor()
+                else:
+                    self._restore_cursor()
+
+    def _alternate(self, on: bool, clear: bool) -> None:
+        """Show the alternate screen (on) or the main one again."""
+        if on == self.alt_screen:
+            if on and clear:
+                self.grid = [self._blank() for _ in range(self.rows)]
+            return
+        if on:
+            self.main, self.main_saved = self.grid, self.saved
+            self.grid = [self._blank() for _ in range(self.rows)]
+        else:
+            if clear:
+                self.grid = [self._blank() for _ in range(self.rows)]
+            self.grid = self.main if self.main is not None else self.grid
+            self.main = None
+            if self.main_saved is not None:
+                self.saved = self.main_saved
+            self.main_saved = None
+        self.alt_screen = on
+
+    # -- size ----------------------------------------------------------------
+
+    def resize(self, cols: int, rows: int) -> None:
+        """A new size: rows dropped from the top when needed to keep the cursor's,
+        blank rows added at the bottom, columns cut or padded (no reflow)."""
+        cols, rows = max(1, cols), max(1, rows)
+        if (cols, rows) == (self.cols, self.rows):
+            return
+        old_cols = self.cols
+        drop = max(0, self.y + 1 - rows)
+        self.grid = self._fit(self.grid, cols, rows, drop)
+        if self.main is not None:
+            self.main = self._fit(self.main, cols, rows, max(0, len(self.main) - rows))
+        self.y -= drop
+        self.cols, self.rows = cols, rows
+        self.x = min(self.x, cols - 1)
+        self.y = max(0, min(self.y, rows - 1))
+        self.wrap_next = False
+        self.top, self.bottom = 0, rows - 1
+        self.tabs = {t for t in self.tabs if t < cols} | set(
+            range(-(-old_cols // 8) * 8, cols, 8)
+        )
+        self.tabs.discard(0)
+
+    def _fit(self, grid: list, cols: int, rows: int, drop: int) -> list:
+        out = []
+        for row in grid[drop : drop + rows]:
+            row = row[:cols] + [" "] * (cols - len(row))
+            if row[-1] != "" and _char_width(row[-1][:1] or " ") == 2:
+                row[-1] = " "  # a wide character cut in half
+            out.append(row)
+        while len(out) < rows:
+            out.append([" "] * cols)
+        return out
+
+
+def _char_category(ch: str) -> str:
+    import unicodedata
+
+    return unicodedata.category(ch)
+
+
+# -- --plain -------------------------------------------------------------------
+
+# What --plain keeps of erase-in-line, as private markers while a line is
+# rebuilt (the text's own C0 controls are removed before they are used).
+_PLAIN_EL = {"": "\x01", "0": "\x01", "1": "\x02", "2": "\x03"}
+
+
+def _plain_text(text: str) -> str:
+    """Text as a person reads it on a terminal, line by line: --plain.
+
+    Escape sequences go (CSI, OSC, DCS, SOS, PM, APC, charset designations,
+    ESC x), and so does a sequence cut off at the end of ``text`` (a read
+    chunk can end inside one; the cursor still counts its bytes).  A line
+    redrawn with CR shows what a terminal would: each redraw overwrites the
+    line from its first column, so a shorter redraw leaves the end of a
+    longer one visible, unless it erased it (ESC [K, as progress bars do).
+    BS steps back one character; other control characters go, except tab
+    and newline.  A line that ends with CR LF keeps its text.  Cursor
+    movement between lines is not followed: use ``screen`` for that.
+    """
+    if _PLAIN_NEEDED.search(text) is None:
+        return text
+
+    whole, partial, _narrow = _escape_regexes()
+    text = _PLAIN_CONTROLS.sub("", text)
+
+    def keep(m) -> str:
+        if m.group("cf") == "K" and not m.group("ci"):
+            return _PLAIN_EL.get(m.group("cp"), "")
+        return ""
+
+    text = whole.sub(keep, text)
+    cut = partial.search(text)
+    if cut is not None:
+        text = text[: cut.start()]
+    text = text.replace("\x1b", "")
+    if _PLAIN_REDRAWN.search(text) is None:
+        return text
+    return "\n".join(_plain_line(line) for line in text.split("\n"))
+
+
+def _compile(pattern: str):
+    import re
+
+    return re.compile(pattern)
+
+
+class _LazyRegex:
+    """A regex compiled on first use (re's import is not free at start-up)."""
+
+    def __init__(self, make):
+        self._make = make
+        self._re = None
+
+    def __getattr__(self, name):
+        if self._re is None:
+            self._re = self._make()
+        return getattr(self._re, name)
+
+
+# Anything --plain changes; the controls it removes (all but \t \n \r \b
+# ESC); what makes a line need rebuilding.
+_PLAIN_NEEDED = _LazyRegex(lambda: _compile("[\x00-\x08\x0b-\x1f\x7f]"))
+_PLAIN_CONTROLS = _LazyRegex(lambda: _compile("[\x00-\x07\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]"))
+_PLAIN_REDRAWN = _LazyRegex(lambda: _compile("[\r\b\x01-\x03]"))
+
+
+def _plain_line(line: str) -> str:
+    """One line, with its CR, BS and erase markers applied."""
+    if not any(c in line for c in "\r\b\x01\x02\x03"):
+        return line
+    cells = []  # type: list
+    pos = 0
+    for ch in line:
+        if ch == "\r":
+            pos = 0
+        elif ch == "\b":
+            pos = max(0, pos - 1)
+        elif ch == "\x01":
+            del cells[pos:]
+        elif ch == "\x02":
+            cells[: min(pos + 1, len(cells))] = [" "] * min(pos + 1, len(cells))
+        elif ch == "\x03":
+            cells = [" "] * len(cells)
+        elif pos < len(cells):
+            cells[pos] = ch
+            pos += 1
+        else:
+            cells.extend(" " * (pos - len(cells)))
+            cells.append(ch)
+            pos += 1
+    erased = "\x02" in line or "\x03" in line
+    return "".join(cells).rstrip(" ") if erased else "".join(cells)
+
+
+def _plain_snapshot(snap: dict) -> dict:
+    """A snapshot object with --plain text; its byte counts stay the raw ones."""
+    for key in ("stdout_tail", "stderr_tail"):
+        if key in snap:
+            snap[key] = _plain_text(snap[key])
+    return snap
+
+
+# -- a job's screen, from its stdout.log -------------------------------------------
+#
+# Cost: `screen` keeps a checkpoint, screen.cache in the job directory (mode
+# 0600, replaced atomically): the emulator's whole state and the offset of
+# stdout.log it reflects, valid while the log's inode and dropped-byte count
+# are the same (a compacted or replaced log is read afresh).  So each call
+# feeds only the bytes that arrived since the last one.  Without a valid
+# checkpoint, the log is searched backwards, with bytes.find-speed scans, for
+# the last point where the screen's content is known without the output
+# before it, and the emulator starts there:
+#   - RIS (ESC c): everything is reset;
+#   - ESC [?1049h not followed by a switch back to the main screen: the
+#     alternate screen starts blank, and the main one is never shown again;
+#   - a clear with the cursor homed (ESC [H ESC [2J, or the other order) not
+#     followed by a switch back: the screen is blank; whether it is the
+#     alternate one is the last screen switch before it (searched further
+#     back);
+#   - in a log with no ESC at all, the start of the last rows+1 lines.
+# Modes set before such a point (a scroll region, autowrap off) are not
+# seen, nor a title set before it: programs that clear set them again.
+
+SCREEN_CACHE = "screen.cache"
+RESIZE_LOG = "resize.jsonl"  # the supervisor's record of PTY resizes, one JSON line each
+_SCREEN_CACHE_VERSION = 1
+_SCREEN_BLOCK = 1 << 20  # bytes read (and fed) at a time
+DEFAULT_PTY_SIZE = (80, 24)
+
+
+def _screen_size(meta: dict) -> "tuple":
+    """(cols, rows, pty) of a job's terminal, as meta.json has them (80x24 without)."""
+    size = meta.get("pty_size")
+    cols, rows = DEFAULT_PTY_SIZE
+    if isinstance(size, dict):
+        c, r = size.get("cols"), size.get("rows")
+        if isinstance(c, int) and isinstance(r, int) and c > 0 and r > 0:
+            cols, rows = c, r
+    return cols, rows, bool(meta.get("pty"))
+
+
+def _screen_resizes(job_dir: str) -> list:
+    """resize.jsonl: [(at, cols, rows)] in order; a damaged line is skipped."""
+    out = []
+    try:
+        with open(os.path.join(job_dir, RESIZE_LOG), "rb") as f:
+            raw = f.read()
+    except OSError:
+        return out
+    for line in raw.splitlines():
+        try:
+            doc = json.loads(line)
+            at, cols, rows = doc["at"], doc["cols"], doc["rows"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if all(isinstance(v, int) and v >= 0 for v in (at, cols, rows)) and cols and rows:
+            out.append((at, cols, rows))
+    return out
+
+
+def _screen_events():
+    import re
+
+    return re.compile(
+        b"\x1bc|\x1b\\[\\?(1049|1047|47)([hl])"
+        b"|\x1b\\[(?:1;1|1|;|1;)?H\x1b\\[2J|\x1b\\[2J\x1b\\[(?:1;1|1|;|1;)?H"
+    )
+
+
+_SCREEN_EVENTS = _LazyRegex(_screen_events)
+
+
+def _screen_restart(fd: int, size: int, rows: int, pty: bool) -> "tuple":
+    """(offset, alternate): where a cold start may begin feeding stdout.log (see above)."""
+    events = _SCREEN_EVENTS
+    end = size
+    exit_after = False  # a switch back to the main screen comes later
+    cleared = None  # offset of a clear that waits for the alternate/main question
+    saw_esc = False
+    while end > 0:
+        begin = max(0, end - _SCREEN_BLOCK)
+        buf = os.pread(fd, min(size, end + 16) - begin, begin)
+        if b"\x1b" not in buf:
+            end = begin
+            continue
+        saw_esc = True
+        for m in reversed([m for m in events.finditer(buf) if begin + m.start() < end]):
+            at = begin + m.start()
+            mode, how = m.group(1), m.group(2)
+            if mode is None and m.group().endswith(b"c"):  # RIS
+                return (cleared if cleared is not None else at), False
+            if mode is not None:
+                if cleared is not None:
+                    return cleared, how == b"h"
+                if how == b"l":
+                    exit_after = True
+                elif mode == b"1049" and not exit_after:
+                    return at, False  # fed from here, the emulator switches itself
+            elif cleared is None and not exit_after:
+                cleared = at
+        end = begin
+    if cleared is not None:
+        return cleared, False
+    if not saw_esc and size:
+        return _screen_tail_start(fd, size, rows, pty), False
+    return 0, False
+
+
+def _screen_tail_start(fd: int, size: int, rows: int, pty: bool) -> int:
+    """In a log without escapes: the start of its last rows+1 lines (0 if fewer)."""
+    need = rows + 1
+    begin = size
+    buf = b""
+    while begin > 0:
+        step = min(begin, _SCREEN_BLOCK)
+        begin -= step
+        buf = os.pread(fd, step, begin) + buf
+        if buf.count(b"\n") > need:
+            break
+    pos = len(buf)
+    for _ in range(need):
+        pos = buf.rfind(b"\n", 0, pos)
+        if pos < 0:
+            return 0
+    if pty and (pos == 0 or buf[pos - 1 : pos] != b"\r"):
+        return 0  # a bare LF on a terminal keeps the column: not a clean line start
+    return begin + pos + 1
+
+
+def _load_screen_cache(job, st, dropped: int, size_key: list) -> "tuple | None":
+    """(screen, offset, resizes applied) from a checkpoint that still fits the log."""
+    try:
+        with open(job.path(SCREEN_CACHE), "rb") as f:
+            doc = json.loads(f.read())
+        if (
+            doc.get("version") != _SCREEN_CACHE_VERSION
+            or doc.get("ino") != st.st_ino
+            or doc.get("dev") != st.st_dev
+            or doc.get("dropped") != dropped
+            or doc.get("size_key") != size_key
+            or not 0 <= doc.get("offset", -1) <= st.st_size
+        ):
+            return None
+        return _Screen.from_state(doc["state"]), doc["offset"], int(doc["applied"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _save_screen_cache(job, st, dropped, size_key, screen, offset, applied) -> None:
+    """Best effort: a read-only job directory just means no checkpoint."""
+    doc = {
+        "version": _SCREEN_CACHE_VERSION,
+        "ino": st.st_ino,
+        "dev": st.st_dev,
+        "dropped": dropped,
+        "size_key": size_key,
+        "offset": offset,
+        "applied": applied,
+        "state": screen.state(),
+    }
+    try:
+        _write_json_atomic(job.path(SCREEN_CACHE), doc)
+    except OSError as e:
+        _log(3, "screen: cannot write %s: %s" % (SCREEN_CACHE, e))
+
+
+def _job_screen(job, use_cache: bool = True) -> "tuple":
+    """(the _Screen of a job's stdout.log as it is now, the absolute stdout position it reflects)."""
+    cols, rows, pty = _screen_size(job.meta)
+    size_key = [cols, rows, pty]
+    resizes = _screen_resizes(job.dir)
+    dropped = job.record.get("stdout_dropped_bytes") or 0
+    try:
+        fd = os.open(job.path(STDOUT_LOG), os.O_RDONLY)
+    except OSError:
+        return _Screen(cols, rows, not pty), dropped
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        cached = _load_screen_cache(job, st, dropped, size_key) if use_cache else None
+        if cached is not None:
+            screen, offset, applied = cached
+            if offset == size and applied == len(resizes):
+                return screen, dropped + offset
+        else:
+            most_rows = max([rows] + [r for _at, _c, r in resizes])
+            offset, alternate = _screen_restart(fd, size, most_rows, pty)
+            applied = 0
+            for at, c, r in resizes:
+                if at - dropped > offset:
+                    break
+                cols, rows = c, r
+                applied += 1
+            screen = _Screen(cols, rows, not pty)
+            if alternate:
+                screen._alternate(True, clear=True)
+        start = offset
+        while True:
+            if applied < len(resizes) and resizes[applied][0] - dropped <= offset:
+                screen.resize(resizes[applied][1], resizes[applied][2])
+                applied += 1
+                continue
+            if offset >= size:
+                break
+            stop = min(size, offset + _SCREEN_BLOCK)
+            if applied < len(resizes):
+                stop = min(stop, max(offset + 1, resizes[applied][0] - dropped))
+            data = os.pread(fd, stop - offset, offset)
+            if not data:
+                break
+            screen.feed(data)
+            offset += len(data)
+        if use_cache and (offset != start or cached is None):
+            _save_screen_cache(job, st, dropped, size_key, screen, offset, applied)
+        return screen, dropped + offset
+    finally:
+        os.close(fd)
+
+
 # ==== Views for people =======================================================
 #
 # --format table (-H) on list, status and tail: what a person looking over an
