@@ -3634,6 +3634,13 @@ TAIL_LINES = Opt(
 MAX_BYTES = Opt(
     "max_bytes", "size", DEFAULT_MAX_BYTES, "at most SIZE bytes of each stream (default 64k)"
 )
+# --plain (tail, read, wait, run, screen): see _plain_text.
+PLAIN = Opt(
+    "plain",
+    "flag",
+    help="remove terminal escape sequences from the text, and reduce a line redrawn "
+    "with CR to what it shows (byte counts and cursors still count the raw bytes)",
+)
 _UNUSED_HELP = "accepted for old scripts; it has no effect"
 # The view for people, on the commands that have one (the CLI only).
 FORMAT_OPTS = (
@@ -3842,6 +3849,7 @@ _RUN_OPTS = (
         help="set CI=1, GIT_TERMINAL_PROMPT=0, DEBIAN_FRONTEND=noninteractive, PAGER=cat, "
         "GIT_PAGER=cat, PYTHONUNBUFFERED=1, NO_COLOR=1 (--env still wins)",
     ),
+    PLAIN,
     Opt("command", "argv", help="the command and its arguments"),
 )
 
@@ -4240,6 +4248,8 @@ def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
         ]
     if snapshot_after > 0 or o.wait:
         snap, out["cursor"] = take_snapshot(job, o.tail_lines, o.max_bytes)
+        if getattr(o, "plain", False):
+            _plain_snapshot(snap)
         if snapshot_after > 0:
             out["snapshot"] = snap
         if o.wait:
@@ -4607,7 +4617,7 @@ def _settled_lingering(job: _Job) -> list:
 @command(
     "tail",
     "show the end of a job's output",
-    opts=(TAIL_LINES, MAX_BYTES) + FORMAT_OPTS + (JOB_ID,),
+    opts=(TAIL_LINES, MAX_BYTES, PLAIN) + FORMAT_OPTS + (JOB_ID,),
     checks=(_format_conflict,),
     table=lambda answer, color: _tail_table(answer, color),
     returns=(Field("job_id", STR, True), Field("state", JOB_STATE))
@@ -4621,6 +4631,8 @@ def cmd_tail(o) -> dict:
     job = _open_job(o, o.job_id)
     out = {"job_id": job.id, "state": job.state}
     snap, out["cursor"] = take_snapshot(job, o.tail_lines, o.max_bytes)
+    if o.plain:
+        _plain_snapshot(snap)
     out.update(snap)
     out.update(job.log_paths())
     out.update(job.dropped())
@@ -4669,6 +4681,7 @@ _BRIEF = obj(
             "flag",
             help="return when the job waits for input, on Linux (or is terminal)",
         ),
+        PLAIN,
         JOB_IDS,
     ),
     checks=(_wait_single_job_options, _wait_match_options),
@@ -4711,9 +4724,15 @@ def cmd_wait(o) -> dict:
         regex = _compile_regex(o.match, "--match")
         start = o.cursor if o.cursor is not None else (0, 0)
         streams = o.stream or "both"
-        return _wait_match(root, job_id, regex, streams, start, deadline, _cancelled(o), o.ready)
+        out = _wait_match(root, job_id, regex, streams, start, deadline, _cancelled(o), o.ready)
+        if o.plain and "match" in out:
+            out["match"]["line"] = _plain_text(out["match"]["line"])
+        return out
     if o.input:
-        return _wait_input(root, job_id, deadline, _cancelled(o))
+        out = _wait_input(root, job_id, deadline, _cancelled(o))
+        if o.plain and "input_prompt" in out:
+            out["input_prompt"] = _plain_text(out["input_prompt"])
+        return out
     job_dir = os.path.join(root, job_id)
     lock = os.path.join(job_dir, META)
     if o.ready and os.path.exists(os.path.join(job_dir, READY_LOCK)):
@@ -4941,6 +4960,7 @@ def _wait_output(
         Opt("cursor", "cursor", help="default: the start"),
         MAX_BYTES,
         Opt("wait_ms", "duration", 0, "block until there is new output, the job ends, or MS pass"),
+        PLAIN,
         JOB_ID,
     ),
     returns=JOB_HEAD
@@ -4988,6 +5008,8 @@ def cmd_read(o) -> dict:
         "more": more,
         "eof": terminal and not more,
     }
+    if o.plain:  # the cursor above counts the raw bytes
+        out["stdout"], out["stderr"] = _plain_text(out["stdout"]), _plain_text(out["stderr"])
     if out["eof"]:
         # The last read carries the result, so no status call is needed.
         out.update(job.result_fields())
@@ -5165,6 +5187,62 @@ def _send_data(o) -> bytes:
             "invalid_argument", "send takes at most %d bytes at a time" % STDIN_BUFFER_MAX
         )
     return data
+
+
+# ---- screen --------------------------------------------------------------------------
+
+
+@command(
+    "screen",
+    "show what a person would see on the job's terminal now",
+    opts=(PLAIN, JOB_ID),
+    returns=JOB_HEAD
+    + (
+        Field("rows", STRS, True),
+        Field("cols", COUNT, True),
+        Field("lines", COUNT, True),
+        Field(
+            "cursor",
+            obj((Field("row", COUNT, True), Field("col", COUNT, True))),
+            True,
+        ),
+        Field("alt_screen", BOOL, True),
+        Field("title", STR),
+        Field("log_cursor", STR, True),
+    ),
+    examples=(
+        ("agent-exec screen 01J...", "the rows of the job's terminal, as text"),
+        (
+            "agent-exec read --cursor \"$(agent-exec screen ID | jq -r .log_cursor)\" ID",
+            "what came after that screen",
+        ),
+    ),
+    annotations={"readOnlyHint": True, "idempotentHint": True},
+)
+def cmd_screen(o) -> dict:
+    """Render stdout.log through the terminal emulator (see Terminal screen).
+
+    A job without a PTY is rendered as on an 80x24 terminal, its LF taken as
+    CR LF (as a terminal's driver would have done).  --plain changes nothing:
+    rows never hold escape sequences.
+    """
+    job = _open_job(o, o.job_id)
+    screen, stdout_pos = _job_screen(job)
+    err = _log_stats(job)[1]
+    stderr_pos = (job.record.get("stderr_dropped_bytes") or 0) + (err.st_size if err else 0)
+    out = {
+        "job_id": job.id,
+        "state": job.state,
+        "rows": screen.lines,
+        "cols": screen.cols,
+        "lines": screen.rows,
+        "cursor": screen.cursor,
+        "alt_screen": screen.alt_screen,
+        "log_cursor": make_cursor(stdout_pos, stderr_pos),
+    }
+    if screen.title is not None:
+        out["title"] = screen.title
+    return out
 
 
 # ---- list, delete, gc ---------------------------------------------------------------
@@ -6174,7 +6252,8 @@ def _escape_regexes() -> "tuple":
             "|\\](?P<osc>[^\x07\x1b]*)(?:\x07|\x1b\\\\)"  # OSC, ended by BEL or ST
             "|[PX^_][^\x07\x1b]*(?:\x07|\x1b\\\\)"  # DCS, SOS, PM, APC
             "|(?P<ei>[\x20-\x2f]+)(?P<ef>[\x30-\x7e])"  # ESC ( 0, ESC # 8, ...
-            "|(?P<e>[\x30-\x7e])"  # ESC 7, ESC M, ESC c, ...
+            # ESC 7, ESC M, ESC c, ...: not the introducers above, cut short
+            "|(?P<e>[\x30-\x4f\x51-\x57\x59\x5a\x5c\x60-\x7e])"
             ")"
         )
         partial = re.compile(
@@ -6835,7 +6914,7 @@ def _plain_text(text: str) -> str:
         return text
 
     whole, partial, _narrow = _escape_regexes()
-    text = _PLAIN_CONTROLS.sub("", text)
+    text = _PLAIN_MARKERS.sub("", text)  # the text's own: the markers below are ours
 
     def keep(m) -> str:
         if m.group("cf") == "K" and not m.group("ci"):
@@ -6846,7 +6925,7 @@ def _plain_text(text: str) -> str:
     cut = partial.search(text)
     if cut is not None:
         text = text[: cut.start()]
-    text = text.replace("\x1b", "")
+    text = _PLAIN_CONTROLS.sub("", text)
     if _PLAIN_REDRAWN.search(text) is None:
         return text
     return "\n".join(_plain_line(line) for line in text.split("\n"))
@@ -6871,10 +6950,12 @@ class _LazyRegex:
         return getattr(self._re, name)
 
 
-# Anything --plain changes; the controls it removes (all but \t \n \r \b
-# ESC); what makes a line need rebuilding.
+# Anything --plain changes; the text's own \x01-\x03 (the erase markers are
+# those); the controls it removes once escapes are gone (all but \t \n \r
+# \b and the markers); what makes a line need rebuilding.
 _PLAIN_NEEDED = _LazyRegex(lambda: _compile("[\x00-\x08\x0b-\x1f\x7f]"))
-_PLAIN_CONTROLS = _LazyRegex(lambda: _compile("[\x00-\x07\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]"))
+_PLAIN_MARKERS = _LazyRegex(lambda: _compile("[\x01-\x03]"))
+_PLAIN_CONTROLS = _LazyRegex(lambda: _compile("[\x00\x04-\x07\x0b\x0c\x0e-\x1f\x7f]"))
 _PLAIN_REDRAWN = _LazyRegex(lambda: _compile("[\r\b\x01-\x03]"))
 
 
