@@ -7173,6 +7173,9 @@ def _job_screen(job, use_cache: bool = True) -> "tuple":
         st = os.fstat(fd)
         size = st.st_size
         cached = _load_screen_cache(job, st, dropped, size_key) if use_cache else None
+        if cached is not None and cached[2] < len(resizes):
+            if resizes[cached[2]][0] - dropped < cached[1]:
+                cached = None  # a resize recorded behind the checkpoint: feed again
         if cached is not None:
             screen, offset, applied = cached
             if offset == size and applied == len(resizes):
