@@ -5213,7 +5213,7 @@ def _send_data(o) -> bytes:
     examples=(
         ("agent-exec screen 01J...", "the rows of the job's terminal, as text"),
         (
-            "agent-exec read --cursor \"$(agent-exec screen ID | jq -r .log_cursor)\" ID",
+            'agent-exec read --cursor "$(agent-exec screen ID | jq -r .log_cursor)" ID',
             "what came after that screen",
         ),
     ),
@@ -6366,9 +6366,9 @@ class _Screen:
     def from_state(cls, s: dict) -> "_Screen":
         """The emulator that state() described; ValueError/KeyError/TypeError if damaged."""
         scr = cls(int(s["cols"]), int(s["rows"]), bool(s["newline_mode"]))
-        for key in (
-            "title x y wrap_next top bottom autowrap origin insert alt_screen shift last".split()
-        ):
+        for (
+            key
+        ) in "title x y wrap_next top bottom autowrap origin insert alt_screen shift last".split():
             setattr(scr, key, s[key])
         scr.grid = [list(r) for r in s["grid"]]
         scr.main = [list(r) for r in s["main"]] if s["main"] is not None else None
@@ -6867,9 +6867,7 @@ class _Screen:
         self.y = max(0, min(self.y, rows - 1))
         self.wrap_next = False
         self.top, self.bottom = 0, rows - 1
-        self.tabs = {t for t in self.tabs if t < cols} | set(
-            range(-(-old_cols // 8) * 8, cols, 8)
-        )
+        self.tabs = {t for t in self.tabs if t < cols} | set(range(-(-old_cols // 8) * 8, cols, 8))
         self.tabs.discard(0)
 
     def _fit(self, grid: list, cols: int, rows: int, drop: int) -> list:
@@ -7160,7 +7158,7 @@ def _save_screen_cache(job, st, dropped, size_key, screen, offset, applied) -> N
 
 
 def _job_screen(job, use_cache: bool = True) -> "tuple":
-    """(the _Screen of a job's stdout.log as it is now, the absolute stdout position it reflects)."""
+    """(the _Screen of a job's stdout.log as it is now, the stdout position it reflects)."""
     cols, rows, pty = _screen_size(job.meta)
     size_key = [cols, rows, pty]
     resizes = _screen_resizes(job.dir)

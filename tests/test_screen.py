@@ -181,7 +181,8 @@ class EraseTests(unittest.TestCase):
     def test_erase_in_display(self):
         self.assertEqual(fed(self.fill + "\x1b[2;5H\x1b[J").lines, ["0123456789", "0123", "", ""])
         self.assertEqual(
-            fed(self.fill + "\x1b[2;5H\x1b[1J").lines, ["", "     56789", "0123456789"] * 1 + ["0123456789"]
+            fed(self.fill + "\x1b[2;5H\x1b[1J").lines,
+            ["", "     56789", "0123456789"] * 1 + ["0123456789"],
         )
         s = fed(self.fill + "\x1b[2;5H\x1b[2J")
         self.assertEqual(s.lines, [""] * 4)
@@ -299,7 +300,9 @@ class DroppedSequenceTests(unittest.TestCase):
 
     def test_dec_line_drawing(self):
         s = fed("\x1b(0lqk\r\nx x\r\nmqj\x1b(Bq")
-        self.assertEqual(s.lines[:3], ["\u250c\u2500\u2510", "\u2502 \u2502", "\u2514\u2500\u2518q"])
+        self.assertEqual(
+            s.lines[:3], ["\u250c\u2500\u2510", "\u2502 \u2502", "\u2514\u2500\u2518q"]
+        )
         s = fed("\x1b)0a\x0eq\x0fq")  # SO/SI select G1/G0
         self.assertEqual(s.lines[0], "a\u2500q")
 
@@ -324,12 +327,16 @@ class ResizeAndStateTests(unittest.TestCase):
         self.assertEqual(s.lines[2], " " * 11 + "z")
 
     def test_state_round_trip(self):
-        data = "a\u4e2d\x1b[2;3r\x1b7\x1b[?1049h\x1b(0q\x1b]2;T\x07\xe4".encode("utf-8")[:-1]
-        s = fed(data + b"\x1b[1", cols=8)
-        t = Screen.from_state(json.loads(json.dumps(s.state())))
-        for scr in (s, t):
-            scr.feed("\xa4\x1b[1;1Hb\x1b[?1049l".encode("utf-8")[1:] + b"\u00a4")
-        self.assertEqual((s.lines, s.cursor, s.title), (t.lines, t.cursor, t.title))
+        prefix = "a\u4e2d\x1b[2;3r\x1b7\x1b[?1049h\x1b(0q\x1b]2;T\x07".encode("utf-8")
+        # Cut inside an escape sequence, then inside a UTF-8 character.
+        for cut, rest in ((b"\x1b[1", b";1Hb\x1b[?1049l"), (b"\xc3", b"\xa4\x1b[?1049lz")):
+            s = fed(prefix + cut, cols=8)
+            t = Screen.from_state(json.loads(json.dumps(s.state())))
+            for scr in (s, t):
+                scr.feed(rest)
+            self.assertEqual((s.lines, s.cursor, s.title), (t.lines, t.cursor, t.title))
+            self.assertFalse(t.alt_screen)
+        self.assertEqual(t.lines[0], "z\u4e2d")  # DECSTBM homed the cursor before DECSC
         with self.assertRaises((ValueError, KeyError, TypeError)):
             Screen.from_state(dict(s.state(), grid=[["x"]]))
 
@@ -470,7 +477,9 @@ class RealProgramTests(unittest.TestCase):
             "curses.wrapper(main)\n"
         )
         fd, scr = self.run_on_pty([PY, "-c", program])
-        ok = self.pump(fd, scr, lambda s: s.cursor == {"row": 20, "col": 7} and "hello" in s.lines[4])
+        ok = self.pump(
+            fd, scr, lambda s: s.cursor == {"row": 20, "col": 7} and "hello" in s.lines[4]
+        )
         self.assertTrue(ok, (scr.lines, scr.cursor, self.raw[-300:]))
         want = [""] * 24
         want[0] = "curses test"
@@ -523,7 +532,9 @@ class RestartPointTests(unittest.TestCase):
         self.assertEqual(self.restart(b"a\x1b[?1049hx"), (1, False))
         # A switch back to the main screen after the clear: its content matters.
         self.assertEqual(self.restart(b"a\x1b[?1049h" + clear + b"b\x1b[?1049l"), (0, False))
-        self.assertEqual(self.restart(b"\x1bc" + b"a\x1b[?1049h" + clear + b"\x1b[?1049l"), (0, False))
+        self.assertEqual(
+            self.restart(b"\x1bc" + b"a\x1b[?1049h" + clear + b"\x1b[?1049l"), (0, False)
+        )
 
     def test_a_log_without_escapes_starts_at_its_last_lines(self):
         data = b"".join(b"line %d\n" % i for i in range(1000))
@@ -589,7 +600,9 @@ class ScreenCommandTests(JobsTestCase):
         self.assertEqual(j["log_cursor"], "c1.0.0")
 
     def test_screen_follows_a_running_job(self):
-        jid = self.running(PY, "-u", "-c", "import time\nprint('one')\ntime.sleep(1)\nprint('two')\ntime.sleep(60)")
+        jid = self.running(
+            PY, "-u", "-c", "import time\nprint('one')\ntime.sleep(1)\nprint('two')\ntime.sleep(60)"
+        )
         self.wait_for_output(jid, "one")
         first = self.okv("screen", jid)
         self.assertEqual(first["state"], "running")
