@@ -6402,21 +6402,46 @@ class _Screen:
         while i < n:
             m = run(text, i)
             if m is not None:
-                self._print_run(m.group())
-                i = m.end()
+                j = m.end()
+                # The common case inline: a run that fits in the row, written
+                # over plain cells, no insert mode, no line-drawing set.
+                x = self.x
+                end = x + j - i
+                row = self.grid[self.y]
+                if (
+                    end < self.cols
+                    and not self.wrap_next
+                    and not self.insert
+                    and not self.charsets[self.shift]
+                    and row[x] != ""
+                    and row[end] != ""
+                ):
+                    row[x:end] = text[i:j]
+                    self.x = end
+                    self.last = text[j - 1]
+                else:
+                    self._print_run(m.group())
+                i = j
                 continue
             ch = text[i]
             if ch == "\x1b":
                 m = whole.match(text, i)
                 if m is not None:
-                    self._escape(m)
                     i = m.end()
+                    if text[i - 1] != "m" or m.lastgroup != "cf":  # SGR: nothing to do
+                        self._escape(m)
                     continue
                 if partial.match(text, i):  # the rest comes with the next feed()
                     if n - i <= _SCREEN_STRING_MAX:
                         self._pending = text[i:]
                     return
                 i += 1  # a broken sequence: drop the ESC, show what follows
+                continue
+            if ch == "\r" and text[i + 1 : i + 2] == "\n" and not self.newline_mode:
+                self.x = 0  # CR LF, as a terminal's output ends its lines
+                self.wrap_next = False
+                self._index()
+                i += 2
                 continue
             o = ord(ch)
             if o < 0x20:
@@ -6550,6 +6575,10 @@ class _Screen:
     def _index(self) -> None:
         """IND / LF: down one row, scrolling the region at its bottom margin."""
         if self.y == self.bottom:
+            if self.top == 0:  # the whole screen (or its top part): the usual scroll
+                del self.grid[0]
+                self.grid.insert(self.bottom, [" "] * self.cols)
+                return
             self._scroll_up(1)
         elif self.y < self.rows - 1:
             self.y += 1
