@@ -6958,7 +6958,7 @@ def _plain_text(text: str) -> str:
     return "\n".join(_plain_line(line) for line in text.split("\n"))
 
 
-def _compile(pattern: str):
+def _compile(pattern: "str | bytes"):
     import re
 
     return re.compile(pattern)
@@ -7106,6 +7106,14 @@ def _screen_restart(fd: int, size: int, rows: int, pty: bool) -> "tuple":
             end = begin
             continue
         saw_esc = True
+        if cleared is not None:
+            # Only the last screen switch (or reset) before the clear is wanted
+            # now: plain substring searches, much faster than the regex.
+            found = _screen_last_switch(buf, end - begin)
+            if found is not None:
+                return cleared, found
+            end = begin
+            continue
         for m in reversed([m for m in events.finditer(buf) if begin + m.start() < end]):
             at = begin + m.start()
             mode, how = m.group(1), m.group(2)
@@ -7126,6 +7134,25 @@ def _screen_restart(fd: int, size: int, rows: int, pty: bool) -> "tuple":
     if not saw_esc and size:
         return _screen_tail_start(fd, size, rows, pty), False
     return 0, False
+
+
+def _screen_last_switch(buf: bytes, limit: int) -> "bool | None":
+    """Whether the last screen switch or reset that starts before ``limit`` in
+    ``buf`` left the alternate screen on (None: there is none)."""
+    on = None
+    at = buf.rfind(b"\x1b[?", 0, limit + 2)
+    while at >= 0:
+        m = _SCREEN_SWITCH.match(buf, at)
+        if m is not None:
+            on = m.group(1) == b"h"
+            break
+        at = buf.rfind(b"\x1b[?", 0, at + 2)
+    if buf.rfind(b"\x1bc", 0, limit + 1) > at:
+        return False
+    return on
+
+
+_SCREEN_SWITCH = _LazyRegex(lambda: _compile(b"\x1b\\[\\?(?:1049|1047|47)([hl])"))
 
 
 def _screen_tail_start(fd: int, size: int, rows: int, pty: bool) -> int:

@@ -6,6 +6,7 @@ checkpoint) searches the log backwards for the last full-screen clear and
 feeds from there.  This measures, as wall-clock time of the CLI call
 (median of --runs):
 
+- `status (for scale)`: the start-up of any call;
 - `1 KB`: screen on a job whose log is 1 KB (cold): the floor;
 - `50 MB, clears, cold`: a 50 MB log drawn as full-screen frames (ESC[H
   ESC[2J every ~50 KB, colours, CR LF), the checkpoint deleted before
@@ -92,6 +93,12 @@ def main():
         big = b.job_of(frames(opts.mb << 20), tmp, "big")
         flat = b.job_of(frames(10 << 20, clear=False), tmp, "flat")
         rows = []
+        samples = []
+        for _ in range(opts.runs):
+            t0 = time.perf_counter()
+            b.cli("status", small)
+            samples.append(time.perf_counter() - t0)
+        rows.append(("status (for scale)", statistics.median(samples)))
         floor, _ = b.timed(small, cold=True)
         rows.append(("1 KB", floor))
         t, cold_answer = b.timed(big, cold=True)
@@ -111,9 +118,50 @@ def main():
         rows.append(("%d MB + 1 MB new, warm" % opts.mb, t))
         t, _ = b.timed(flat, cold=True)
         rows.append(("10 MB, no clear, cold", t))
+        print("CLI calls (wall clock, median of %d):" % opts.runs)
         for name, t in rows:
-            print("%-26s %8.1f ms  %6.1f x the 1 KB call" % (name, t * 1000, t / floor))
-        print("emulator rate (no clear, cold): %.1f MB/s" % (10 / max(1e-9, t - floor)))
+            print("  %-26s %8.1f ms  %6.1f x the 1 KB call" % (name, t * 1000, t / floor))
+        print("  emulator rate (no clear, cold): %.1f MB/s" % (10 / max(1e-9, t - floor)))
+        in_process(opts, b, small, big, flat)
+
+
+def in_process(opts, b, small, big, flat):
+    """The same, without the interpreter's start-up: _job_screen() in this process."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(opts.tool)))
+    import agent_exec
+
+    def median(job, cold):
+        samples = []
+        for _ in range(opts.runs):
+            if cold:
+                try:
+                    os.unlink(os.path.join(b.root, job, "screen.cache"))
+                except OSError:
+                    pass
+            j = agent_exec.load_job(b.root, job)
+            t0 = time.perf_counter()
+            agent_exec._job_screen(j)
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    floor = median(small, True)
+    cold = median(big, True)
+    warm = median(big, False)
+    flat_cold = median(flat, True)
+    print("in process (_job_screen, median of %d):" % opts.runs)
+    print("  %-26s %8.2f ms" % ("1 KB, cold", floor * 1000))
+    print(
+        "  %-26s %8.2f ms  %6.1f x 1 KB"
+        % ("%d MB, clears, cold" % opts.mb, cold * 1000, cold / floor)
+    )
+    print(
+        "  %-26s %8.2f ms  %6.1f x 1 KB"
+        % ("%d MB, clears, warm" % opts.mb, warm * 1000, warm / floor)
+    )
+    print(
+        "  %-26s %8.2f ms  %6.1f x 1 KB (%.1f MB/s)"
+        % ("10 MB, no clear, cold", flat_cold * 1000, flat_cold / floor, 10 / flat_cold)
+    )
 
 
 if __name__ == "__main__":

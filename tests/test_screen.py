@@ -536,6 +536,21 @@ class RestartPointTests(unittest.TestCase):
             self.restart(b"\x1bc" + b"a\x1b[?1049h" + clear + b"\x1b[?1049l"), (0, False)
         )
 
+    def test_the_screen_switch_before_a_clear_is_found_blocks_back(self):
+        from unittest import mock
+
+        filler = b"\x1b[1mtext\x1b[0m\r\n" * 40
+        clear = b"\x1b[2J\x1b[H"
+        with mock.patch.object(agent_exec, "_SCREEN_BLOCK", 64):
+            data = b"\x1b[?1049h" + filler + clear + b"x"
+            self.assertEqual(self.restart(data), (8 + len(filler), True))
+            data = b"\x1b[?1049h\x1b[?1049l" + filler + clear + b"x"
+            self.assertEqual(self.restart(data), (16 + len(filler), False))
+            data = b"\x1b[?47h\x1bc" + filler + clear + b"x"
+            self.assertEqual(self.restart(data), (8 + len(filler), False))
+            data = filler + clear + filler
+            self.assertEqual(self.restart(data), (len(filler), False))
+
     def test_a_log_without_escapes_starts_at_its_last_lines(self):
         data = b"".join(b"line %d\n" % i for i in range(1000))
         at, alt = self.restart(data, rows=24, pty=False)
