@@ -33,6 +33,7 @@ File map (the sections, in order; each banner says what it owns):
     Declarations         Opt, Field, @command: one declaration per command
     Commands             per command: its declaration, its handler, its helpers
     Response schema      derived from the declarations
+    Terminal screen      the emulator behind `screen`, --plain, the screen checkpoint
     Views for people     --format table: list, status and tail as aligned text
     Front end: CLI       the parser derived from the declarations, dispatch, main
 
@@ -7035,10 +7036,11 @@ def _plain_snapshot(snap: dict) -> dict:
 #   - RIS (ESC c): everything is reset;
 #   - ESC [?1049h not followed by a switch back to the main screen: the
 #     alternate screen starts blank, and the main one is never shown again;
-#   - a clear with the cursor homed (ESC [H ESC [2J, or the other order) not
-#     followed by a switch back: the screen is blank; whether it is the
-#     alternate one is the last screen switch before it (searched further
-#     back);
+#   - a clear with the cursor homed (ESC [H ESC [2J, or the other order)
+#     outside a span of the alternate screen that ends later (a full-screen
+#     program that has exited: a clear before it started still counts): the
+#     screen is blank; whether it is the alternate one is the last screen
+#     switch before it (searched further back);
 #   - in a log with no ESC at all, the start of the last rows+1 lines.
 # Modes set before such a point (a scroll region, autowrap off) are not
 # seen, nor a title set before it: programs that clear set them again.
@@ -7124,7 +7126,12 @@ def _screen_restart(fd: int, size: int, rows: int, pty: bool) -> "tuple":
                     return cleared, how == b"h"
                 if how == b"l":
                     exit_after = True
-                elif mode == b"1049" and not exit_after:
+                elif exit_after:
+                    # The start of the alternate screen that the later switch
+                    # back ends: what comes before is the main screen it shows
+                    # again, so a clear before here will do.
+                    exit_after = False
+                elif mode == b"1049":
                     return at, False  # fed from here, the emulator switches itself
             elif cleared is None and not exit_after:
                 cleared = at

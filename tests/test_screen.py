@@ -535,6 +535,14 @@ class RestartPointTests(unittest.TestCase):
         self.assertEqual(
             self.restart(b"\x1bc" + b"a\x1b[?1049h" + clear + b"\x1b[?1049l"), (0, False)
         )
+        # A clear before a full-screen program that has exited counts.
+        data = b"x" + clear + b"main\r\n\x1b[?1049h" + clear + b"alt\x1b[?1049lafter"
+        self.assertEqual(self.restart(data), (1, False))
+        whole, part = Screen(80, 24), Screen(80, 24)
+        whole.feed(data)
+        part.feed(data[1:])
+        self.assertEqual((part.lines, part.cursor), (whole.lines, whole.cursor))
+        self.assertEqual(whole.lines[:2], ["main", "after"])
 
     def test_the_screen_switch_before_a_clear_is_found_blocks_back(self):
         from unittest import mock
