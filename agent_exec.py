@@ -7027,8 +7027,9 @@ def _plain_snapshot(snap: dict) -> dict:
 #
 # Cost: `screen` keeps a checkpoint, screen.cache in the job directory (mode
 # 0600, replaced atomically): the emulator's whole state and the offset of
-# stdout.log it reflects, valid while the log's inode and dropped-byte count
-# are the same (a compacted or replaced log is read afresh).  So each call
+# stdout.log it reflects, valid while the log's inode, dropped-byte count and
+# the 32 bytes before that offset are the same (a compacted or replaced log
+# is read afresh).  So each call
 # feeds only the bytes that arrived since the last one.  Without a valid
 # checkpoint, the log is searched backwards, with bytes.find-speed scans, for
 # the last point where the screen's content is known without the output
@@ -7042,8 +7043,11 @@ def _plain_snapshot(snap: dict) -> dict:
 #     screen is blank; whether it is the alternate one is the last screen
 #     switch before it (searched further back);
 #   - in a log with no ESC at all, the start of the last rows+1 lines.
-# Modes set before such a point (a scroll region, autowrap off) are not
-# seen, nor a title set before it: programs that clear set them again.
+# The title set before that point is searched for too (backwards, until one
+# is found).  Modes set before it (a scroll region, autowrap off) are not
+# seen: programs that clear set them again.  A checkpoint far behind the
+# log (64 KiB) gets the same search over the bytes after it, so a call never
+# feeds more than the output since the last such point.
 
 SCREEN_CACHE = "screen.cache"
 RESIZE_LOG = "resize.jsonl"  # the supervisor's record of PTY resizes, one JSON line each
@@ -7094,15 +7098,22 @@ def _screen_events():
 _SCREEN_EVENTS = _LazyRegex(_screen_events)
 
 
-def _screen_restart(fd: int, size: int, rows: int, pty: bool) -> "tuple":
-    """(offset, alternate): where a cold start may begin feeding stdout.log (see above)."""
+def _screen_restart(
+    fd: int, size: int, rows: int, pty: bool, floor: int = 0, floor_alt: bool = False
+) -> "tuple | None":
+    """(offset, alternate): where a cold start may begin feeding stdout.log (see above).
+
+    With ``floor`` (a checkpoint's offset, whose screen is alternate or not
+    as ``floor_alt`` says), only the bytes after it are searched, and None
+    means that none of them will do.
+    """
     events = _SCREEN_EVENTS
     end = size
     exit_after = False  # a switch back to the main screen comes later
     cleared = None  # offset of a clear that waits for the alternate/main question
     saw_esc = False
-    while end > 0:
-        begin = max(0, end - _SCREEN_BLOCK)
+    while end > floor:
+        begin = max(floor, end - _SCREEN_BLOCK)
         buf = os.pread(fd, min(size, end + 16) - begin, begin)
         if b"\x1b" not in buf:
             end = begin
@@ -7137,7 +7148,9 @@ def _screen_restart(fd: int, size: int, rows: int, pty: bool) -> "tuple":
                 cleared = at
         end = begin
     if cleared is not None:
-        return cleared, False
+        return cleared, floor_alt
+    if floor:
+        return None
     if not saw_esc and size:
         return _screen_tail_start(fd, size, rows, pty), False
     return 0, False
@@ -7183,7 +7196,53 @@ def _screen_tail_start(fd: int, size: int, rows: int, pty: bool) -> int:
     return begin + pos + 1
 
 
-def _load_screen_cache(job, st, dropped: int, size_key: list) -> "tuple | None":
+def _screen_last_title(fd: int, lo: int, hi: int) -> "str | None":
+    """The title that the last OSC 0 or 2 between offsets lo and hi set (None: none)."""
+    end = hi
+    while end > lo:
+        begin = max(lo, end - _SCREEN_BLOCK)
+        buf = os.pread(fd, end - begin, begin)
+        at = max(buf.rfind(b"\x1b]0;"), buf.rfind(b"\x1b]2;"))
+        if at >= 0:
+            want = min(hi - (begin + at) - 4, _SCREEN_STRING_MAX)
+            text = os.pread(fd, want, begin + at + 4) if want > 0 else b""
+            for stop in (text.find(b"\x07"), text.find(b"\x1b")):
+                if stop >= 0:
+                    text = text[:stop]
+            return _decode(text)
+        end = begin + 3  # a sequence cut by the block's start is found in the next
+        if begin == lo:
+            break
+    return None
+
+
+def _fresh_screen(cols, rows, pty, resizes, dropped, offset, alternate) -> "tuple":
+    """(a new _Screen for feeding from ``offset``, the resizes applied before it)."""
+    applied = 0
+    for at, c, r in resizes:
+        if at - dropped > offset:
+            break
+        cols, rows = c, r
+        applied += 1
+    screen = _Screen(cols, rows, not pty)
+    if alternate:
+        screen._alternate(True, clear=True)
+    return screen, applied
+
+
+# A checkpoint this far behind the log: look for a restart point in between
+# (feeding is the slow part; the search runs at bytes.find speed).
+_SCREEN_SKIP_MIN = 1 << 16
+
+
+def _screen_fingerprint(fd: int, offset: int) -> str:
+    """The last bytes before ``offset``: a log replaced by one of the same inode
+    number and size (inodes are reused at once) does not pass for the old one."""
+    start = max(0, offset - 32)
+    return os.pread(fd, offset - start, start).hex()
+
+
+def _load_screen_cache(job, fd: int, st, dropped: int, size_key: list) -> "tuple | None":
     """(screen, offset, resizes applied) from a checkpoint that still fits the log."""
     try:
         with open(job.path(SCREEN_CACHE), "rb") as f:
@@ -7195,6 +7254,7 @@ def _load_screen_cache(job, st, dropped: int, size_key: list) -> "tuple | None":
             or doc.get("dropped") != dropped
             or doc.get("size_key") != size_key
             or not 0 <= doc.get("offset", -1) <= st.st_size
+            or doc.get("last") != _screen_fingerprint(fd, doc["offset"])
         ):
             return None
         return _Screen.from_state(doc["state"]), doc["offset"], int(doc["applied"])
@@ -7202,9 +7262,10 @@ def _load_screen_cache(job, st, dropped: int, size_key: list) -> "tuple | None":
         return None
 
 
-def _save_screen_cache(job, st, dropped, size_key, screen, offset, applied) -> None:
+def _save_screen_cache(job, fd, st, dropped, size_key, screen, offset, applied) -> None:
     """Best effort: a read-only job directory just means no checkpoint."""
     doc = {
+        "last": _screen_fingerprint(fd, offset),
         "version": _SCREEN_CACHE_VERSION,
         "ino": st.st_ino,
         "dev": st.st_dev,
@@ -7233,26 +7294,30 @@ def _job_screen(job, use_cache: bool = True) -> "tuple":
     try:
         st = os.fstat(fd)
         size = st.st_size
-        cached = _load_screen_cache(job, st, dropped, size_key) if use_cache else None
+        cached = _load_screen_cache(job, fd, st, dropped, size_key) if use_cache else None
         if cached is not None and cached[2] < len(resizes):
             if resizes[cached[2]][0] - dropped < cached[1]:
                 cached = None  # a resize recorded behind the checkpoint: feed again
+        most_rows = max([rows] + [r for _at, _c, r in resizes])
         if cached is not None:
             screen, offset, applied = cached
             if offset == size and applied == len(resizes):
                 return screen, dropped + offset
+            found = None
+            if size - offset > _SCREEN_SKIP_MIN:
+                found = _screen_restart(fd, size, most_rows, pty, offset, screen.alt_screen)
+            if found is not None and found[0] > offset:
+                # What the checkpoint held is cleared away later: start there.
+                title = _screen_last_title(fd, offset, found[0])
+                title = screen.title if title is None else title
+                screen, applied = _fresh_screen(cols, rows, pty, resizes, dropped, *found)
+                screen.title = title
+                offset = found[0]
         else:
-            most_rows = max([rows] + [r for _at, _c, r in resizes])
             offset, alternate = _screen_restart(fd, size, most_rows, pty)
-            applied = 0
-            for at, c, r in resizes:
-                if at - dropped > offset:
-                    break
-                cols, rows = c, r
-                applied += 1
-            screen = _Screen(cols, rows, not pty)
-            if alternate:
-                screen._alternate(True, clear=True)
+            screen, applied = _fresh_screen(cols, rows, pty, resizes, dropped, offset, alternate)
+            if offset:
+                screen.title = _screen_last_title(fd, 0, offset)
         start = offset
         while True:
             if applied < len(resizes) and resizes[applied][0] - dropped <= offset:
@@ -7270,7 +7335,7 @@ def _job_screen(job, use_cache: bool = True) -> "tuple":
             screen.feed(data)
             offset += len(data)
         if use_cache and (offset != start or cached is None):
-            _save_screen_cache(job, st, dropped, size_key, screen, offset, applied)
+            _save_screen_cache(job, fd, st, dropped, size_key, screen, offset, applied)
         return screen, dropped + offset
     finally:
         os.close(fd)

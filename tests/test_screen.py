@@ -583,6 +583,98 @@ class RestartPointTests(unittest.TestCase):
         self.assertEqual((part.lines, part.cursor), (whole.lines, whole.cursor))
 
 
+class _FakeJob:
+    """What _job_screen reads of a job: its directory, meta.json, state.json."""
+
+    def __init__(self, path, meta=None):
+        self.dir = path
+        self.meta = meta or {}
+        self.record = {}
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+class CheckpointTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.job = _FakeJob(self.dir, {"pty": True})
+
+    def append(self, data):
+        with open(self.job.path("stdout.log"), "ab") as f:
+            f.write(data)
+
+    def check(self, spy=None):
+        """The screen from the checkpoint, and as a feed of the whole log shows it.
+
+        ``spy`` replaces _Screen.feed during the _job_screen call only."""
+        from unittest import mock
+
+        if spy is not None:
+            with mock.patch.object(Screen, "feed", spy):
+                screen, pos = agent_exec._job_screen(self.job)
+        else:
+            screen, pos = agent_exec._job_screen(self.job)
+        with open(self.job.path("stdout.log"), "rb") as f:
+            data = f.read()
+        whole = Screen(80, 24)
+        whole.feed(data)
+        self.assertEqual(pos, len(data))
+        got = (screen.lines, screen.cursor, screen.alt_screen, screen.title)
+        self.assertEqual(got, (whole.lines, whole.cursor, whole.alt_screen, whole.title))
+        return screen
+
+    def test_warm_calls_feed_only_new_bytes(self):
+        self.append(b"\x1b]2;first\x07hello\r\n")
+        self.check()
+        fed_bytes = []
+        real = Screen.feed
+
+        def spy(scr, data, final=False):
+            fed_bytes.append(data)
+            return real(scr, data, final)
+
+        self.append(b"world\r\n")
+        self.assertEqual(self.check(spy).lines[:2], ["hello", "world"])
+        self.assertEqual(fed_bytes, [b"world\r\n"])
+
+    def test_a_checkpoint_far_behind_skips_to_the_last_clear(self):
+        self.append(b"\x1b]2;first\x07start\r\n")
+        self.check()
+        filler = b"".join(b"row %d \x1b[1mx\x1b[0m\r\n" % i for i in range(20000))
+        tail = b"\x1b]0;second\x07" + filler + b"\x1b[H\x1b[2Jclean\r\n" + b"after"
+        self.append(tail)
+        fed_bytes = []
+        real = Screen.feed
+
+        def spy(scr, data, final=False):
+            fed_bytes.append(len(data))
+            return real(scr, data, final)
+
+        screen = self.check(spy)
+        self.assertLess(sum(fed_bytes), 100)  # from the clear on, not the 400 KB before it
+        self.assertEqual(screen.title, "second")
+        self.assertEqual(screen.lines[:2], ["clean", "after"])
+        # And with the title only in the checkpoint:
+        self.append(b"\x1b[H\x1b[2J" + filler + b"\x1b[H\x1b[2Jx")
+        self.assertEqual(self.check().title, "second")
+
+    def test_cold_start_finds_the_title_before_the_clear(self):
+        self.append(b"\x1b]0;old\x07\x1b]2;the title\x1b\\text\x1b[H\x1b[2Jnew")
+        screen = self.check()
+        self.assertEqual(screen.title, "the title")
+        os.unlink(self.job.path("screen.cache"))
+        self.assertEqual(self.check().title, "the title")
+
+    def test_a_replaced_log_is_read_afresh(self):
+        self.append(b"one\r\n")
+        self.check()
+        os.unlink(self.job.path("stdout.log"))
+        self.append(b"two\r\n")  # a new inode
+        self.assertEqual(self.check().lines[0], "two")
+
+
 # ---- the commands ---------------------------------------------------------------------
 
 PROGRESS = (
