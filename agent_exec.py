@@ -6567,7 +6567,7 @@ class _Screen:
 
     def _tab(self, n: int) -> None:
         x = self.x
-        for _ in range(n):
+        for _ in range(min(n, self.cols)):
             stops = [t for t in self.tabs if t > x]
             x = min(stops) if stops else self.cols - 1
         self.x = min(x, self.cols - 1)
@@ -6680,7 +6680,9 @@ class _Screen:
         args = []
         for p in params.split(";") if params else ():
             p = p.split(":", 1)[0]
-            args.append(int(p) if p.isdigit() else 0)
+            # (a 5000-digit number is an error to int() on 3.11+, and no
+            # screen has that many cells)
+            args.append(int(p[:6]) if p.isdigit() else 0)
         if inter:
             return  # DECSCUSR (CSI q with a space) and the like: no visible effect
         if private:
@@ -6777,7 +6779,7 @@ class _Screen:
             self._tab(n)
         elif final == "Z":
             x = self.x
-            for _ in range(n):
+            for _ in range(min(n, self.cols)):
                 stops = [t for t in self.tabs if t < x]
                 x = max(stops) if stops else 0
             self._move(self.y, x)
@@ -7054,6 +7056,8 @@ RESIZE_LOG = "resize.jsonl"  # the supervisor's record of PTY resizes, one JSON 
 _SCREEN_CACHE_VERSION = 1
 _SCREEN_BLOCK = 1 << 20  # bytes read (and fed) at a time
 DEFAULT_PTY_SIZE = (80, 24)
+# A size beyond these (a damaged file) is cut to them: the grid is cols x rows cells.
+_SCREEN_MAX_COLS, _SCREEN_MAX_ROWS = 2000, 1000
 
 
 def _screen_size(meta: dict) -> "tuple":
@@ -7063,7 +7067,7 @@ def _screen_size(meta: dict) -> "tuple":
     if isinstance(size, dict):
         c, r = size.get("cols"), size.get("rows")
         if isinstance(c, int) and isinstance(r, int) and c > 0 and r > 0:
-            cols, rows = c, r
+            cols, rows = min(c, _SCREEN_MAX_COLS), min(r, _SCREEN_MAX_ROWS)
     return cols, rows, bool(meta.get("pty"))
 
 
@@ -7082,7 +7086,7 @@ def _screen_resizes(job_dir: str) -> list:
         except (ValueError, KeyError, TypeError):
             continue
         if all(isinstance(v, int) and v >= 0 for v in (at, cols, rows)) and cols and rows:
-            out.append((at, cols, rows))
+            out.append((at, min(cols, _SCREEN_MAX_COLS), min(rows, _SCREEN_MAX_ROWS)))
     return out
 
 

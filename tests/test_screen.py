@@ -341,6 +341,38 @@ class ResizeAndStateTests(unittest.TestCase):
             Screen.from_state(dict(s.state(), grid=[["x"]]))
 
 
+class RobustnessTests(unittest.TestCase):
+    def test_random_input_never_raises_and_the_cursor_stays_on_the_screen(self):
+        import random
+
+        rng = random.Random(11)
+        pieces = [
+            b"\x1b[", b"\x1b]", b"\x1bP", b"\x1b(", b"\x1b", b";", b"?", b"1049", b"h", b"l",
+            b"r", b"H", b"J", b"K", b"L", b"M", b"@", b"P", b"X", b"S", b"T", b"m", b"b", b"9" * 7,
+            b"\r", b"\n", b"\b", b"\t", b"\x07", b"\x0e", b"\x0f", b"ab", b"\xe4\xb8\xad",
+            b"\xcc\x81", b"\xff", b"\xc3", b"\x1bc", b"\x1b7", b"\x1b8", b"\x1bM", b"\x1b#8",
+        ]  # fmt: skip
+        for trial in range(30):
+            scr = Screen(rng.randint(1, 12), rng.randint(1, 6))
+            for _ in range(400):
+                scr.feed(b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))))
+                self.assertTrue(0 <= scr.y < scr.rows and 0 <= scr.x < scr.cols, trial)
+                self.assertEqual(len(scr.grid), scr.rows)
+                self.assertTrue(all(len(r) == scr.cols for r in scr.grid), trial)
+                if rng.random() < 0.01:
+                    scr.resize(rng.randint(1, 12), rng.randint(1, 6))
+            json.dumps(scr.state())
+            self.assertEqual(len(scr.lines), scr.rows)
+
+    def test_huge_parameters_cost_nothing(self):
+        scr = Screen(80, 24)
+        t0 = time.monotonic()
+        scr.feed(b"\x1b[" + b"9" * 6000 + b"A\x1b[999999999999I\x1b[99999999Z\x1b[999999999b")
+        scr.feed(b"\x1b[99999999@\x1b[9999999L\x1b[9999999S\x1b[99999;99999r ok")
+        self.assertLess(time.monotonic() - t0, 2.0)
+        self.assertIn(" ok", scr.lines[23])
+
+
 class PlainTextTests(unittest.TestCase):
     def test_escapes_go(self):
         self.assertEqual(plain("\x1b[1;31merror\x1b[0m: x\n"), "error: x\n")
