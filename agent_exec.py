@@ -6946,12 +6946,9 @@ def _plain_text(text: str) -> str:
     whole, partial, _narrow = _escape_regexes()
     text = _PLAIN_MARKERS.sub("", text)  # the text's own: the markers below are ours
 
-    def keep(m) -> str:
-        if m.group("cf") == "K" and not m.group("ci"):
-            return _PLAIN_EL.get(m.group("cp"), "")
-        return ""
-
-    text = whole.sub(keep, text)
+    if "K" in text:  # erase in line: kept as a marker, for the redraws below
+        text = _PLAIN_EL_RE.sub(lambda m: _PLAIN_EL[m.group(1)], text)
+    text = whole.sub("", text)
     cut = partial.search(text)
     if cut is not None:
         text = text[: cut.start()]
@@ -6984,6 +6981,7 @@ class _LazyRegex:
 # those); the controls it removes once escapes are gone (all but \t \n \r
 # \b and the markers); what makes a line need rebuilding.
 _PLAIN_NEEDED = _LazyRegex(lambda: _compile("[\x00-\x08\x0b-\x1f\x7f]"))
+_PLAIN_EL_RE = _LazyRegex(lambda: _compile("\x1b\\[([012]?)K"))
 _PLAIN_MARKERS = _LazyRegex(lambda: _compile("[\x01-\x03]"))
 _PLAIN_CONTROLS = _LazyRegex(lambda: _compile("[\x00\x04-\x07\x0b\x0c\x0e-\x1f\x7f]"))
 _PLAIN_REDRAWN = _LazyRegex(lambda: _compile("[\r\b\x01-\x03]"))
@@ -6993,6 +6991,17 @@ def _plain_line(line: str) -> str:
     """One line, with its CR, BS and erase markers applied."""
     if not any(c in line for c in "\r\b\x01\x02\x03"):
         return line
+    if "\b" not in line and "\x02" not in line and "\x03" not in line:
+        # CR and erase-to-the-end only (most progress bars): whole pieces at once.
+        out = ""
+        for seg in line.split("\r"):
+            pos = 0
+            for k, part in enumerate(seg.split("\x01")):
+                if k:
+                    out = out[:pos]
+                out = out[:pos] + part + out[pos + len(part) :]
+                pos += len(part)
+        return out
     cells = []  # type: list
     pos = 0
     for ch in line:
