@@ -7053,7 +7053,11 @@ def _plain_snapshot(snap: dict) -> dict:
 #     program that has exited: a clear before it started still counts): the
 #     screen is blank; whether it is the alternate one is the last screen
 #     switch before it (searched further back);
-#   - in a log with no ESC at all, the start of the last rows+1 lines.
+#   - the start of the last rows+1 lines, when these hold no escape but
+#     colours, erase in line and OSC, and what comes before them nothing with
+#     a lasting effect (modes, a scroll region, tab stops, charsets): a plain
+#     or coloured log (LF ends a line at column 0 without a PTY; on a PTY the
+#     line must end with CR LF).
 # The title set before that point is searched for too (backwards, until one
 # is found).  Modes set before it (a scroll region, autowrap off) are not
 # seen: programs that clear set them again.  A checkpoint far behind the
@@ -7140,6 +7144,9 @@ def _screen_restart(
                 return cleared, found
             end = begin
             continue
+        if b"\x1bc" not in buf and b"\x1b[?" not in buf and b"[2J" not in buf:
+            end = begin  # no event here: skip the regex, which tries at every ESC
+            continue
         for m in reversed([m for m in events.finditer(buf) if begin + m.start() < end]):
             at = begin + m.start()
             mode, how = m.group(1), m.group(2)
@@ -7164,9 +7171,51 @@ def _screen_restart(
         return cleared, floor_alt
     if floor:
         return None
-    if not saw_esc and size:
-        return _screen_tail_start(fd, size, rows, pty), False
-    return 0, False
+    start = _screen_tail_start(fd, size, rows, pty) if size else 0
+    if start and saw_esc:
+        # Escapes, but maybe only colours: then the tail still tells it all.
+        if _screen_search(fd, start, size, _SCREEN_MOVES) or _screen_search(
+            fd, 0, start, _SCREEN_MODES
+        ):
+            start = 0
+    return start, False
+
+
+# After the start of the last lines, what a line may hold: colours, erase in
+# line, OSC; anything else (a cursor movement up into the rows before, SO,
+# SI) makes the start unsafe.  Before it, what has a lasting effect: modes,
+# scroll regions, tab stops, saved cursors, charsets.
+_SCREEN_MOVES = _LazyRegex(lambda: _compile(b"\x1b(?!\\[[\x30-\x3f]*[mK]|\\])|[\x0e\x0f]"))
+_SCREEN_MODES = _LazyRegex(
+    lambda: _compile(b"\x1b\\[[\x30-\x3f]*[\x20-\x2f]*[hlrgsu]|\x1b[()*+\\-./H78#]|[\x0e\x0f]")
+)
+
+
+def _screen_search(fd: int, lo: int, hi: int, regex) -> bool:
+    """True when ``regex`` matches somewhere from offset lo (before hi), block by block.
+
+    Blocks end after a newline, so that no sequence is cut between two.  Colours
+    are most of a log's escapes, and the regex would try at every ESC: a block
+    whose every ESC starts a colour, an erase in line or an OSC (or ends one)
+    is told apart by counting, at C speed, and skipped.
+    """
+    pos = lo
+    while pos < hi:
+        buf = os.pread(fd, min(_SCREEN_BLOCK, hi - pos), pos)
+        if not buf:
+            break
+        if pos + len(buf) < hi and buf.rfind(b"\n") > 0:
+            buf = buf[: buf.rfind(b"\n") + 1]
+        pos += len(buf)
+        if b"\x1b" not in buf and b"\x0e" not in buf and b"\x0f" not in buf:
+            continue
+        bare = buf.translate(None, b"0123456789;:")  # ESC [ 1;31 m is ESC [ m now
+        known = sum(bare.count(x) for x in (b"\x1b[m", b"\x1b[K", b"\x1b]", b"\x1b\\"))
+        if known == bare.count(b"\x1b") and b"\x0e" not in buf and b"\x0f" not in buf:
+            continue
+        if regex.search(buf) is not None:
+            return True
+    return False
 
 
 def _screen_last_switch(buf: bytes, limit: int) -> "bool | None":

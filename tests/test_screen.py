@@ -600,6 +600,29 @@ class RestartPointTests(unittest.TestCase):
         at, _ = self.restart(crlf, rows=24, pty=True)
         self.assertEqual(crlf[at:].count(b"\n"), 24)
 
+    def test_a_coloured_log_starts_at_its_last_lines_too(self):
+        from unittest import mock
+
+        lines = b"".join(
+            b"\x1b[1;32mok\x1b[0m line %d\x1b[K\x1b]0;t%d\x07\r\n" % (i, i) for i in range(3000)
+        )
+        with mock.patch.object(agent_exec, "_SCREEN_BLOCK", 4096):  # several blocks
+            at, _ = self.restart(lines)
+            self.assertEqual(lines[at:].count(b"\n"), 24)
+            whole, part = Screen(80, 24), Screen(80, 24)
+            whole.feed(lines)
+            part.feed(lines[at:])
+            self.assertEqual((part.lines, part.cursor), (whole.lines, whole.cursor))
+            # A mode set long before, or a cursor movement among the last lines: from 0.
+            self.assertEqual(self.restart(b"\x1b[?7l" + lines), (0, False))
+            self.assertEqual(self.restart(b"\x1b[2;20r" + lines), (0, False))
+            self.assertEqual(self.restart(b"\x1b(0" + lines), (0, False))
+            self.assertEqual(self.restart(lines + b"\x1b[5Aup\r\n"), (0, False))
+            self.assertEqual(self.restart(lines + b"\x0eso\r\n"), (0, False))
+            # A cursor movement long before is harmless: the last lines scroll over it.
+            at, _ = self.restart(b"\x1b[5;5Hx" + lines)
+            self.assertGreater(at, 0)
+
     def test_a_cold_start_shows_what_a_full_feed_shows(self):
         chunks = []
         for i in range(300):
