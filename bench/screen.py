@@ -13,8 +13,10 @@ feeds from there.  This measures, as wall-clock time of the CLI call
   each call;
 - `50 MB, clears, warm`: the same, the checkpoint in place, nothing new;
 - `50 MB + 1 MB new, warm`: 1 MB appended to the log since the checkpoint;
-- `10 MB, no clear, cold`: the worst case, every byte fed (the emulator's
-  rate, in MB/s).
+- `50 MB coloured lines, cold`: a log of coloured lines that never clears
+  (a build log): the cold start begins at its last lines;
+- `10 MB, no clear, cold`: the worst case, rows drawn with a cursor
+  movement and never cleared, every byte fed (the emulator's rate, MB/s).
 
     python3 bench/screen.py [--runs 5] [--tool PATH] [--mb 50]
 """
@@ -31,20 +33,27 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def frames(total_bytes, clear=True):
-    """Full-screen frames of coloured rows, until ``total_bytes``."""
+def frames(total_bytes, clear=True, moves=False):
+    """Full-screen frames of coloured rows, until ``total_bytes``.
+
+    ``moves``: each row starts with a cursor movement (CHA), which no cold
+    start can skip: every byte goes through the emulator."""
     out = []
     size = 0
     frame = 0
     while size < total_bytes:
         chunk = [b"\x1b[H\x1b[2J" if clear else b""]
         for row in range(1000):
-            chunk.append(b"frame %6d row %4d \x1b[32mok\x1b[0m %s\r\n" % (frame, row, b"." * 20))
+            chunk.append(
+                (b"\x1b[1G" if moves else b"")
+                + b"frame %6d row %4d \x1b[32mok\x1b[0m %s\r\n" % (frame, row, b"." * 20)
+            )
         data = b"".join(chunk)
         out.append(data)
         size += len(data)
         frame += 1
-    return b"".join(out)[:total_bytes]
+    data = b"".join(out)[:total_bytes]
+    return data[: data.rfind(b"\n") + 1]  # whole lines
 
 
 class Bench:
@@ -91,7 +100,8 @@ def main():
         b = Bench(opts.tool, os.path.join(tmp, "root"), opts.runs)
         small = b.job_of(frames(1000), tmp, "small")
         big = b.job_of(frames(opts.mb << 20), tmp, "big")
-        flat = b.job_of(frames(10 << 20, clear=False), tmp, "flat")
+        flat = b.job_of(frames(10 << 20, clear=False, moves=True), tmp, "flat")
+        coloured = b.job_of(frames(opts.mb << 20, clear=False), tmp, "coloured")
         rows = []
         samples = []
         for _ in range(opts.runs):
@@ -116,16 +126,18 @@ def main():
 
         t, _ = b.timed(big, cold=False, before=append)
         rows.append(("%d MB + 1 MB new, warm" % opts.mb, t))
+        t, _ = b.timed(coloured, cold=True)
+        rows.append(("%d MB coloured lines, cold" % opts.mb, t))
         t, _ = b.timed(flat, cold=True)
         rows.append(("10 MB, no clear, cold", t))
         print("CLI calls (wall clock, median of %d):" % opts.runs)
         for name, t in rows:
             print("  %-26s %8.1f ms  %6.1f x the 1 KB call" % (name, t * 1000, t / floor))
         print("  emulator rate (no clear, cold): %.1f MB/s" % (10 / max(1e-9, t - floor)))
-        in_process(opts, b, small, big, flat)
+        in_process(opts, b, small, big, flat, coloured)
 
 
-def in_process(opts, b, small, big, flat):
+def in_process(opts, b, small, big, flat, coloured):
     """The same, without the interpreter's start-up: _job_screen() in this process."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(opts.tool)))
     import agent_exec
@@ -160,6 +172,7 @@ def in_process(opts, b, small, big, flat):
         samples.append(time.perf_counter() - t0)
     appended = statistics.median(samples)
     flat_cold = median(flat, True)
+    coloured_cold = median(coloured, True)
     print("in process (_job_screen, median of %d):" % opts.runs)
     print("  %-26s %8.2f ms" % ("1 KB, cold", floor * 1000))
     print(
@@ -172,6 +185,10 @@ def in_process(opts, b, small, big, flat):
     )
     print(
         "  %-26s %8.2f ms  %6.1f x 1 KB" % ("+ 1 MB new, warm", appended * 1000, appended / floor)
+    )
+    print(
+        "  %-26s %8.2f ms  %6.1f x 1 KB"
+        % ("%d MB coloured lines, cold" % opts.mb, coloured_cold * 1000, coloured_cold / floor)
     )
     print(
         "  %-26s %8.2f ms  %6.1f x 1 KB (%.1f MB/s)"
