@@ -6241,8 +6241,8 @@ _DEC_GRAPHICS = dict(
 
 
 def _escape_regexes() -> "tuple":
-    """(one whole escape sequence, a prefix of one that runs to the end, a run of
-    single-width printable characters, a C0/C1 control or non-ASCII character)."""
+    """(one whole escape sequence, a prefix of one that runs to the end of the
+    text, a run of printable characters of one cell each), compiled once."""
     global _ESC_RE
     if _ESC_RE is None:
         import re
