@@ -807,6 +807,38 @@ class ScreenCommandTests(JobsTestCase):
         self.assertEqual(j["rows"][1], "here" + "x" * 46)  # over the start of 036
         self.assertEqual(j["rows"][7:], ["039 " + "x" * 46, "x" * 49, ""])
 
+    @unittest.skipUnless(shutil.which("less"), "no less")
+    def test_screen_of_a_pty_job_that_ran_less(self):
+        # The lead's `run --pty` is not here yet: what less drew on a real
+        # pseudo-terminal becomes the stdout.log of a job marked as a PTY job.
+        path = os.path.join(self.tmp, "lines.txt")
+        with open(path, "w") as f:
+            f.write("".join("line %d\n" % i for i in range(1, 201)))
+        pid, fd = _spawn_on_pty(["less", path], 80, 24)
+        raw = b""
+        try:
+            deadline = time.monotonic() + 10
+            scr = Screen(80, 24)
+            while time.monotonic() < deadline and scr.lines[22] != "line 23":
+                if select.select([fd], [], [], 0.1)[0]:
+                    data = os.read(fd, 65536)
+                    raw += data
+                    scr.feed(data)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(fd)
+        jid = self.bytes_job(raw)
+        meta_path = os.path.join(self.job_dir(jid), "meta.json")
+        meta = self.read_json(meta_path)
+        meta.update(pty=True, pty_size={"cols": 80, "rows": 24})
+        write_json_atomic(meta_path, meta)
+        j = self.okv("screen", jid)
+        self.assertEqual(j["rows"][:23], ["line %d" % i for i in range(1, 24)])
+        self.assertIn("lines.txt", j["rows"][23])
+        self.assertIs(j["alt_screen"], True)
+        self.assertEqual(j["cursor"]["row"], 23)
+
     def test_unknown_job(self):
         self.fail_with("job_not_found", "screen", "01ZZZZZZZZZZZZZZZZZZZZZZZZ")
 
