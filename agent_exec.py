@@ -33,6 +33,7 @@ File map (the sections, in order; each banner says what it owns):
     Declarations         Opt, Field, @command: one declaration per command
     Commands             per command: its declaration, its handler, its helpers
     Response schema      derived from the declarations
+    Terminal screen      the emulator behind `screen`, --plain, the screen checkpoint
     Views for people     --format table: list, status and tail as aligned text
     Front end: CLI       the parser derived from the declarations, dispatch, main
 
@@ -139,6 +140,7 @@ STDIN_FILE = "stdin"  # run --stdin/--stdin-file: the bytes the workload reads
 CONTROL = "control"  # FIFO: `kill` and `send` talk to the live supervisor
 READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
 RESIZE_LOG = "resize.jsonl"  # run --pty: each `send --size`, where in stdout.log it took effect
+SCREEN_CACHE = "screen.cache"  # `screen`'s checkpoint: the emulator's state and its log offset
 RESERVE = ".reserve"  # disk space set aside so the terminal state fits on a full disk
 RESERVE_BYTES = 256 * 1024
 
@@ -344,8 +346,9 @@ def parse_size(text: str) -> int:
     return int(digits) * _SIZE_UNITS[unit]
 
 
-# A terminal's size is COLSxROWS, each 1 to this (a larger window is no screen).
-_TERM_SIZE_MAX = 9999
+# A terminal's size is COLSxROWS, each at least 1 and at most these (the
+# screen emulator keeps a cell for each).
+TERM_MAX_COLS, TERM_MAX_ROWS = 2000, 1000
 
 
 def parse_term_size(text: str) -> "tuple":
@@ -353,9 +356,10 @@ def parse_term_size(text: str) -> "tuple":
     cols, x, rows = str(text).strip().lower().partition("x")
     if not x or not (cols.isdigit() and rows.isdigit()) or len(cols) > 4 or len(rows) > 4:
         raise ValueError("expected COLSxROWS (like 80x24), got %r" % _short(text))
-    if not (0 < int(cols) <= _TERM_SIZE_MAX and 0 < int(rows) <= _TERM_SIZE_MAX):
+    if not (0 < int(cols) <= TERM_MAX_COLS and 0 < int(rows) <= TERM_MAX_ROWS):
         raise ValueError(
-            "a terminal needs 1 to %d columns and rows, got %r" % (_TERM_SIZE_MAX, _short(text))
+            "a terminal has 1 to %d columns and 1 to %d rows, got %r"
+            % (TERM_MAX_COLS, TERM_MAX_ROWS, _short(text))
         )
     return int(cols), int(rows)
 
@@ -3275,7 +3279,12 @@ class _Supervisor:
         cols, rows = msg.get("cols"), msg.get("rows")
         if self.pty is None:
             answer = {"ok": False, "code": "invalid_state", "message": "the job has no terminal"}
-        elif not all(type(v) is int and 0 < v <= _TERM_SIZE_MAX for v in (cols, rows)):
+        elif not (
+            type(cols) is int
+            and type(rows) is int
+            and 0 < cols <= TERM_MAX_COLS
+            and 0 < rows <= TERM_MAX_ROWS
+        ):
             answer = {"ok": False, "code": "invalid_argument", "message": "bad size"}
         else:
             # Output written before the resize belongs to the old size: take
@@ -3915,6 +3924,13 @@ TAIL_LINES = Opt(
 MAX_BYTES = Opt(
     "max_bytes", "size", DEFAULT_MAX_BYTES, "at most SIZE bytes of each stream (default 64k)"
 )
+# --plain (tail, read, wait, run, screen): see _plain_text.
+PLAIN = Opt(
+    "plain",
+    "flag",
+    help="remove terminal escape sequences from the text, and reduce a line redrawn "
+    "with CR to what it shows (byte counts and cursors still count the raw bytes)",
+)
 _UNUSED_HELP = "accepted for old scripts; it has no effect"
 # The view for people, on the commands that have one (the CLI only).
 FORMAT_OPTS = (
@@ -4136,6 +4152,7 @@ _RUN_OPTS = (
         help="set CI=1, GIT_TERMINAL_PROMPT=0, DEBIAN_FRONTEND=noninteractive, PAGER=cat, "
         "GIT_PAGER=cat, PYTHONUNBUFFERED=1, NO_COLOR=1 (--env still wins)",
     ),
+    PLAIN,
     Opt("command", "argv", help="the command and its arguments"),
 )
 
@@ -4559,6 +4576,8 @@ def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
         ]
     if snapshot_after > 0 or o.wait:
         snap, out["cursor"] = take_snapshot(job, o.tail_lines, o.max_bytes)
+        if getattr(o, "plain", False):
+            _plain_snapshot(snap)
         if snapshot_after > 0:
             out["snapshot"] = snap
         if o.wait:
@@ -4994,7 +5013,7 @@ def _settled_lingering(job: _Job) -> list:
 @command(
     "tail",
     "show the end of a job's output",
-    opts=(TAIL_LINES, MAX_BYTES) + FORMAT_OPTS + (JOB_ID,),
+    opts=(TAIL_LINES, MAX_BYTES, PLAIN) + FORMAT_OPTS + (JOB_ID,),
     checks=(_format_conflict,),
     table=lambda answer, color: _tail_table(answer, color),
     returns=(Field("job_id", STR, True), Field("state", JOB_STATE))
@@ -5008,6 +5027,8 @@ def cmd_tail(o) -> dict:
     job = _open_job(o, o.job_id)
     out = {"job_id": job.id, "state": job.state}
     snap, out["cursor"] = take_snapshot(job, o.tail_lines, o.max_bytes)
+    if o.plain:
+        _plain_snapshot(snap)
     out.update(snap)
     out.update(job.log_paths())
     out.update(job.dropped())
@@ -5056,6 +5077,7 @@ _BRIEF = obj(
             "flag",
             help="return when the job waits for input, on Linux (or is terminal)",
         ),
+        PLAIN,
         JOB_IDS,
     ),
     checks=(_wait_single_job_options, _wait_match_options),
@@ -5098,9 +5120,15 @@ def cmd_wait(o) -> dict:
         regex = _compile_regex(o.match, "--match")
         start = o.cursor if o.cursor is not None else (0, 0)
         streams = o.stream or "both"
-        return _wait_match(root, job_id, regex, streams, start, deadline, _cancelled(o), o.ready)
+        out = _wait_match(root, job_id, regex, streams, start, deadline, _cancelled(o), o.ready)
+        if o.plain and "match" in out:
+            out["match"]["line"] = _plain_text(out["match"]["line"])
+        return out
     if o.input:
-        return _wait_input(root, job_id, deadline, _cancelled(o))
+        out = _wait_input(root, job_id, deadline, _cancelled(o))
+        if o.plain and "input_prompt" in out:
+            out["input_prompt"] = _plain_text(out["input_prompt"])
+        return out
     job_dir = os.path.join(root, job_id)
     lock = os.path.join(job_dir, META)
     if o.ready and os.path.exists(os.path.join(job_dir, READY_LOCK)):
@@ -5339,6 +5367,7 @@ def _wait_output(
         Opt("cursor", "cursor", help="default: the start"),
         MAX_BYTES,
         Opt("wait_ms", "duration", 0, "block until there is new output, the job ends, or MS pass"),
+        PLAIN,
         JOB_ID,
     ),
     returns=JOB_HEAD
@@ -5386,6 +5415,8 @@ def cmd_read(o) -> dict:
         "more": more,
         "eof": terminal and not more,
     }
+    if o.plain:  # the cursor above counts the raw bytes
+        out["stdout"], out["stderr"] = _plain_text(out["stdout"]), _plain_text(out["stderr"])
     if out["eof"]:
         # The last read carries the result, so no status call is needed.
         out.update(job.result_fields())
@@ -5615,6 +5646,62 @@ def _send_data(o) -> bytes:
             "invalid_argument", "send takes at most %d bytes at a time" % STDIN_BUFFER_MAX
         )
     return data
+
+
+# ---- screen --------------------------------------------------------------------------
+
+
+@command(
+    "screen",
+    "show what a person would see on the job's terminal now",
+    opts=(PLAIN, JOB_ID),
+    returns=JOB_HEAD
+    + (
+        Field("rows", STRS, True),
+        Field("cols", COUNT, True),
+        Field("lines", COUNT, True),
+        Field(
+            "cursor",
+            obj((Field("row", COUNT, True), Field("col", COUNT, True))),
+            True,
+        ),
+        Field("alt_screen", BOOL, True),
+        Field("title", STR),
+        Field("log_cursor", STR, True),
+    ),
+    examples=(
+        ("agent-exec screen 01J...", "the rows of the job's terminal, as text"),
+        (
+            'agent-exec read --cursor "$(agent-exec screen ID | jq -r .log_cursor)" ID',
+            "what came after that screen",
+        ),
+    ),
+    annotations={"readOnlyHint": True, "idempotentHint": True},
+)
+def cmd_screen(o) -> dict:
+    """Render stdout.log through the terminal emulator (see Terminal screen).
+
+    A job without a PTY is rendered as on an 80x24 terminal, its LF taken as
+    CR LF (as a terminal's driver would have done).  --plain changes nothing:
+    rows never hold escape sequences.
+    """
+    job = _open_job(o, o.job_id)
+    screen, stdout_pos = _job_screen(job)
+    err = _log_stats(job)[1]
+    stderr_pos = (job.record.get("stderr_dropped_bytes") or 0) + (err.st_size if err else 0)
+    out = {
+        "job_id": job.id,
+        "state": job.state,
+        "rows": screen.lines,
+        "cols": screen.cols,
+        "lines": screen.rows,
+        "cursor": screen.cursor,
+        "alt_screen": screen.alt_screen,
+        "log_cursor": make_cursor(stdout_pos, stderr_pos),
+    }
+    if screen.title is not None:
+        out["title"] = screen.title
+    return out
 
 
 # ---- list, delete, gc ---------------------------------------------------------------
@@ -6577,6 +6664,1199 @@ def _parse_value(opt: Opt, kind: _Kind, value):
         raise UsageError(
             "argument %s: %s" % (_flags(opt)[-1] if not kind.positional else opt.name, e)
         )
+
+
+# ==== Terminal screen ========================================================
+#
+# A small terminal emulator, enough to say what a person would see on a
+# job's terminal (`screen`), and the escape stripper of --plain.  It follows
+# xterm where programs rely on it: cursor movement, erase, scroll regions,
+# insert and delete, the alternate screen, deferred autowrap, tabs, UTF-8
+# and wide characters, the DEC line-drawing set.  Colours and every other
+# attribute, and sequences it does not implement (CSI, OSC, DCS, SOS, PM,
+# APC, charset designations, ESC x), are parsed and dropped, never shown.
+# Combining marks (Mn, Me) attach to the cell before them; other zero-width
+# characters (Cf: ZWJ, soft hyphen's kin) are dropped.  There is no
+# scrollback and no reflow on resize.  A run of printable ASCII is written
+# into its row with one slice assignment: that path is what bulk output
+# takes, and what keeps 10 MB of text at a few seconds.
+
+_ESC_RE = None  # compiled on first use: re costs start-up time that most commands never pay
+
+# How long an unterminated OSC/DCS string may grow while it waits for its
+# terminator across feed() calls; beyond, it is dropped.
+_SCREEN_STRING_MAX = 1 << 16
+# xterm's DEC Special Graphics set (ESC ( 0): the line-drawing characters
+# curses draws boxes with.
+_DEC_GRAPHICS = dict(
+    zip(
+        range(0x5F, 0x7F),
+        "\u00a0\u25c6\u2592\u2409\u240c\u240d\u240a\u00b0\u00b1\u2424\u240b\u2518\u2510"
+        "\u250c\u2514\u253c\u23ba\u23bb\u2500\u23bc\u23bd\u251c\u2524\u2534\u252c\u2502"
+        "\u2264\u2265\u03c0\u2260\u00a3\u00b7",
+    )
+)
+
+
+def _escape_regexes() -> "tuple":
+    """(one whole escape sequence, a prefix of one that runs to the end of the
+    text, a run of printable characters of one cell each), compiled once."""
+    global _ESC_RE
+    if _ESC_RE is None:
+        import re
+
+        whole = re.compile(
+            "\x1b(?:"
+            "\\[(?P<cp>[\x30-\x3f]*)(?P<ci>[\x20-\x2f]*)(?P<cf>[\x40-\x7e])"  # CSI
+            "|\\](?P<osc>[^\x07\x1b]*)(?:\x07|\x1b\\\\)"  # OSC, ended by BEL or ST
+            "|[PX^_][^\x07\x1b]*(?:\x07|\x1b\\\\)"  # DCS, SOS, PM, APC
+            "|(?P<ei>[\x20-\x2f]+)(?P<ef>[\x30-\x7e])"  # ESC ( 0, ESC # 8, ...
+            # ESC 7, ESC M, ESC c, ...: not the introducers above, cut short
+            "|(?P<e>[\x30-\x4f\x51-\x57\x59\x5a\x5c\x60-\x7e])"
+            ")"
+        )
+        partial = re.compile(
+            "\x1b(?:\\[[\x30-\x3f]*[\x20-\x2f]*|[\\]PX^_][^\x07\x1b]*\x1b?|[\x20-\x2f]*)\\Z"
+        )
+        # Printable characters that take one cell each and combine with
+        # nothing (checked against unicodedata by the tests): Latin,
+        # Greek, Cyrillic, punctuation, arrows, maths, box drawing, blocks.
+        narrow = re.compile(
+            "[\x20-\x7e\u00a0-\u00ac\u00ae-\u02ff\u0370-\u0482\u048a-\u0590"
+            "\u2010-\u2027\u2030-\u205f\u2190-\u2319\u231c-\u2328\u232b-\u23e8"
+            "\u2500-\u25fc]+"
+        )
+        _ESC_RE = (whole, partial, narrow)
+    return _ESC_RE
+
+
+def _char_width(ch: str) -> int:
+    """Cells a character takes: 2 for East Asian wide/fullwidth, 0 for marks."""
+    import unicodedata
+
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+class _Screen:
+    """A terminal of ``cols`` x ``rows`` cells fed with a program's output bytes.
+
+    Each cell holds a str: one character (with its combining marks), or ""
+    for the right half of a wide character.  ``newline_mode`` makes LF also
+    return the carriage, as a terminal's ONLCR does for a program that
+    writes to it: on for the output of a job without a PTY (its "\\n" was
+    never translated), off for a PTY's output, which the kernel translated.
+    """
+
+    def __init__(self, cols: int = 80, rows: int = 24, newline_mode: bool = False):
+        import codecs
+
+        self.cols, self.rows = max(1, cols), max(1, rows)
+        self.newline_mode = newline_mode
+        self.title = None  # type: str | None
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""  # an escape sequence cut by the end of a feed()
+        self.reset()
+
+    # -- state ---------------------------------------------------------------
+
+    def reset(self) -> None:
+        """RIS (ESC c): the power-on state; the title stays, as in xterm."""
+        self.grid = [self._blank() for _ in range(self.rows)]
+        self.x = self.y = 0
+        self.wrap_next = False  # the last column was written: wrap before the next character
+        self.top, self.bottom = 0, self.rows - 1
+        self.autowrap = True
+        self.origin = False
+        self.insert = False
+        self.saved = None  # DECSC: (x, y, origin, charsets)
+        self.main = None  # the main screen's grid while the alternate one is shown
+        self.main_saved = None
+        self.alt_screen = False
+        self.tabs = set(range(8, self.cols, 8))
+        self.charsets = [False, False]  # G0, G1: the DEC line-drawing set?
+        self.shift = 0  # SI selects G0, SO G1
+        self.last = " "
+
+    def _blank(self) -> list:
+        return [" "] * self.cols
+
+    @property
+    def cursor(self) -> dict:
+        return {"row": self.y, "col": self.x}
+
+    @property
+    def lines(self) -> list:
+        """The rows as text, trailing spaces trimmed."""
+        return ["".join(row).rstrip(" ") for row in self.grid]
+
+    def state(self) -> dict:
+        """Everything the emulator holds, as JSON values (the screen cache)."""
+        pending, flag = self._decoder.getstate()
+        return {
+            "cols": self.cols,
+            "rows": self.rows,
+            "newline_mode": self.newline_mode,
+            "title": self.title,
+            "grid": self.grid,
+            "main": self.main,
+            "x": self.x,
+            "y": self.y,
+            "wrap_next": self.wrap_next,
+            "top": self.top,
+            "bottom": self.bottom,
+            "autowrap": self.autowrap,
+            "origin": self.origin,
+            "insert": self.insert,
+            "saved": self.saved,
+            "main_saved": self.main_saved,
+            "alt_screen": self.alt_screen,
+            "tabs": sorted(self.tabs),
+            "charsets": self.charsets,
+            "shift": self.shift,
+            "last": self.last,
+            "pending": self._pending,
+            "utf8": pending.hex(),
+            "utf8_flag": flag,
+        }
+
+    @classmethod
+    def from_state(cls, s: dict) -> "_Screen":
+        """The emulator that state() described; ValueError/KeyError/TypeError if damaged."""
+        scr = cls(int(s["cols"]), int(s["rows"]), bool(s["newline_mode"]))
+        for (
+            key
+        ) in "title x y wrap_next top bottom autowrap origin insert alt_screen shift last".split():
+            setattr(scr, key, s[key])
+        scr.grid = [list(r) for r in s["grid"]]
+        scr.main = [list(r) for r in s["main"]] if s["main"] is not None else None
+        scr.saved = tuple(s["saved"]) if s["saved"] is not None else None
+        scr.main_saved = tuple(s["main_saved"]) if s["main_saved"] is not None else None
+        scr.tabs = set(s["tabs"])
+        scr.charsets = list(s["charsets"])
+        scr._pending = s["pending"]
+        scr._decoder.setstate((bytes.fromhex(s["utf8"]), int(s["utf8_flag"])))
+        if len(scr.grid) != scr.rows or any(len(r) != scr.cols for r in scr.grid):
+            raise ValueError("screen state: grid does not match its size")
+        if not (0 <= scr.x < scr.cols and 0 <= scr.y < scr.rows):
+            raise ValueError("screen state: cursor out of the grid")
+        return scr
+
+    # -- input ---------------------------------------------------------------
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        """Interpret output bytes; a sequence cut by the end of ``data`` waits for the rest."""
+        text = self._decoder.decode(data, final)
+        if self._pending:
+            text, self._pending = self._pending + text, ""
+        if text:
+            self._interpret(text)
+
+    def _interpret(self, text: str) -> None:
+        whole, partial, narrow = _escape_regexes()
+        n = len(text)
+        i = 0
+        run = narrow.match
+        while i < n:
+            m = run(text, i)
+            if m is not None:
+                j = m.end()
+                # The common case inline: a run that fits in the row, written
+                # over plain cells, no insert mode, no line-drawing set.
+                x = self.x
+                end = x + j - i
+                row = self.grid[self.y]
+                if (
+                    end < self.cols
+                    and not self.wrap_next
+                    and not self.insert
+                    and not self.charsets[self.shift]
+                    and row[x] != ""
+                    and row[end] != ""
+                ):
+                    row[x:end] = text[i:j]
+                    self.x = end
+                    self.last = text[j - 1]
+                else:
+                    self._print_run(m.group())
+                i = j
+                continue
+            ch = text[i]
+            if ch == "\x1b":
+                m = whole.match(text, i)
+                if m is not None:
+                    i = m.end()
+                    if text[i - 1] != "m" or m.lastgroup != "cf":  # SGR: nothing to do
+                        self._escape(m)
+                    continue
+                if partial.match(text, i):  # the rest comes with the next feed()
+                    if n - i <= _SCREEN_STRING_MAX:
+                        self._pending = text[i:]
+                    return
+                i += 1  # a broken sequence: drop the ESC, show what follows
+                continue
+            if ch == "\r" and text[i + 1 : i + 2] == "\n" and not self.newline_mode:
+                self.x = 0  # CR LF, as a terminal's output ends its lines
+                self.wrap_next = False
+                self._index()
+                i += 2
+                continue
+            o = ord(ch)
+            if o < 0x20:
+                self._control(ch)
+            elif 0x7F <= o < 0xA0:
+                pass  # DEL and the C1 controls: nothing to show
+            else:
+                self._print_char(ch)
+            i += 1
+
+    # -- printing ------------------------------------------------------------
+
+    def _print_run(self, s: str) -> None:
+        """Characters of one cell each: written a row's worth at a time."""
+        if self.insert:
+            for ch in s:
+                self._print_char(ch)
+            return
+        if self.charsets[self.shift]:
+            s = s.translate(_DEC_GRAPHICS)
+        cols = self.cols
+        n = len(s)
+        i = 0
+        while i < n:
+            if self.wrap_next:
+                self._wrap()
+            row = self.grid[self.y]
+            x = self.x
+            k = min(cols - x, n - i)
+            if row[x] == "" and x > 0:  # overwriting a wide character's right half
+                row[x - 1] = " "
+            end = x + k
+            if end < cols and row[end] == "":  # ... or its left half
+                row[end] = " "
+            row[x:end] = s[i : i + k]
+            i += k
+            if end >= cols:
+                self.x = cols - 1
+                if self.autowrap:
+                    self.wrap_next = True
+                elif i < n:  # no autowrap: the rest overwrites the last column
+                    row[cols - 1] = s[n - 1]
+                    i = n
+            else:
+                self.x = end
+        self.last = s[-1]
+
+    def _print_char(self, ch: str) -> None:
+        width = _char_width(ch)
+        if width == 0:
+            if _char_category(ch) == "Cf":
+                return
+            # A combining mark joins the character before the cursor.
+            x, row = self.x, self.grid[self.y]
+            if not self.wrap_next:
+                x -= 1
+            if x >= 0 and row[x] == "" and x > 0:
+                x -= 1
+            if x >= 0:
+                row[x] += ch
+            return
+        if self.wrap_next:
+            self._wrap()
+        cols = self.cols
+        if width == 2 and self.x == cols - 1:
+            # A wide character does not fit in the last column: it wraps (xterm).
+            if not self.autowrap:
+                return
+            self.grid[self.y][self.x] = " "
+            self.x = cols - 1
+            self._wrap()
+        if width > cols:
+            return
+        row = self.grid[self.y]
+        x = self.x
+        if self.insert:
+            row[x:x] = [" "] * width
+            del row[cols:]
+            self._mend(row)
+        if row[x] == "" and x > 0:
+            row[x - 1] = " "
+        end = x + width
+        if end < cols and row[end] == "":
+            row[end] = " "
+        row[x] = ch
+        if width == 2:
+            row[x + 1] = ""
+        if end >= cols:
+            self.x = cols - 1
+            self.wrap_next = self.autowrap
+        else:
+            self.x = end
+        self.last = ch
+
+    def _wrap(self) -> None:
+        self.wrap_next = False
+        self.x = 0
+        self._index()
+
+    # -- controls ------------------------------------------------------------
+
+    def _control(self, ch: str) -> None:
+        if ch == "\r":
+            self.x = 0
+            self.wrap_next = False
+        elif ch in "\n\x0b\x0c":
+            if self.newline_mode:
+                self.x = 0
+            self.wrap_next = False
+            self._index()
+        elif ch == "\b":
+            if self.x > 0:
+                self.x -= 1
+            self.wrap_next = False
+        elif ch == "\t":
+            self._tab(1)
+        elif ch == "\x0e":
+            self.shift = 1
+        elif ch == "\x0f":
+            self.shift = 0
+        # BEL and the other C0 controls show nothing.
+
+    def _tab(self, n: int) -> None:
+        x = self.x
+        for _ in range(min(n, self.cols)):
+            stops = [t for t in self.tabs if t > x]
+            x = min(stops) if stops else self.cols - 1
+        self.x = min(x, self.cols - 1)
+        self.wrap_next = False
+
+    def _index(self) -> None:
+        """IND / LF: down one row, scrolling the region at its bottom margin."""
+        if self.y == self.bottom:
+            if self.top == 0:  # the whole screen (or its top part): the usual scroll
+                del self.grid[0]
+                self.grid.insert(self.bottom, [" "] * self.cols)
+                return
+            self._scroll_up(1)
+        elif self.y < self.rows - 1:
+            self.y += 1
+
+    def _reverse_index(self) -> None:
+        if self.y == self.top:
+            self._scroll_down(1)
+        elif self.y > 0:
+            self.y -= 1
+
+    def _scroll_up(self, n: int, top: "int | None" = None) -> None:
+        top = self.top if top is None else top
+        bottom = self.bottom
+        n = min(n, bottom - top + 1)
+        if n <= 0:
+            return
+        grid = self.grid
+        del grid[top : top + n]
+        grid[bottom - n + 1 : bottom - n + 1] = [self._blank() for _ in range(n)]
+
+    def _scroll_down(self, n: int, top: "int | None" = None) -> None:
+        top = self.top if top is None else top
+        bottom = self.bottom
+        n = min(n, bottom - top + 1)
+        if n <= 0:
+            return
+        grid = self.grid
+        del grid[bottom - n + 1 : bottom + 1]
+        grid[top:top] = [self._blank() for _ in range(n)]
+
+    # -- escape sequences ----------------------------------------------------
+
+    def _escape(self, m) -> None:
+        final = m.group("cf")
+        if final is not None:
+            self._csi(m.group("cp"), m.group("ci"), final)
+            return
+        osc = m.group("osc")
+        if osc is not None:
+            code, _, value = osc.partition(";")
+            if code in ("0", "2"):
+                self.title = value
+            return
+        e = m.group("e")
+        if e is not None:
+            self._esc(e)
+            return
+        inter, final = m.group("ei"), m.group("ef")
+        if inter is not None:
+            if inter in "()" and len(inter) == 1:
+                self.charsets["()".index(inter)] = final == "0"
+            elif inter == "#" and final == "8":  # DECALN: the screen full of E
+                self.grid = [["E"] * self.cols for _ in range(self.rows)]
+                self.x = self.y = 0
+                self.wrap_next = False
+        # DCS, SOS, PM, APC: dropped
+
+    def _esc(self, e: str) -> None:
+        if e == "7":
+            self._save_cursor()
+        elif e == "8":
+            self._restore_cursor()
+        elif e == "D":
+            self.wrap_next = False
+            self._index()
+        elif e == "E":
+            self.x = 0
+            self.wrap_next = False
+            self._index()
+        elif e == "M":
+            self.wrap_next = False
+            self._reverse_index()
+        elif e == "H":
+            self.tabs.add(self.x)
+        elif e == "c":
+            self.reset()
+        # ESC = and ESC > (keypad modes) and the rest: nothing to show
+
+    def _save_cursor(self) -> None:
+        self.saved = (self.x, self.y, self.origin, list(self.charsets), self.wrap_next)
+
+    def _restore_cursor(self) -> None:
+        if self.saved is None:
+            self.x = self.y = 0
+            self.origin = False
+            self.wrap_next = False
+            return
+        x, y, self.origin, charsets, wrap = self.saved
+        self.charsets = list(charsets)
+        self.x = min(x, self.cols - 1)
+        self.y = min(y, self.rows - 1)
+        self.wrap_next = bool(wrap) and self.x == self.cols - 1
+
+    def _csi(self, params: str, inter: str, final: str) -> None:
+        private = params[:1] if params[:1] in ("?", ">", "<", "=") else ""
+        if private:
+            params = params[1:]
+        args = []
+        for p in params.split(";") if params else ():
+            p = p.split(":", 1)[0]
+            # (a 5000-digit number is an error to int() on 3.11+, and no
+            # screen has that many cells)
+            args.append(int(p[:6]) if p.isdigit() else 0)
+        if inter:
+            return  # DECSCUSR (CSI q with a space) and the like: no visible effect
+        if private:
+            if private == "?" and final in "hl":
+                self._private_modes(args, final == "h")
+            return
+        a = args[0] if args else 0
+        n = a or 1  # a count: 0 or missing means 1
+        if final in "Hf":
+            row = args[0] if args else 0
+            col = args[1] if len(args) > 1 else 0
+            self._goto(max(row, 1) - 1, max(col, 1) - 1)
+        elif final == "A":
+            top = self.top if self.y >= self.top else 0
+            self._move(max(top, self.y - n), self.x)
+        elif final in "Be":
+            bottom = self.bottom if self.y <= self.bottom else self.rows - 1
+            self._move(min(bottom, self.y + n), self.x)
+        elif final in "Ca":
+            self._move(self.y, self.x + n)
+        elif final == "D":
+            self._move(self.y, self.x - n)
+        elif final == "E":
+            bottom = self.bottom if self.y <= self.bottom else self.rows - 1
+            self._move(min(bottom, self.y + n), 0)
+        elif final == "F":
+            top = self.top if self.y >= self.top else 0
+            self._move(max(top, self.y - n), 0)
+        elif final in "G`":
+            self._move(self.y, n - 1)
+        elif final == "d":
+            self._goto(n - 1, self.x)
+        elif final == "J":
+            self._erase_display(a)
+        elif final == "K":
+            self._erase_line(a)
+        elif final == "L":
+            if self.top <= self.y <= self.bottom:
+                self._scroll_down(n, self.y)
+                self.x = 0
+                self.wrap_next = False
+        elif final == "M":
+            if self.top <= self.y <= self.bottom:
+                self._scroll_up(n, self.y)
+                self.x = 0
+                self.wrap_next = False
+        elif final == "@":
+            row = self.grid[self.y]
+            n = min(n, self.cols - self.x)
+            row[self.x : self.x] = [" "] * n
+            del row[self.cols :]
+            self._mend(row)
+            self.wrap_next = False
+        elif final == "P":
+            row = self.grid[self.y]
+            n = min(n, self.cols - self.x)
+            del row[self.x : self.x + n]
+            row.extend([" "] * n)
+            self._mend(row)
+            self.wrap_next = False
+        elif final == "X":
+            row = self.grid[self.y]
+            end = min(self.cols, self.x + n)
+            row[self.x : end] = [" "] * (end - self.x)
+            self._mend(row)
+            self.wrap_next = False
+        elif final == "S":
+            self._scroll_up(n)
+        elif final == "T":
+            if len(args) <= 1:  # with 5 arguments: xterm's mouse highlighting
+                self._scroll_down(n)
+        elif final == "r":
+            top = (args[0] if args and args[0] else 1) - 1
+            bottom = (args[1] if len(args) > 1 and args[1] else self.rows) - 1
+            bottom = min(bottom, self.rows - 1)
+            if top < bottom:
+                self.top, self.bottom = top, bottom
+                self._goto(0, 0)
+        elif final == "s":
+            self._save_cursor()
+        elif final == "u":
+            self._restore_cursor()
+        elif final in "hl":
+            if 4 in args:  # IRM
+                self.insert = final == "h"
+            if 20 in args:  # LNM
+                self.newline_mode = final == "h"
+        elif final == "g":
+            if a == 0:
+                self.tabs.discard(self.x)
+            elif a == 3:
+                self.tabs.clear()
+        elif final == "I":
+            self._tab(n)
+        elif final == "Z":
+            x = self.x
+            for _ in range(min(n, self.cols)):
+                stops = [t for t in self.tabs if t < x]
+                x = max(stops) if stops else 0
+            self._move(self.y, x)
+        elif final == "b":  # REP: the last character again
+            if self.last:
+                self._print_run(self.last * min(n, self.cols * self.rows))
+        # m (SGR), n (DSR), c (DA), t (window ops), q (LEDs) and the rest: dropped
+
+    def _mend(self, row: list) -> None:
+        """After a shift of cells: no half of a wide character left alone."""
+        if row and row[0] == "":
+            row[0] = " "
+        for i in range(1, len(row)):
+            if row[i] == "" and _char_width(row[i - 1][:1] or " ") != 2:
+                row[i] = " "
+        last = row[-1]
+        if last and _char_width(last[:1]) == 2:
+            row[-1] = " "
+
+    def _move(self, y: int, x: int) -> None:
+        self.y = max(0, min(self.rows - 1, y))
+        self.x = max(0, min(self.cols - 1, x))
+        self.wrap_next = False
+
+    def _goto(self, y: int, x: int) -> None:
+        """CUP, VPA: with origin mode, rows count from the top margin and stay in the region."""
+        if self.origin:
+            y = max(self.top, min(self.bottom, y + self.top))
+        self._move(y, x)
+
+    def _erase_display(self, how: int) -> None:
+        if how == 0:
+            self._erase_line(0)
+            for r in range(self.y + 1, self.rows):
+                self.grid[r] = self._blank()
+        elif how == 1:
+            self._erase_line(1)
+            for r in range(self.y):
+                self.grid[r] = self._blank()
+        elif how == 2:
+            self.grid = [self._blank() for _ in range(self.rows)]
+        # 3: xterm erases the scrollback only, which is not kept here
+        self.wrap_next = False
+
+    def _erase_line(self, how: int) -> None:
+        row = self.grid[self.y]
+        x = self.x
+        if how == 0:
+            if x > 0 and row[x] == "":
+                row[x - 1] = " "
+            row[x:] = [" "] * (self.cols - x)
+        elif how == 1:
+            end = min(x + 1, self.cols)
+            if end < self.cols and row[end] == "":
+                row[end] = " "
+            row[:end] = [" "] * end
+        elif how == 2:
+            self.grid[self.y] = self._blank()
+        self.wrap_next = False
+
+    def _private_modes(self, args: list, on: bool) -> None:
+        for mode in args:
+            if mode == 7:
+                self.autowrap = on
+                if not on:
+                    self.wrap_next = False
+            elif mode == 6:
+                self.origin = on
+                self._goto(0, 0)
+            elif mode in (1049, 1047, 47):
+                if mode == 1049 and on:
+                    self._save_cursor()
+                self._alternate(on, clear=mode != 47)
+                if mode == 1049 and not on:
+                    self._restore_cursor()
+            elif mode == 1048:
+                if on:
+                    self._save_cursor()
+                else:
+                    self._restore_cursor()
+
+    def _alternate(self, on: bool, clear: bool) -> None:
+        """Show the alternate screen (on) or the main one again."""
+        if on == self.alt_screen:
+            if on and clear:
+                self.grid = [self._blank() for _ in range(self.rows)]
+            return
+        if on:
+            self.main, self.main_saved = self.grid, self.saved
+            self.grid = [self._blank() for _ in range(self.rows)]
+        else:
+            if clear:
+                self.grid = [self._blank() for _ in range(self.rows)]
+            self.grid = self.main if self.main is not None else self.grid
+            self.main = None
+            if self.main_saved is not None:
+                self.saved = self.main_saved
+            self.main_saved = None
+        self.alt_screen = on
+
+    # -- size ----------------------------------------------------------------
+
+    def resize(self, cols: int, rows: int) -> None:
+        """A new size: rows dropped from the top when needed to keep the cursor's,
+        blank rows added at the bottom, columns cut or padded (no reflow)."""
+        cols, rows = max(1, cols), max(1, rows)
+        if (cols, rows) == (self.cols, self.rows):
+            return
+        old_cols = self.cols
+        drop = max(0, self.y + 1 - rows)
+        self.grid = self._fit(self.grid, cols, rows, drop)
+        if self.main is not None:
+            self.main = self._fit(self.main, cols, rows, max(0, len(self.main) - rows))
+        self.y -= drop
+        self.cols, self.rows = cols, rows
+        self.x = min(self.x, cols - 1)
+        self.y = max(0, min(self.y, rows - 1))
+        self.wrap_next = False
+        self.top, self.bottom = 0, rows - 1
+        self.tabs = {t for t in self.tabs if t < cols} | set(range(-(-old_cols // 8) * 8, cols, 8))
+        self.tabs.discard(0)
+
+    def _fit(self, grid: list, cols: int, rows: int, drop: int) -> list:
+        out = []
+        for row in grid[drop : drop + rows]:
+            row = row[:cols] + [" "] * (cols - len(row))
+            if row[-1] != "" and _char_width(row[-1][:1] or " ") == 2:
+                row[-1] = " "  # a wide character cut in half
+            out.append(row)
+        while len(out) < rows:
+            out.append([" "] * cols)
+        return out
+
+
+def _char_category(ch: str) -> str:
+    import unicodedata
+
+    return unicodedata.category(ch)
+
+
+# -- --plain -------------------------------------------------------------------
+
+# What --plain keeps of erase-in-line, as private markers while a line is
+# rebuilt (the text's own C0 controls are removed before they are used).
+_PLAIN_EL = {"": "\x01", "0": "\x01", "1": "\x02", "2": "\x03"}
+
+
+def _plain_text(text: str) -> str:
+    """Text as a person reads it on a terminal, line by line: --plain.
+
+    Escape sequences go (CSI, OSC, DCS, SOS, PM, APC, charset designations,
+    ESC x), and so does a sequence cut off at the end of ``text`` (a read
+    chunk can end inside one; the cursor still counts its bytes).  A line
+    redrawn with CR shows what a terminal would: each redraw overwrites the
+    line from its first column, so a shorter redraw leaves the end of a
+    longer one visible, unless it erased it (ESC [K, as progress bars do).
+    BS steps back one character; other control characters go, except tab
+    and newline.  A line that ends with CR LF keeps its text.  Cursor
+    movement between lines is not followed: use ``screen`` for that.
+    """
+    if _PLAIN_NEEDED.search(text) is None:
+        return text
+
+    whole, partial, _narrow = _escape_regexes()
+    text = _PLAIN_MARKERS.sub("", text)  # the text's own: the markers below are ours
+
+    if "K" in text:  # erase in line: kept as a marker, for the redraws below
+        text = _PLAIN_EL_RE.sub(lambda m: _PLAIN_EL[m.group(1)], text)
+    text = whole.sub("", text)
+    cut = partial.search(text)
+    if cut is not None:
+        text = text[: cut.start()]
+    text = _PLAIN_CONTROLS.sub("", text)
+    if _PLAIN_REDRAWN.search(text) is None:
+        return text
+    return "\n".join(_plain_line(line) for line in text.split("\n"))
+
+
+def _compile(pattern: "str | bytes"):
+    import re
+
+    return re.compile(pattern)
+
+
+class _LazyRegex:
+    """A regex compiled on first use (re's import is not free at start-up)."""
+
+    def __init__(self, make):
+        self._make = make
+        self._re = None
+
+    def __getattr__(self, name):
+        if self._re is None:
+            self._re = self._make()
+        return getattr(self._re, name)
+
+
+# Anything --plain changes; the text's own \x01-\x03 (the erase markers are
+# those); the controls it removes once escapes are gone (all but \t \n \r
+# \b and the markers); what makes a line need rebuilding.
+_PLAIN_NEEDED = _LazyRegex(lambda: _compile("[\x00-\x08\x0b-\x1f\x7f]"))
+_PLAIN_EL_RE = _LazyRegex(lambda: _compile("\x1b\\[([012]?)K"))
+_PLAIN_MARKERS = _LazyRegex(lambda: _compile("[\x01-\x03]"))
+_PLAIN_CONTROLS = _LazyRegex(lambda: _compile("[\x00\x04-\x07\x0b\x0c\x0e-\x1f\x7f]"))
+_PLAIN_REDRAWN = _LazyRegex(lambda: _compile("[\r\b\x01-\x03]"))
+
+
+def _plain_line(line: str) -> str:
+    """One line, with its CR, BS and erase markers applied."""
+    if not any(c in line for c in "\r\b\x01\x02\x03"):
+        return line
+    if "\b" not in line and "\x02" not in line and "\x03" not in line:
+        # CR and erase-to-the-end only (most progress bars): whole pieces at once.
+        out = ""
+        for seg in line.split("\r"):
+            pos = 0
+            for k, part in enumerate(seg.split("\x01")):
+                if k:
+                    out = out[:pos]
+                out = out[:pos] + part + out[pos + len(part) :]
+                pos += len(part)
+        return out
+    cells = []  # type: list
+    pos = 0
+    for ch in line:
+        if ch == "\r":
+            pos = 0
+        elif ch == "\b":
+            pos = max(0, pos - 1)
+        elif ch == "\x01":
+            del cells[pos:]
+        elif ch == "\x02":
+            cells[: min(pos + 1, len(cells))] = [" "] * min(pos + 1, len(cells))
+        elif ch == "\x03":
+            cells = [" "] * len(cells)
+        elif pos < len(cells):
+            cells[pos] = ch
+            pos += 1
+        else:
+            cells.extend(" " * (pos - len(cells)))
+            cells.append(ch)
+            pos += 1
+    erased = "\x02" in line or "\x03" in line
+    return "".join(cells).rstrip(" ") if erased else "".join(cells)
+
+
+def _plain_snapshot(snap: dict) -> dict:
+    """A snapshot object with --plain text; its byte counts stay the raw ones."""
+    for key in ("stdout_tail", "stderr_tail"):
+        if key in snap:
+            snap[key] = _plain_text(snap[key])
+    return snap
+
+
+# -- a job's screen, from its stdout.log -------------------------------------------
+#
+# Cost: `screen` keeps a checkpoint, screen.cache in the job directory (mode
+# 0600, replaced atomically): the emulator's whole state and the offset of
+# stdout.log it reflects, valid while the log's inode, dropped-byte count and
+# the 32 bytes before that offset are the same (a compacted or replaced log
+# is read afresh).  So each call
+# feeds only the bytes that arrived since the last one.  Without a valid
+# checkpoint, the log is searched backwards, with bytes.find-speed scans, for
+# the last point where the screen's content is known without the output
+# before it, and the emulator starts there:
+#   - RIS (ESC c): everything is reset;
+#   - ESC [?1049h not followed by a switch back to the main screen: the
+#     alternate screen starts blank, and the main one is never shown again;
+#   - a clear with the cursor homed (ESC [H ESC [2J, or the other order)
+#     outside a span of the alternate screen that ends later (a full-screen
+#     program that has exited: a clear before it started still counts): the
+#     screen is blank; whether it is the alternate one is the last screen
+#     switch before it (searched further back);
+#   - the start of the last rows+1 lines, when these hold no escape but
+#     colours, erase in line and OSC, and what comes before them nothing with
+#     a lasting effect (modes, a scroll region, tab stops, charsets): a plain
+#     or coloured log (LF ends a line at column 0 without a PTY; on a PTY the
+#     line must end with CR LF).
+# The title set before that point is searched for too (backwards, until one
+# is found).  Modes set before it (a scroll region, autowrap off) are not
+# seen: programs that clear set them again.  A checkpoint far behind the
+# log (64 KiB) gets the same search over the bytes after it, so a call never
+# feeds more than the output since the last such point.
+
+_SCREEN_CACHE_VERSION = 1
+_SCREEN_BLOCK = 1 << 20  # bytes read (and fed) at a time
+# A size beyond what run --pty accepts (a damaged file) is cut to it: the
+# grid is cols x rows cells.
+_SCREEN_MAX_COLS, _SCREEN_MAX_ROWS = TERM_MAX_COLS, TERM_MAX_ROWS
+
+
+def _screen_size(meta: dict) -> "tuple":
+    """(cols, rows, pty) of a job's terminal, as meta.json has them (80x24 without)."""
+    size = meta.get("pty_size")
+    cols, rows = DEFAULT_PTY_SIZE
+    if isinstance(size, dict):
+        c, r = size.get("cols"), size.get("rows")
+        if isinstance(c, int) and isinstance(r, int) and c > 0 and r > 0:
+            cols, rows = min(c, _SCREEN_MAX_COLS), min(r, _SCREEN_MAX_ROWS)
+    return cols, rows, bool(meta.get("pty"))
+
+
+def _screen_resizes(job_dir: str) -> list:
+    """resize.jsonl: [(at, cols, rows)] in order; a damaged line is skipped."""
+    out = []
+    try:
+        with open(os.path.join(job_dir, RESIZE_LOG), "rb") as f:
+            raw = f.read()
+    except OSError:
+        return out
+    for line in raw.splitlines():
+        try:
+            doc = json.loads(line)
+            at, cols, rows = doc["at"], doc["cols"], doc["rows"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if all(isinstance(v, int) and v >= 0 for v in (at, cols, rows)) and cols and rows:
+            out.append((at, min(cols, _SCREEN_MAX_COLS), min(rows, _SCREEN_MAX_ROWS)))
+    return out
+
+
+def _screen_events():
+    import re
+
+    return re.compile(
+        b"\x1bc|\x1b\\[\\?(1049|1047|47)([hl])"
+        b"|\x1b\\[(?:1;1|1|;|1;)?H\x1b\\[2J|\x1b\\[2J\x1b\\[(?:1;1|1|;|1;)?H"
+    )
+
+
+_SCREEN_EVENTS = _LazyRegex(_screen_events)
+
+
+def _screen_restart(
+    fd: int, size: int, rows: int, pty: bool, floor: int = 0, floor_alt: bool = False
+) -> "tuple | None":
+    """(offset, alternate): where a cold start may begin feeding stdout.log (see above).
+
+    With ``floor`` (a checkpoint's offset, whose screen is alternate or not
+    as ``floor_alt`` says), only the bytes after it are searched, and None
+    means that none of them will do.
+    """
+    events = _SCREEN_EVENTS
+    end = size
+    exit_after = False  # a switch back to the main screen comes later
+    cleared = None  # offset of a clear that waits for the alternate/main question
+    saw_esc = False
+    while end > floor:
+        begin = max(floor, end - _SCREEN_BLOCK)
+        buf = os.pread(fd, min(size, end + 16) - begin, begin)
+        if b"\x1b" not in buf:
+            end = begin
+            continue
+        saw_esc = True
+        if cleared is not None:
+            # Only the last screen switch (or reset) before the clear is wanted
+            # now: plain substring searches, much faster than the regex.
+            found = _screen_last_switch(buf, end - begin)
+            if found is not None:
+                return cleared, found
+            end = begin
+            continue
+        if b"\x1bc" not in buf and b"\x1b[?" not in buf and b"[2J" not in buf:
+            end = begin  # no event here: skip the regex, which tries at every ESC
+            continue
+        for m in reversed([m for m in events.finditer(buf) if begin + m.start() < end]):
+            at = begin + m.start()
+            mode, how = m.group(1), m.group(2)
+            if mode is None and m.group().endswith(b"c"):  # RIS
+                return (cleared if cleared is not None else at), False
+            if mode is not None:
+                if cleared is not None:
+                    return cleared, how == b"h"
+                if how == b"l":
+                    exit_after = True
+                elif exit_after:
+                    # The start of the alternate screen that the later switch
+                    # back ends: what comes before is the main screen it shows
+                    # again, so a clear before here will do.
+                    exit_after = False
+                elif mode == b"1049":
+                    return at, False  # fed from here, the emulator switches itself
+            elif cleared is None and not exit_after:
+                cleared = at
+        end = begin
+    if cleared is not None:
+        return cleared, floor_alt
+    if floor:
+        return None
+    start = _screen_tail_start(fd, size, rows, pty) if size else 0
+    if start and saw_esc:
+        # Escapes, but maybe only colours: then the tail still tells it all.
+        if _screen_search(fd, start, size, _SCREEN_MOVES) or _screen_search(
+            fd, 0, start, _SCREEN_MODES
+        ):
+            start = 0
+    return start, False
+
+
+# After the start of the last lines, what a line may hold: colours, erase in
+# line, OSC; anything else (a cursor movement up into the rows before, SO,
+# SI) makes the start unsafe.  Before it, what has a lasting effect: modes,
+# scroll regions, tab stops, saved cursors, charsets.
+_SCREEN_MOVES = _LazyRegex(lambda: _compile(b"\x1b(?!\\[[\x30-\x3f]*[mK]|\\])|[\x0e\x0f]"))
+_SCREEN_MODES = _LazyRegex(
+    lambda: _compile(b"\x1b\\[[\x30-\x3f]*[\x20-\x2f]*[hlrgsu]|\x1b[()*+\\-./H78#]|[\x0e\x0f]")
+)
+
+
+def _screen_search(fd: int, lo: int, hi: int, regex) -> bool:
+    """True when ``regex`` matches somewhere from offset lo (before hi), block by block.
+
+    Blocks end after a newline, so that no sequence is cut between two.  Colours
+    are most of a log's escapes, and the regex would try at every ESC: a block
+    whose every ESC starts a colour, an erase in line or an OSC (or ends one)
+    is told apart by counting, at C speed, and skipped.
+    """
+    pos = lo
+    while pos < hi:
+        buf = os.pread(fd, min(_SCREEN_BLOCK, hi - pos), pos)
+        if not buf:
+            break
+        if pos + len(buf) < hi and buf.rfind(b"\n") > 0:
+            buf = buf[: buf.rfind(b"\n") + 1]
+        pos += len(buf)
+        if b"\x1b" not in buf and b"\x0e" not in buf and b"\x0f" not in buf:
+            continue
+        bare = buf.translate(None, b"0123456789;:")  # ESC [ 1;31 m is ESC [ m now
+        known = sum(bare.count(x) for x in (b"\x1b[m", b"\x1b[K", b"\x1b]", b"\x1b\\"))
+        if known == bare.count(b"\x1b") and b"\x0e" not in buf and b"\x0f" not in buf:
+            continue
+        if regex.search(buf) is not None:
+            return True
+    return False
+
+
+def _screen_last_switch(buf: bytes, limit: int) -> "bool | None":
+    """Whether the last screen switch or reset that starts before ``limit`` in
+    ``buf`` left the alternate screen on (None: there is none)."""
+    on = None
+    at = buf.rfind(b"\x1b[?", 0, limit + 2)
+    while at >= 0:
+        m = _SCREEN_SWITCH.match(buf, at)
+        if m is not None:
+            on = m.group(1) == b"h"
+            break
+        at = buf.rfind(b"\x1b[?", 0, at + 2)
+    if buf.rfind(b"\x1bc", 0, limit + 1) > at:
+        return False
+    return on
+
+
+_SCREEN_SWITCH = _LazyRegex(lambda: _compile(b"\x1b\\[\\?(?:1049|1047|47)([hl])"))
+
+
+def _screen_tail_start(fd: int, size: int, rows: int, pty: bool) -> int:
+    """In a log without escapes: the start of its last rows+1 lines (0 if fewer)."""
+    need = rows + 1
+    begin = size
+    buf = b""
+    while begin > 0:
+        step = min(begin, _SCREEN_BLOCK)
+        begin -= step
+        buf = os.pread(fd, step, begin) + buf
+        if buf.count(b"\n") > need:
+            break
+    pos = len(buf)
+    for _ in range(need):
+        pos = buf.rfind(b"\n", 0, pos)
+        if pos < 0:
+            return 0
+    if pty and (pos == 0 or buf[pos - 1 : pos] != b"\r"):
+        return 0  # a bare LF on a terminal keeps the column: not a clean line start
+    return begin + pos + 1
+
+
+def _screen_last_title(fd: int, lo: int, hi: int) -> "str | None":
+    """The title that the last OSC 0 or 2 between offsets lo and hi set (None: none)."""
+    end = hi
+    while end > lo:
+        begin = max(lo, end - _SCREEN_BLOCK)
+        buf = os.pread(fd, end - begin, begin)
+        at = max(buf.rfind(b"\x1b]0;"), buf.rfind(b"\x1b]2;"))
+        if at >= 0:
+            want = min(hi - (begin + at) - 4, _SCREEN_STRING_MAX)
+            text = os.pread(fd, want, begin + at + 4) if want > 0 else b""
+            for stop in (text.find(b"\x07"), text.find(b"\x1b")):
+                if stop >= 0:
+                    text = text[:stop]
+            return _decode(text)
+        end = begin + 3  # a sequence cut by the block's start is found in the next
+        if begin == lo:
+            break
+    return None
+
+
+def _fresh_screen(cols, rows, pty, resizes, dropped, offset, alternate) -> "tuple":
+    """(a new _Screen for feeding from ``offset``, the resizes applied before it)."""
+    applied = 0
+    for at, c, r in resizes:
+        if at - dropped > offset:
+            break
+        cols, rows = c, r
+        applied += 1
+    screen = _Screen(cols, rows, not pty)
+    if alternate:
+        screen._alternate(True, clear=True)
+    return screen, applied
+
+
+# A checkpoint this far behind the log: look for a restart point in between
+# (feeding is the slow part; the search runs at bytes.find speed).
+_SCREEN_SKIP_MIN = 1 << 16
+
+
+def _screen_fingerprint(fd: int, offset: int) -> str:
+    """The last bytes before ``offset``: a log replaced by one of the same inode
+    number and size (inodes are reused at once) does not pass for the old one."""
+    start = max(0, offset - 32)
+    return os.pread(fd, offset - start, start).hex()
+
+
+def _load_screen_cache(job, fd: int, st, dropped: int, size_key: list) -> "tuple | None":
+    """(screen, offset, resizes applied) from a checkpoint that still fits the log."""
+    try:
+        with open(job.path(SCREEN_CACHE), "rb") as f:
+            doc = json.loads(f.read())
+        if (
+            doc.get("version") != _SCREEN_CACHE_VERSION
+            or doc.get("ino") != st.st_ino
+            or doc.get("dev") != st.st_dev
+            or doc.get("dropped") != dropped
+            or doc.get("size_key") != size_key
+            or not 0 <= doc.get("offset", -1) <= st.st_size
+            or doc.get("last") != _screen_fingerprint(fd, doc["offset"])
+        ):
+            return None
+        return _Screen.from_state(doc["state"]), doc["offset"], int(doc["applied"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _save_screen_cache(job, fd, st, dropped, size_key, screen, offset, applied) -> None:
+    """Best effort: a read-only job directory just means no checkpoint."""
+    doc = {
+        "last": _screen_fingerprint(fd, offset),
+        "version": _SCREEN_CACHE_VERSION,
+        "ino": st.st_ino,
+        "dev": st.st_dev,
+        "dropped": dropped,
+        "size_key": size_key,
+        "offset": offset,
+        "applied": applied,
+        "state": screen.state(),
+    }
+    try:
+        _write_json_atomic(job.path(SCREEN_CACHE), doc)
+    except OSError as e:
+        _log(3, "screen: cannot write %s: %s" % (SCREEN_CACHE, e))
+
+
+def _job_screen(job, use_cache: bool = True) -> "tuple":
+    """(the _Screen of a job's stdout.log as it is now, the stdout position it reflects)."""
+    cols, rows, pty = _screen_size(job.meta)
+    size_key = [cols, rows, pty]
+    resizes = _screen_resizes(job.dir)
+    dropped = job.record.get("stdout_dropped_bytes") or 0
+    try:
+        fd = os.open(job.path(STDOUT_LOG), os.O_RDONLY)
+    except OSError:
+        return _Screen(cols, rows, not pty), dropped
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        cached = _load_screen_cache(job, fd, st, dropped, size_key) if use_cache else None
+        if cached is not None and cached[2] < len(resizes):
+            if resizes[cached[2]][0] - dropped < cached[1]:
+                cached = None  # a resize recorded behind the checkpoint: feed again
+        most_rows = max([rows] + [r for _at, _c, r in resizes])
+        if cached is not None:
+            screen, offset, applied = cached
+            if offset == size and applied == len(resizes):
+                return screen, dropped + offset
+            found = None
+            if size - offset > _SCREEN_SKIP_MIN:
+                found = _screen_restart(fd, size, most_rows, pty, offset, screen.alt_screen)
+            if found is not None and found[0] > offset:
+                # What the checkpoint held is cleared away later: start there.
+                title = _screen_last_title(fd, offset, found[0])
+                title = screen.title if title is None else title
+                screen, applied = _fresh_screen(cols, rows, pty, resizes, dropped, *found)
+                screen.title = title
+                offset = found[0]
+        else:
+            offset, alternate = _screen_restart(fd, size, most_rows, pty)
+            screen, applied = _fresh_screen(cols, rows, pty, resizes, dropped, offset, alternate)
+            if offset:
+                screen.title = _screen_last_title(fd, 0, offset)
+        start = offset
+        while True:
+            if applied < len(resizes) and resizes[applied][0] - dropped <= offset:
+                screen.resize(resizes[applied][1], resizes[applied][2])
+                applied += 1
+                continue
+            if offset >= size:
+                break
+            stop = min(size, offset + _SCREEN_BLOCK)
+            if applied < len(resizes):
+                stop = min(stop, max(offset + 1, resizes[applied][0] - dropped))
+            data = os.pread(fd, stop - offset, offset)
+            if not data:
+                break
+            screen.feed(data)
+            offset += len(data)
+        if use_cache and (offset != start or cached is None):
+            _save_screen_cache(job, fd, st, dropped, size_key, screen, offset, applied)
+        return screen, dropped + offset
+    finally:
+        os.close(fd)
 
 
 # ==== Views for people =======================================================

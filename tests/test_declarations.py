@@ -32,6 +32,7 @@ TOOL_NAMES = (
     "read",
     "kill",
     "send",
+    "screen",
     "list",
     "delete",
     "gc",
