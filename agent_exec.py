@@ -4869,7 +4869,10 @@ def _polled_fds(pid: int, pollfds: int, nfds: int) -> list:
 
 
 def _input_prompt(job: _Job) -> "str | None":
-    """The last line of output that has no newline yet (a prompt), or None."""
+    """The last line of output that has no newline yet (a prompt), or None.
+
+    On a --pty job, as the terminal shows it (escape sequences removed).
+    """
     best = None
     for path, st in zip((job.path(STDOUT_LOG), job.path(STDERR_LOG)), _log_stats(job)):
         if st is None or not st.st_size:
@@ -4880,7 +4883,12 @@ def _input_prompt(job: _Job) -> "str | None":
                 best = (st.st_mtime, _decode(data.rsplit(b"\n", 1)[-1]))
     if best is None:
         return None
-    return best[1][-INPUT_PROMPT_MAX:] or None
+    prompt = best[1]
+    if job.meta.get("pty") and ("\x1b" in prompt or "\r" in prompt):
+        # A terminal program draws its prompt (colours, a line editor's
+        # redraws): what it shows is the prompt.
+        prompt = _plain_text(prompt)
+    return prompt[-INPUT_PROMPT_MAX:] or None
 
 
 def _job_pids(job: _Job) -> list:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import time
 import unittest
 
 from tests._jobs import LINUX, PY, JobsTestCase
@@ -20,6 +22,26 @@ READ_KEY = (
     "import os, sys, tty; tty.setraw(0); "
     "sys.stdout.write('\\x1b[?1h' if sys.argv[1] == 'app' else ''); sys.stdout.write('key? '); "
     "sys.stdout.flush(); print(repr(os.read(0, 16)))"
+)
+
+
+# Draws a box and text at known cells, then waits for a key.
+CURSES_PROGRAM = (
+    "import curses\n"
+    "def main(w):\n"
+    "    curses.curs_set(1)\n"
+    "    w.addstr(0, 0, 'curses test')\n"
+    "    win = curses.newwin(5, 20, 2, 10)\n"
+    "    win.box()\n"
+    "    win.addstr(2, 3, 'hello curses')\n"
+    "    w.addstr(23, 70, 'corner')\n"
+    "    w.refresh()\n"
+    "    win.refresh()\n"
+    "    w.move(20, 7)\n"
+    "    w.refresh()\n"
+    "    while w.getch() != ord('q'):\n"
+    "        pass\n"
+    "curses.wrapper(main)\n"
 )
 
 
@@ -156,6 +178,64 @@ class PtyTests(JobsTestCase):
         self.assertIs(r["ready"], True, r)
         k = self.ok("kill", r["job_id"])
         self.assertEqual(k["state"], "killed", k)
+
+    def screen_until(self, jid, done, timeout=15.0):
+        """screen's answer once ``done(answer)`` holds (the last one, after the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            scr = self.ok("screen", jid)
+            if done(scr) or time.monotonic() > deadline:
+                return scr
+            time.sleep(0.1)
+
+    @unittest.skipUnless(shutil.which("less"), "no less")
+    def test_less_on_the_screen_then_pgdn(self):
+        path = os.path.join(self.tmp, "lines.txt")
+        with open(path, "w") as f:
+            f.write("".join("line %d\n" % i for i in range(1, 201)))
+        jid = self.start_bg("less", path, opts=("--pty",))
+        scr = self.screen_until(jid, lambda a: a["rows"][22:23] == ["line 23"])
+        self.assertEqual(scr["rows"][:23], ["line %d" % i for i in range(1, 24)], scr)
+        self.assertEqual((scr["cols"], scr["lines"], scr["alt_screen"]), (80, 24, True), scr)
+        self.assertIn("lines.txt", scr["rows"][23])  # less's prompt
+        self.assertEqual(scr["cursor"]["row"], 23)
+        self.ok("send", "--keys", "pgdn", jid)
+        scr = self.screen_until(jid, lambda a: a["rows"][:1] == ["line 24"])
+        self.assertEqual(scr["rows"][:23], ["line %d" % i for i in range(24, 47)], scr)
+        self.ok("send", "--keys", "down*2", jid)  # application cursor keys, as less asked
+        scr = self.screen_until(jid, lambda a: a["rows"][:1] == ["line 26"])
+        self.assertEqual(scr["rows"][0], "line 26", scr)
+        self.ok("send", "--text", "q", jid)
+        self.assertEqual(self.wait_done(jid)["state"], "exited")
+        self.assertIs(self.ok("screen", jid)["alt_screen"], False)
+
+    def test_a_curses_program_on_the_screen(self):
+        jid = self.start_bg(PY, "-c", CURSES_PROGRAM, opts=("--pty", "--pty-size", "80x24"))
+        scr = self.screen_until(jid, lambda a: a["cursor"] == {"row": 20, "col": 7})
+        want = [""] * 24
+        want[0] = "curses test"
+        want[2] = " " * 10 + "\u250c" + "\u2500" * 18 + "\u2510"
+        want[3] = want[5] = " " * 10 + "\u2502" + " " * 18 + "\u2502"
+        want[4] = " " * 10 + "\u2502  hello curses    \u2502"
+        want[6] = " " * 10 + "\u2514" + "\u2500" * 18 + "\u2518"
+        want[23] = " " * 70 + "corner"
+        self.assertEqual(scr["rows"], want, scr)
+        self.assertIs(scr["alt_screen"], True)
+        log_cursor = scr["log_cursor"]
+        self.assertEqual(self.ok("read", "--cursor", log_cursor, jid)["stdout"], "")
+        self.ok("send", "--text", "q", jid)
+        self.assertEqual(self.wait_done(jid)["exit_code"], 0)
+
+    def test_the_screen_follows_a_resize(self):
+        jid = self.start_bg(
+            "sh", "-c", "read x; tput cols; read x", opts=("--pty", "--pty-size", "40x10")
+        )
+        scr = self.screen_until(jid, lambda a: True)
+        self.assertEqual((scr["cols"], scr["lines"]), (40, 10), scr)
+        self.ok("send", "--size", "100x30", "--keys", "enter", jid)
+        scr = self.screen_until(jid, lambda a: "100" in a["rows"])
+        self.assertEqual((scr["cols"], scr["lines"]), (100, 30), scr)
+        self.assertIn("100", scr["rows"])
 
     def test_bad_input(self):
         piped = self.start_bg("sleep", "30", opts=("--stdin-open",))
