@@ -86,7 +86,8 @@ _IS_LINUX = sys.platform.startswith("linux")
 SCHEMA_VERSION = "0.1"
 PROG = "agent-exec"
 
-STATES = ("running", "exited", "killed", "failed", "unknown")
+# "created": recorded by `create`, not started yet (`start` starts it).
+STATES = ("created", "running", "exited", "killed", "failed", "unknown")
 TERMINAL_STATES = ("exited", "killed", "failed")
 
 DEFAULT_SNAPSHOT_AFTER_MS = 10000
@@ -136,6 +137,7 @@ CONTROL = "control"  # FIFO: `kill` and `send` talk to the live supervisor
 READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
 RESERVE = ".reserve"  # disk space set aside so the terminal state fits on a full disk
 RESERVE_BYTES = 256 * 1024
+ATTEMPTS = "attempts"  # restart: attempts/N/ keeps attempt N's state.json and logs
 
 # Job ids are ULIDs: 48 bits of milliseconds, 80 random bits, Crockford base32.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -181,6 +183,9 @@ ERROR_CODES = {
 # ``timeout``: its own --timeout; ``spawn_failed``: it never ran;
 # ``supervisor_lost``: its supervisor died, so its end is not known.
 END_REASONS = ("exit", "signal", "kill", "timeout", "spawn_failed", "supervisor_lost")
+# Lifecycle and guards: the lease ran out (run --lease), or a limit ended the
+# job (--limit-mem, --limit-cpu, --limit-procs, --max-output-action kill).
+END_REASONS += ("lease_expired", "memory_limit", "cpu_limit", "procs_limit", "output_limit")
 
 # failure.code of a failed job (in state.json and every answer about the job)
 FAILURE_CODES = {
@@ -1646,6 +1651,14 @@ class _JobFacts:
         "supervisor_pid",
         "supervisor_start",
         "boot_id",
+        # Lifecycle and guards (leases, limits, attempts).
+        "end_cause",
+        "limit",
+        "lease_ms",
+        "lease_expires_at",
+        "memory_peak",
+        "cpu_ms",
+        "attempt",
     )
 
     def __init__(self) -> None:
@@ -1668,6 +1681,15 @@ class _JobFacts:
         self.supervisor_pid = None  # type: int | None
         self.supervisor_start = None  # type: str | None
         self.boot_id = None  # type: str | None
+        # The end_reason a lease or a limit chose when it ended the job, and
+        # the limit's {name, value, measured}; the lease and the measures.
+        self.end_cause = None  # type: str | None
+        self.limit = None  # type: dict | None
+        self.lease_ms = None  # type: int | None
+        self.lease_expires_at = None  # type: str | None
+        self.memory_peak = None  # type: int | None  (bytes, the tree's summed RSS)
+        self.cpu_ms = None  # type: int | None
+        self.attempt = 1
 
 
 # The output counters of state.json, in the order the document lists them.
@@ -1740,11 +1762,25 @@ def _state_document(
             "user_ms": int(ru.ru_utime * 1000),
             "sys_ms": int(ru.ru_stime * 1000),
         }
+    # Lifecycle and guards: present only when the job uses them.
+    if facts.attempt != 1:
+        doc["attempt"] = facts.attempt
+    if facts.lease_ms:
+        doc["lease_ms"] = facts.lease_ms
+        doc["lease_expires_at"] = facts.lease_expires_at
+    if facts.memory_peak is not None:
+        doc["memory_peak_bytes"] = facts.memory_peak
+    if facts.cpu_ms is not None:
+        doc["cpu_ms"] = facts.cpu_ms
+    if facts.limit is not None:
+        doc["limit"] = facts.limit
     return doc
 
 
 def _end_reason_of(facts: "_JobFacts") -> str:
     """Why a job whose main process has been reaped ended (see END_REASONS)."""
+    if facts.end_cause is not None:  # a lease or a limit ended it
+        return facts.end_cause
     if facts.timed_out:
         return "timeout"
     if os.WIFSIGNALED(facts.wait_status):
@@ -1814,10 +1850,30 @@ class _ChildSetup:
     listing the signals, and later rlimits or a terminal) is done here.
     """
 
-    __slots__ = ("path", "argv", "env", "cwd", "stdin", "stdout", "stderr", "default_signals")
+    __slots__ = (
+        "path",
+        "argv",
+        "env",
+        "cwd",
+        "stdin",
+        "stdout",
+        "stderr",
+        "default_signals",
+        "rlimits",
+        "nice",
+        "setrlimit",
+    )
 
     def __init__(
-        self, argv: list, env: dict, cwd: str, stdout: int, stderr: int, stdin=None
+        self,
+        argv: list,
+        env: dict,
+        cwd: str,
+        stdout: int,
+        stderr: int,
+        stdin=None,
+        rlimits: "list | None" = None,
+        nice: "int | None" = None,
     ) -> None:
         import signal
 
@@ -1837,6 +1893,15 @@ class _ChildSetup:
         # script's background job: SIGINT, SIGQUIT), which `kill --signal`
         # must still be able to deliver.
         self.default_signals = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+        # --limit-files, --limit-procs: (resource, (soft, hard)) pairs, and
+        # setrlimit itself, looked up here so the child only calls it.
+        self.rlimits = rlimits or []
+        self.setrlimit = None
+        if self.rlimits:
+            import resource
+
+            self.setrlimit = resource.setrlimit
+        self.nice = nice  # --nice: the increment for os.nice in the child
 
 
 def _spawn_workload(setup: "_ChildSetup") -> int:
@@ -1918,6 +1983,10 @@ def _exec_workload(setup: "_ChildSetup", stdio: tuple, inherited: list, errpipe_
                 pass
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        for res, pair in setup.rlimits:
+            setup.setrlimit(res, pair)
+        if setup.nice:
+            os.nice(setup.nice)
         if setup.path is None:
             raise FileNotFoundError(2, "not found")
         os.execve(setup.path, setup.argv, setup.env)
@@ -2390,6 +2459,9 @@ class _ProcessTree:
         self.facts = facts
         self.hook_pid = None  # type: int | None
         self.hook_status = None  # type: int | None
+        # --limit-cpu: the CPU seconds of the job's processes reaped here
+        # (each one's rusage includes the children it reaped itself).
+        self.reaped_cpu_s = 0.0
 
     def become_subreaper(self) -> None:
         """On Linux, adopt orphaned descendants so a whole-tree kill finds them."""
@@ -2415,6 +2487,8 @@ class _ProcessTree:
                 continue
             if pid == 0:
                 return True
+            if pid != self.hook_pid:
+                self.reaped_cpu_s += rusage.ru_utime + rusage.ru_stime
             if pid == facts.pid and facts.wait_status is None:
                 facts.wait_status = wait_status
                 facts.rusage = rusage
@@ -2629,6 +2703,8 @@ class _Notifier:
         event["success"] = event["end_reason"] == "exit" and result["exit_code"] == 0
         if doc.get("failure"):
             event["failure"] = doc["failure"]
+        if doc.get("limit"):
+            event["limit"] = doc["limit"]  # which limit ended the job, its value, the measure
         return event
 
     def _run_command(self, argv: list, payload: str, event_path: str) -> dict:
@@ -2775,8 +2851,12 @@ class _Supervisor:
             "progress": self._on_progress,
             "probe": self._on_probe,
             "flush": self._on_flush,
+            "lease": self._on_lease,
+            "sample": self._on_sample,
         }
-        self.on_control = {"kill": self._on_kill, "send": self._on_send}
+        self.on_control = {"kill": self._on_kill, "send": self._on_send, "renew": self._on_renew}
+        facts.attempt = cfg.get("attempt") or 1
+        self.last_sample_write = 0.0  # monotonic time the sampler last wrote state.json
         self.input = _Input() if cfg.get("stdin_open") else None
         self.terminal = False  # the terminal state is written
         self.final_doc = None  # type: dict | None  (that state, for the events)
@@ -2829,7 +2909,16 @@ class _Supervisor:
             raise
         try:
             stdin = self.input.read_fd if self.input is not None else cfg.get("stdin_path")
-            setup = _ChildSetup(cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w, stdin)
+            setup = _ChildSetup(
+                cfg["argv"],
+                cfg["env"],
+                cfg["cwd"],
+                out_w,
+                err_w,
+                stdin,
+                rlimits=_child_rlimits(cfg),
+                nice=cfg.get("nice"),
+            )
             facts.pid = _spawn_workload(setup)
         except BaseException:
             for fd in (out_r, out_w, err_r, err_w):
@@ -2852,6 +2941,7 @@ class _Supervisor:
         progress_ms = cfg.get("progress_every_ms") or 0
         if progress_ms:
             self.timers.start("progress", progress_ms / 1000.0)
+        self._start_guards()
 
     # -- the loop ----------------------------------------------------------
 
@@ -2905,6 +2995,8 @@ class _Supervisor:
                     poller.unregister(fd)
             for name in timers.pop_expired():
                 self.on_timer[name]()
+            if self.output_kill:
+                self._check_output_limit()
             if self.facts.wait_status is not None and not self.terminal:
                 self._finish()
             if self.terminal and self.capture.all_eof() and not self.tree.reap():
@@ -2958,6 +3050,111 @@ class _Supervisor:
     def _on_flush(self) -> None:
         """A partial line has been quiet for PARTIAL_FLUSH_S: give it its row."""
         self.capture.flush_partials(time.monotonic())
+
+    # -- lifecycle and guards: leases, limits -------------------------------
+    #
+    # A lease is a timer that `renew` moves (a control verb: the supervisor
+    # sleeps in poll(2), so a message wakes it at once and the deadline moves
+    # exactly, with no file to re-read on a schedule).  The /proc limits are
+    # one sampler timer, every SAMPLE_S.  Whatever ends the job goes through
+    # _end_by: TERM the tree, then KILL after --kill-after, as a timeout does.
+
+    def _start_guards(self) -> None:
+        cfg = self.cfg
+        facts = self.facts
+        lease_ms = cfg.get("lease_ms") or 0
+        if lease_ms > 0:
+            facts.lease_ms = lease_ms
+            self._set_lease(lease_ms)
+        if cfg.get("limit_mem") or cfg.get("limit_cpu_ms") or cfg.get("limit_procs"):
+            if _IS_LINUX:
+                self.timers.start_at("sample", facts.started_mono)
+
+    def _set_lease(self, ms: int) -> None:
+        self.timers.start("lease", ms / 1000.0)
+        self.facts.lease_expires_at = _rfc3339(time.time() + ms / 1000.0)
+
+    def _on_lease(self) -> None:
+        """The lease ran out without a renewal: end the job."""
+        self._end_by("lease_expired", None)
+
+    def _on_renew(self, msg: dict) -> None:
+        """{"verb": "renew", "lease_ms": n, "reply": fifo}: extend the lease from now."""
+        ms = msg.get("lease_ms")
+        if self.terminal or self.facts.wait_status is not None or self.facts.end_cause:
+            answer = {"ok": False, "code": "invalid_state", "message": "the job has ended"}
+        elif not self.facts.lease_ms:
+            answer = {"ok": False, "code": "invalid_state", "message": "the job has no lease"}
+        elif type(ms) is not int or ms <= 0:
+            answer = {"ok": False, "code": "invalid_argument", "message": "bad lease %r" % (ms,)}
+        else:
+            self._set_lease(ms)
+            self.state_writer.write(quiet=True)
+            answer = {"ok": True, "lease_expires_at": self.facts.lease_expires_at}
+        _reply(self.job_dir, msg.get("reply"), answer)
+
+    def _on_sample(self) -> None:
+        """--limit-mem, --limit-cpu, --limit-procs: measure the tree, end it past a limit."""
+        if self.facts.wait_status is not None or self.facts.end_cause:
+            return
+        cfg = self.cfg
+        facts = self.facts
+        pids = _descendants_of(os.getpid(), {self.tree.hook_pid} if self.tree.hook_pid else None)
+        rss, cpu_s, count = _tree_usage(pids)
+        cpu_ms = int((cpu_s + self.tree.reaped_cpu_s) * 1000)
+        grew = facts.memory_peak is None or rss > facts.memory_peak
+        if cfg.get("limit_mem"):
+            facts.memory_peak = max(rss, facts.memory_peak or 0)
+        if cfg.get("limit_cpu_ms"):
+            facts.cpu_ms = cpu_ms
+        limit_mem = cfg.get("limit_mem") or 0
+        limit_cpu = cfg.get("limit_cpu_ms") or 0
+        limit_procs = cfg.get("limit_procs") or 0
+        if limit_mem and rss > limit_mem:
+            self._end_by("memory_limit", {"name": "memory", "value": limit_mem, "measured": rss})
+        elif limit_cpu and cpu_ms > limit_cpu:
+            self._end_by("cpu_limit", {"name": "cpu", "value": limit_cpu, "measured": cpu_ms})
+        elif limit_procs and count > limit_procs:
+            self._end_by("procs_limit", {"name": "procs", "value": limit_procs, "measured": count})
+        else:
+            self.timers.start("sample", SAMPLE_S)
+            # Readers see the peak and the CPU time while the job runs, at
+            # most once a second (a write per sample would cost more).
+            now = time.monotonic()
+            if (grew or limit_cpu) and now - self.last_sample_write >= 1.0:
+                self.last_sample_write = now
+                self.state_writer.write(quiet=True)
+
+    @property
+    def output_kill(self) -> bool:
+        return bool(self.cfg.get("max_output_action") == "kill" and self.capture.cap)
+
+    def _check_output_limit(self) -> None:
+        """--max-output SIZE --max-output-action kill: end the job past SIZE on a stream."""
+        if self.facts.wait_status is not None or self.facts.end_cause:
+            return
+        cap = self.capture.cap
+        written = max((s.total for s in self.capture.streams), default=0)
+        if written > cap:
+            self._end_by("output_limit", {"name": "output", "value": cap, "measured": written})
+
+    def _end_by(self, reason: str, limit: "dict | None") -> None:
+        """A lease or a limit ends the job: TERM the tree, then KILL after --kill-after."""
+        facts = self.facts
+        if facts.wait_status is not None or facts.end_cause:
+            return
+        facts.end_cause = reason
+        facts.limit = limit
+        facts.kill_signal = _SIGTERM
+        self.timers.cancel("lease")
+        self.timers.cancel("sample")
+        self.state_writer.write(quiet=True)
+        self.tree.kill_tree(_SIGTERM)
+        kill_after = self.cfg.get("kill_after_ms") or 0
+        if kill_after <= 0:
+            self.tree.kill_tree(_SIGKILL)
+        else:
+            self.timers.start("kill_after", kill_after / 1000.0)
 
     # -- control messages --------------------------------------------------
 
@@ -3053,7 +3250,7 @@ class _Supervisor:
             self.input.close()  # nobody reads it any more
         self.capture.final_drain()
         self.capture.flush_partials(None)
-        for name in ("timeout", "progress", "probe"):
+        for name in ("timeout", "progress", "probe", "lease", "sample"):
             self.timers.cancel(name)  # kill_after stays: it is for the descendants
         doc = self.state_writer.document(_end_state(self.facts))
         self.state_writer.write(doc, durable=True)
@@ -3086,6 +3283,76 @@ class _Supervisor:
             os.close(self.lock_fd)
             self.lock_fd = None
         self._release_ready()  # over without being ready: wake those too
+
+
+# --limit-mem, --limit-cpu, --limit-procs: how often the tree is measured.
+SAMPLE_S = 0.1
+_CLK_TCK = None  # os.sysconf("SC_CLK_TCK"), read on first use
+_PAGE_SIZE = None
+
+
+def _tree_usage(pids: list) -> "tuple":
+    """(summed RSS in bytes, CPU seconds, live process count) of ``pids``, from /proc.
+
+    CPU is utime+stime plus cutime+cstime (what each process's own reaped
+    children used).  Zombies count for CPU only.  Linux only.
+    """
+    global _CLK_TCK, _PAGE_SIZE
+    if _CLK_TCK is None:
+        _CLK_TCK = os.sysconf("SC_CLK_TCK") or 100
+        _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") or 4096
+    rss = ticks = count = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(b")", 1)[1].split()
+        try:
+            ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+            if fields[0] not in (b"Z", b"X"):
+                count += 1
+                rss += int(fields[21]) * _PAGE_SIZE
+        except (IndexError, ValueError):
+            continue
+    return rss, ticks / float(_CLK_TCK), count
+
+
+def _child_rlimits(cfg: dict) -> list:
+    """The (resource, (soft, hard)) pairs the workload gets: --limit-files, --limit-procs.
+
+    RLIMIT_NOFILE is N for soft and hard alike.  RLIMIT_NPROC counts every
+    process of the user, not of the job: it is set (Linux, not for root,
+    which it does not bind) to the user's process count now plus N, as a
+    backstop against a fork bomb between two samples; the supervisor's count
+    of the tree is the real limit.
+    """
+    out = []
+    files = cfg.get("limit_files")
+    procs = cfg.get("limit_procs")
+    if not files and not procs:
+        return out
+    import resource
+
+    if files:
+        out.append((resource.RLIMIT_NOFILE, (files, files)))
+    if procs and _IS_LINUX and os.getuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
+        uid = os.getuid()
+        mine = 0
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if os.stat("/proc/" + name).st_uid == uid:
+                        mine += 1
+                except OSError:
+                    pass
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        want = mine + procs
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        out.append((resource.RLIMIT_NPROC, (want, hard)))
+    return out
 
 
 def _wake_on_sigchld() -> int:
@@ -3554,6 +3821,15 @@ def _nonneg_int(text: str) -> int:
     return int(s)
 
 
+def _niceness(text: str) -> int:
+    s = str(text).strip()
+    sign = -1 if s.startswith("-") else 1
+    value = _nonneg_int(s.lstrip("+-")) * sign
+    if not -20 <= value <= 19:
+        raise ValueError("expected a niceness -20..19, got %r" % _short(text))
+    return value
+
+
 def _positive_duration(text: str) -> int:
     ms = parse_duration_ms(text)
     if ms <= 0:
@@ -3592,6 +3868,7 @@ _KINDS = {
     "strs": _Kind(json=STRS, action="append"),
     "choice": _Kind(json=STR),
     "count": _Kind(_nonneg_int, "count", COUNT, metavar="N"),
+    "niceness": _Kind(_niceness, "niceness", {"type": "integer", "minimum": -20, "maximum": 19}, metavar="N"),
     "duration": _Kind(
         parse_duration_ms, "duration", _NUMBER_OR_TEXT, metavar="DURATION", units=_DURATION_HELP
     ),
@@ -3660,6 +3937,7 @@ def _wants_table(o) -> bool:
 
 
 DRY_RUN = Opt("dry_run", "flag", help="say what would go; delete nothing")
+RENEW = Opt("renew", "flag", help="also renew the job's lease (see renew), in passing")
 
 
 def _flags(opt: Opt) -> tuple:
@@ -3842,6 +4120,26 @@ _RUN_OPTS = (
         help="set CI=1, GIT_TERMINAL_PROMPT=0, DEBIAN_FRONTEND=noninteractive, PAGER=cat, "
         "GIT_PAGER=cat, PYTHONUNBUFFERED=1, NO_COLOR=1 (--env still wins)",
     ),
+    # -- lifecycle and guards: leases, limits (one block, see "Leases and limits")
+    Opt(
+        "lease",
+        "duration",
+        None,
+        "end the job (TERM, then KILL after --kill-after) unless `renew` extends it within this",
+    ),
+    Opt("limit_mem", "size", None, "end the job when its tree's summed RSS passes SIZE (>= 1M)"),
+    Opt("limit_cpu", "duration", None, "end the job when its tree has used this much CPU time"),
+    Opt("limit_files", "count", None, "RLIMIT_NOFILE: at most N open files per process"),
+    Opt("limit_procs", "count", None, "end the job when its tree has more than N live processes"),
+    Opt("nice", "niceness", None, "run the job at this niceness increment (-20..19)"),
+    Opt(
+        "max_output_action",
+        "choice",
+        "truncate",
+        "what --max-output does: truncate (keep the newest SIZE bytes, the default) or kill "
+        "(end the job once a stream has written more than SIZE)",
+        choices=("truncate", "kill"),
+    ),
     Opt("command", "argv", help="the command and its arguments"),
 )
 
@@ -4003,6 +4301,57 @@ def _job_spec(o) -> dict:
         "notify_command": _notify_argv(o.notify_command) if o.notify_command else None,
         "notify_file": os.path.abspath(o.notify_file) if o.notify_file else None,
         "notify_timeout_ms": o.notify_timeout,
+        **_guard_spec(o),
+    }
+
+
+# --limit-mem below this is refused: no program starts in less.
+MIN_LIMIT_MEM = 1 << 20
+
+
+def _guard_spec(o) -> dict:
+    """The lease and limits of the job, checked (invalid_argument when unusable)."""
+    lease = getattr(o, "lease", None)
+    if lease is not None and lease <= 0:
+        raise AgentExecError("invalid_argument", "--lease must be longer than 0")
+    mem = getattr(o, "limit_mem", None)
+    if mem is not None and mem < MIN_LIMIT_MEM:
+        raise AgentExecError(
+            "invalid_argument", "--limit-mem %d is below 1 MiB: no program runs in that" % mem
+        )
+    cpu = getattr(o, "limit_cpu", None)
+    if cpu is not None and cpu <= 0:
+        raise AgentExecError("invalid_argument", "--limit-cpu must be longer than 0")
+    files = getattr(o, "limit_files", None)
+    procs = getattr(o, "limit_procs", None)
+    for flag, value in (("--limit-files", files), ("--limit-procs", procs)):
+        if value is not None and value < 1:
+            raise AgentExecError("invalid_argument", "%s must be at least 1" % flag)
+    if files is not None:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and files > hard:
+            raise AgentExecError(
+                "invalid_argument",
+                "--limit-files %d is above this user's hard limit (%d)" % (files, hard),
+            )
+    if not _IS_LINUX and (mem or cpu or procs):
+        # These are measured from /proc; elsewhere they could not be kept.
+        raise AgentExecError(
+            "unsupported_platform", "--limit-mem, --limit-cpu and --limit-procs need Linux (/proc)"
+        )
+    action = getattr(o, "max_output_action", None) or "truncate"
+    if action == "kill" and not o.max_output:
+        raise AgentExecError("invalid_argument", "--max-output-action kill needs --max-output SIZE")
+    return {
+        "lease_ms": lease,
+        "limit_mem": mem,
+        "limit_cpu_ms": cpu,
+        "limit_files": files,
+        "limit_procs": procs,
+        "nice": getattr(o, "nice", None),
+        "max_output_action": action,
     }
 
 
@@ -4168,12 +4517,33 @@ def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
         "shell_command": spec["shell"],
         "agent_exec_version": __version__,
     }
+    meta.update(_guard_meta(spec))
     if spec["notify_command"] or spec["notify_file"]:
         meta["notification"] = {
             "notify_command": spec["notify_command"],
             "notify_file": spec["notify_file"],
         }
     return meta
+
+
+def _guard_meta(spec: dict) -> dict:
+    """meta.json's lease and limits (only those given), for readers."""
+    out = {}
+    if spec.get("lease_ms"):
+        out["lease_ms"] = spec["lease_ms"]
+    limits = {
+        "memory": spec.get("limit_mem"),
+        "cpu_ms": spec.get("limit_cpu_ms"),
+        "files": spec.get("limit_files"),
+        "procs": spec.get("limit_procs"),
+        "nice": spec.get("nice"),
+    }
+    limits = {k: v for k, v in limits.items() if v is not None}
+    if limits:
+        out["limits"] = limits
+    if spec.get("max_output_action") == "kill":
+        out["max_output_action"] = "kill"
+    return out
 
 
 # What the supervisor is told (through a pipe, never argv): the spec's keys
@@ -4194,6 +4564,14 @@ _SUPERVISOR_KEYS = (
     "ready_match",
     "ready_port",
     "stdin_open",
+    # lifecycle and guards
+    "lease_ms",
+    "limit_mem",
+    "limit_cpu_ms",
+    "limit_files",
+    "limit_procs",
+    "nice",
+    "max_output_action",
 )
 
 
@@ -4336,6 +4714,60 @@ def _bare_state(job_id: str, state: str, code: str, message: str) -> dict:
 
 # ---- status, tail ---------------------------------------------------------------
 
+# Lifecycle and guards, in status: the attempt, the last one's result, the
+# lease, the measures of the limits and the limit that ended the job.
+LIMIT = obj(
+    (
+        Field("name", {"enum": ["memory", "cpu", "procs", "output"]}, True),
+        Field("value", COUNT, True),
+        Field("measured", COUNT, True),
+    )
+)
+PREVIOUS = obj(
+    (
+        Field("attempt", COUNT, True),
+        Field("state", JOB_STATE, True),
+        Field("started_at", STR_OR_NULL),
+        Field("limit", LIMIT),
+    )
+    + RESULT_FIELDS
+)
+GUARD_FIELDS = (
+    Field("attempt", COUNT),
+    Field("previous", PREVIOUS),
+    Field("lease_ms", COUNT),
+    Field("lease_expires_at", STR_OR_NULL),
+    Field("memory_peak_bytes", COUNT),
+    Field("cpu_ms", COUNT),
+    Field("limit", LIMIT),
+    Field("renewed", BOOL),
+)
+
+
+def _attempt_of(job: _Job) -> int:
+    """The job's attempt: 1 for its first run, N+1 after N restarts."""
+    n = max(job.meta.get("attempt") or 1, job.record.get("attempt") or 1)
+    return n if isinstance(n, int) else 1
+
+
+def _guard_fields(job: _Job) -> dict:
+    """status's lifecycle and guard fields (attempt always; the rest when used)."""
+    record = job.record
+    out = {"attempt": _attempt_of(job)}
+    if isinstance(job.meta.get("previous"), dict):
+        out["previous"] = job.meta["previous"]
+    lease = record.get("lease_ms") or job.meta.get("lease_ms")
+    if lease:
+        out["lease_ms"] = lease
+        out["lease_expires_at"] = record.get("lease_expires_at") if job.state == "running" else None
+    for key in ("memory_peak_bytes", "cpu_ms"):
+        if isinstance(record.get(key), int):
+            out[key] = record[key]
+    if isinstance(record.get("limit"), dict) and job.terminal:
+        out["limit"] = record["limit"]
+    return out
+
+
 RUSAGE_FIELDS = (
     Field("max_rss_kb", COUNT, True),
     Field("user_ms", COUNT, True),
@@ -4346,7 +4778,7 @@ RUSAGE_FIELDS = (
 @command(
     "status",
     "show a job's state",
-    opts=FORMAT_OPTS + (JOB_ID,),
+    opts=FORMAT_OPTS + (RENEW, JOB_ID),
     checks=(_format_conflict,),
     table=lambda answer, color: _status_table(answer, color),
     returns=JOB_HEAD
@@ -4368,11 +4800,13 @@ RUSAGE_FIELDS = (
         Field("ports", array(COUNT)),
         Field("waiting_for_input", BOOL),
         Field("input_prompt", STR),
-    ),
+    )
+    + GUARD_FIELDS,
     annotations={"readOnlyHint": True, "idempotentHint": True},
 )
 def cmd_status(o) -> dict:
     job = _open_job(o, o.job_id)
+    job = _renew_in_passing(o, job)
     record = job.record
     running = job.state == "running"
     out = {"job_id": job.id, "state": job.state, "started_at": job.started_at()}
@@ -4425,6 +4859,7 @@ def cmd_status(o) -> dict:
             prompt = _input_prompt(job)
             if prompt is not None:
                 out["input_prompt"] = prompt
+    out.update(_guard_fields(job))
     return out
 
 
@@ -4669,6 +5104,7 @@ _BRIEF = obj(
             "flag",
             help="return when the job waits for input, on Linux (or is terminal)",
         ),
+        RENEW,
         JOB_IDS,
     ),
     checks=(_wait_single_job_options, _wait_match_options),
@@ -4704,6 +5140,15 @@ def cmd_wait(o) -> dict:
     _check_root(root)
     job_ids = [resolve_job(root, ident) for ident in ids]
     deadline = time.monotonic() + o.timeout_ms / 1000.0 if o.timeout_ms > 0 else None
+    if getattr(o, "renew", False):
+        for job_id in job_ids:
+            _renew_in_passing(o, load_job(root, job_id))
+    # A created job: wait for `start` first (then for its end, as asked).
+    first = _wait_started(root, job_ids, deadline, _cancelled(o))
+    if first is not None and first.state == "created":
+        out = first.head()
+        out.update(timed_out=True, cursor=make_cursor(0, 0))
+        return out
     if len(ids) > 1 or o.any:
         return _wait_many(root, job_ids, o.any, deadline, _cancelled(o))
     job_id = job_ids[0]
@@ -4720,6 +5165,9 @@ def cmd_wait(o) -> dict:
         lock = os.path.join(job_dir, READY_LOCK)
     _wait_lock(lock, _remaining(deadline), _cancelled(o))
     job = load_job(root, job_id)
+    if first is not None and _attempt_of(job) != _attempt_of(first):
+        # Restarted meanwhile: this wait was on the earlier attempt; its end.
+        job = _attempt_job(job, _attempt_of(first)) or job
     out = job.head()
     ready = job.record.get("ready")
     if o.ready:
@@ -4727,6 +5175,35 @@ def cmd_wait(o) -> dict:
     out["timed_out"] = job.state == "running" and not (o.ready and ready)
     out["cursor"] = job_cursor(job)
     return out
+
+
+# How often a wait on a created job looks whether it has been started.
+CREATED_POLL_S = 0.05
+
+
+def _wait_started(root: str, job_ids: list, deadline, cancel=None) -> "_Job | None":
+    """Sleep while any of the jobs is still created (not started); the first job then."""
+    while True:
+        jobs = [load_job(root, job_id) for job_id in job_ids]
+        if all(j.state != "created" for j in jobs):
+            return jobs[0]
+        left = _remaining(deadline)
+        if (left is not None and left <= 0) or (cancel is not None and cancel.is_set()):
+            return next(j for j in jobs if j.state == "created")
+        time.sleep(CREATED_POLL_S if left is None else min(CREATED_POLL_S, left))
+
+
+def _attempt_job(job: _Job, attempt: int) -> "_Job | None":
+    """Attempt ``attempt`` of ``job``, as kept in attempts/N/ by `restart`; None if absent."""
+    adir = os.path.join(job.dir, ATTEMPTS, str(attempt))
+    try:
+        record = _read_json(os.path.join(adir, STATE))
+    except (OSError, ValueError):
+        return None
+    status = (record.get("job") or {}).get("status")
+    if status not in TERMINAL_STATES:
+        return None
+    return _Job(job.id, adir, job.meta, record, status, record.get("failure"))
 
 
 # How often wait --input (and run --stdin-open's snapshot) look at the job's
@@ -4941,6 +5418,7 @@ def _wait_output(
         Opt("cursor", "cursor", help="default: the start"),
         MAX_BYTES,
         Opt("wait_ms", "duration", 0, "block until there is new output, the job ends, or MS pass"),
+        RENEW,
         JOB_ID,
     ),
     returns=JOB_HEAD
@@ -4955,7 +5433,12 @@ def _wait_output(
     annotations={"readOnlyHint": True, "idempotentHint": True},
 )
 def cmd_read(o) -> dict:
-    job = _open_job(o, o.job_id)
+    job = _renew_in_passing(o, _open_job(o, o.job_id))
+    if job.state == "created":
+        # Nothing has run: no output yet, and a cursor to read from later.
+        out = {"job_id": job.id, "state": job.state, "stdout": "", "stderr": ""}
+        out.update(cursor=make_cursor(0, 0), more=False, eof=False)
+        return out
     out_pos, err_pos = o.cursor if o.cursor is not None else (0, 0)
     deadline = time.monotonic() + o.wait_ms / 1000.0
     cancel = _cancelled(o)
@@ -4992,6 +5475,73 @@ def cmd_read(o) -> dict:
         # The last read carries the result, so no status call is needed.
         out.update(job.result_fields())
     return out
+
+
+# ---- renew (leases) ---------------------------------------------------------------
+
+# How long `renew` waits for the supervisor's answer.
+RENEW_ANSWER_S = 5.0
+
+
+@command(
+    "renew",
+    "extend a job's lease (run --lease)",
+    opts=(
+        Opt(
+            "lease",
+            "duration",
+            None,
+            "the job lives this long from now (default: the length of its lease)",
+        ),
+        JOB_ID,
+    ),
+    returns=JOB_HEAD + (Field("lease_ms", COUNT, True), Field("lease_expires_at", STR, True)),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
+)
+def cmd_renew(o) -> dict:
+    job = _open_job(o, o.job_id)
+    if o.lease is not None and o.lease <= 0:
+        raise AgentExecError("invalid_argument", "--lease must be longer than 0")
+    return _renew(job, o.lease)
+
+
+def _renew(job: _Job, lease_ms: "int | None") -> dict:
+    """Ask the supervisor to move the lease's deadline; the renew answer."""
+    length = job.record.get("lease_ms") or job.meta.get("lease_ms")
+    if not length:
+        raise AgentExecError(
+            "invalid_state", "job %s has no lease (run --lease DURATION gives one)" % job.id
+        )
+    if job.state != "running":
+        raise AgentExecError(
+            "invalid_state", "job %s is %s: there is no lease to renew" % (job.id, job.state)
+        )
+    ms = lease_ms or length
+    answer = _ask_supervisor(job.dir, {"verb": "renew", "lease_ms": ms}, RENEW_ANSWER_S)
+    if answer is None:
+        job = job.reload()
+        if job.state != "running":
+            raise AgentExecError("invalid_state", "job %s is %s" % (job.id, job.state))
+        raise AgentExecError("io_error", "the supervisor of job %s did not answer" % job.id)
+    if not answer.get("ok"):
+        code = answer.get("code")
+        raise AgentExecError(
+            code if code in ERROR_CODES else "invalid_state", str(answer.get("message"))
+        )
+    return {
+        "job_id": job.id,
+        "state": "running",
+        "lease_ms": ms,
+        "lease_expires_at": answer.get("lease_expires_at"),
+    }
+
+
+def _renew_in_passing(o, job: _Job) -> _Job:
+    """status/read/wait --renew: renew the lease first; the job as it is then."""
+    if not getattr(o, "renew", False):
+        return job
+    _renew(job, None)
+    return job.reload()
 
 
 # ---- kill -------------------------------------------------------------------------
