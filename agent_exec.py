@@ -4352,6 +4352,9 @@ def _guard_spec(o) -> dict:
         "limit_procs": procs,
         "nice": getattr(o, "nice", None),
         "max_output_action": action,
+        # what start/restart need to build an attempt's environment again
+        "env_files": [os.path.abspath(p) for p in o.env_file or ()],
+        "noninteractive": bool(getattr(o, "noninteractive", False)),
     }
 
 
@@ -4518,6 +4521,7 @@ def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
         "agent_exec_version": __version__,
     }
     meta.update(_guard_meta(spec))
+    meta["definition"] = _definition(spec)
     if spec["notify_command"] or spec["notify_file"]:
         meta["notification"] = {
             "notify_command": spec["notify_command"],
@@ -5062,6 +5066,373 @@ def cmd_tail(o) -> dict:
     return out
 
 
+# ---- create, start, restart -----------------------------------------------------
+#
+# A job's definition (meta.json "definition": everything the supervisor is
+# told but the environment's values) is recorded by `run` and `create`;
+# `start` and `restart` launch a supervisor from it.  Environment values are
+# never written to disk: the environment of an attempt is the caller's own
+# (unless --no-inherit-env), then --noninteractive's, then the recorded
+# --env-file files, read again, then the --env given to start/restart.  Keys
+# of the recorded --env whose values were not given again are named in the
+# answer's env_missing.
+
+# run's options that only say how `run` watches the job it started: `create`
+# takes all of run's options but these; `start` and `restart` take these.
+_OBSERVE_OPTS = ("snapshot_after", "tail_lines", "max_bytes", "wait", "exit_code", "wait_poll_ms")
+_CREATE_OPTS = tuple(opt for opt in _RUN_OPTS if opt.name not in _OBSERVE_OPTS)
+_START_OPTS = tuple(
+    opt for opt in _RUN_OPTS if opt.name in _OBSERVE_OPTS + ("env", "env_file")
+) + (JOB_ID,)
+_ATTEMPT_FIELDS = (
+    Field("attempt", COUNT, True),
+    Field("previous", PREVIOUS),
+    Field("env_missing", STRS),
+    Field("note", STR),
+)
+
+
+def _definition(spec: dict) -> dict:
+    """meta.json's "definition": what start/restart need, without environment values."""
+    out = {key: spec[key] for key in _SUPERVISOR_KEYS if key not in ("env", "secrets")}
+    out.update(
+        env_files=spec.get("env_files") or [],
+        explicit_env_keys=[k for k, _v in spec["explicit_env"]],
+        noninteractive=bool(spec.get("noninteractive")),
+        inherit_env=spec["inherit_env"],
+        masks=spec["masks"],
+        stdin=spec["stdin"] is not None,
+    )
+    return out
+
+
+@command(
+    "create",
+    "record a job without starting it (state created; `start` starts it)",
+    opts=_CREATE_OPTS,
+    checks=(
+        _needs_command,
+        lambda o: _regex_error(o.ready_match, "--ready-match"),
+        conflict("no_inherit_env", "inherit_env"),
+        conflict("stdin", "stdin_file"),
+        conflict("stdin", "stdin_open"),
+        conflict("stdin_file", "stdin_open"),
+        _notify_command_error,
+    ),
+    returns=JOB_HEAD + LOG_PATH_FIELDS + (Field("created_at", STR, True), Field("env_vars", STRS)),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+)
+def cmd_create(o) -> dict:
+    """Check everything as `run` does, record the job (state.json first, then meta.json)."""
+    spec = _job_spec(o)
+    root = _root(o)
+    _ensure_root(root)
+    # auto-gc: part A
+    job_id, job_dir = _create_job_dir(root)
+    meta = _meta_document(job_id, root, job_dir, spec)
+    doc = _state_document(job_id, "created", _JobFacts())
+    doc["job"]["started_at"] = None
+    try:
+        if spec["stdin"] is not None:
+            _write_private_file(os.path.join(job_dir, STDIN_FILE), spec["stdin"])
+        # state.json before meta.json: a job with meta.json and no state.json
+        # reads as one whose supervisor is starting (or lost).
+        _write_json_atomic(os.path.join(job_dir, STATE), doc, durable=True)
+        _write_json_atomic(os.path.join(job_dir, META), meta, durable=True)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot record job %s: %s" % (job_id, e.strerror or e))
+    out = {"job_id": job_id, "state": "created", "created_at": meta["created_at"]}
+    out.update(_Job(job_id, job_dir, meta, doc, "created", None).log_paths())
+    if spec["explicit_env"]:
+        out["env_vars"] = ["%s=<not stored>" % k for k, _v in spec["explicit_env"]]
+    return out
+
+
+@command(
+    "start",
+    "start a created job with the options it was created with; answers like run",
+    opts=_START_OPTS,
+    checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
+    exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
+    returns=COMMANDS["run"].returns + _ATTEMPT_FIELDS,
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+)
+def cmd_start(o) -> dict:
+    root = _root(o)
+    _check_root(root)
+    job_id = resolve_job(root, o.job_id)
+    meta_path = os.path.join(root, job_id, META)
+    # auto-gc: part A
+    fd = _open_meta(meta_path)
+    try:
+        if not _lock_now(fd):  # a supervisor (or another start) holds it
+            raise AgentExecError("invalid_state", _not_created(load_job(root, job_id)))
+        job = load_job(root, job_id)
+        if job.state != "created":
+            raise AgentExecError("invalid_state", _not_created(job))
+        cfg, spec = _attempt_config(o, job, 1)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _launch_attempt(o, root, job, fd, cfg, spec)
+
+
+def _not_created(job: _Job) -> str:
+    return "job %s is %s, not created: start starts a created job once (restart runs it again)" % (
+        job.id,
+        job.state,
+    )
+
+
+def _open_meta(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot open %s: %s" % (path, e.strerror or e))
+
+
+def _lock_now(fd: int, timeout: float = 0.0) -> bool:
+    """Take the exclusive job lock on ``fd`` within ``timeout`` s (polling); True if taken."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def _attempt_env(definition: dict, o) -> "tuple":
+    """(env, explicit pairs, missing keys) of a new attempt (see the section's banner)."""
+    env = dict(os.environ) if definition.get("inherit_env", True) else {}
+    if definition.get("noninteractive"):
+        env.update(NONINTERACTIVE_ENV)
+    for path in list(definition.get("env_files") or ()) + list(getattr(o, "env_file", None) or ()):
+        for key, value in _parse_env_file(path):
+            env[key] = value
+    explicit = []
+    for item in getattr(o, "env", None) or ():
+        key, _, value = item.partition("=")
+        env[key] = value
+        explicit.append((key, value))
+    given = {k for k, _v in explicit}
+    missing = [k for k in definition.get("explicit_env_keys") or () if k not in given]
+    return env, explicit, missing
+
+
+def _attempt_config(o, job: _Job, attempt: int) -> "tuple":
+    """(supervisor config, spec for the answer) of attempt ``attempt``: checked, nothing changed."""
+    definition = job.meta.get("definition")
+    if not isinstance(definition, dict):
+        raise AgentExecError(
+            "invalid_state",
+            "job %s was recorded without its definition (an older agent-exec): run it anew"
+            % job.id,
+        )
+    env, explicit, missing = _attempt_env(definition, o)
+    cwd = _job_cwd(definition["cwd"])
+    _resolve_command(definition["argv"][0], cwd, env)
+    if definition.get("ready_port"):
+        _refuse_port_in_use(definition["ready_port"])
+    cfg = {key: definition.get(key) for key in _SUPERVISOR_KEYS if key not in ("env", "secrets")}
+    masks = definition.get("masks") or []
+    cfg.update(env=env, secrets=[env[k] for k in masks if env.get(k)], attempt=attempt)
+    has_stdin = definition.get("stdin")
+    cfg["stdin_path"] = os.path.join(job.dir, STDIN_FILE) if has_stdin else None
+    spec = {
+        "stdin_open": bool(definition.get("stdin_open")),
+        "explicit_env": explicit,
+        "masks": masks,
+        "missing": missing,
+        "ready_match": definition.get("ready_match"),
+        "ready_port": definition.get("ready_port"),
+    }
+    return cfg, spec
+
+
+class _Overlay:
+    """The options ``o`` with some attributes replaced (run's answer path reads them)."""
+
+    def __init__(self, o, **values) -> None:
+        self.__dict__.update(values)
+        self._o = o
+
+    def __getattr__(self, name: str):
+        return getattr(self._o, name)
+
+
+def _launch_attempt(o, root: str, job: _Job, lock_fd: int, cfg: dict, spec: dict) -> dict:
+    """Hand the job (its lock ``lock_fd``, closed here) to a new supervisor; answer like run."""
+    try:
+        ready = _launch_supervisor(job.dir, lock_fd, cfg)
+    finally:
+        os.close(lock_fd)
+    if not ready.get("ok"):
+        doc = _bare_state(job.id, "failed", "supervisor_failed", "the supervisor did not start")
+        doc["attempt"] = cfg["attempt"]
+        _write_json_atomic(os.path.join(job.dir, STATE), doc, durable=True)
+    view = _Overlay(o, ready_match=spec["ready_match"], ready_port=spec["ready_port"])
+    out = _run_answer(view, root, job.id, spec)
+    out["attempt"] = cfg["attempt"]
+    if spec["missing"]:
+        out["env_missing"] = spec["missing"]
+        out["note"] = (
+            "--env values are never stored: %s not set in this attempt; "
+            "give --env again (or keep them in an --env-file)" % ", ".join(spec["missing"])
+        )
+    return out
+
+
+# restart: how long the old supervisor may take to go once the job's lock is
+# free (it lingers while descendants run; they are KILLed first).
+RESTART_SETTLE_S = 5.0
+# How often restart tries again when another restart replaced the job meanwhile.
+_RESTART_ROUNDS = 5
+
+
+@command(
+    "restart",
+    "end a job if it still runs, then start its definition again under the same id",
+    opts=(
+        Opt(
+            "signal",
+            "signal",
+            _SIGTERM,
+            "end the running job with this signal first (default TERM)",
+        ),
+        Opt(
+            "kill_after",
+            "duration",
+            None,
+            "KILL what is left this long after the signal (default: the job's --kill-after)",
+        ),
+    )
+    + _START_OPTS,
+    checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
+    exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
+    returns=COMMANDS["run"].returns + _ATTEMPT_FIELDS,
+    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False},
+)
+def cmd_restart(o) -> dict:
+    """End the current attempt, keep it as attempts/N/, start attempt N+1.
+
+    The job lock serializes everything: restart takes meta.json's lock
+    exclusively (once the supervisor has let go of it), keeps the attempt,
+    then writes a new meta.json (a new inode, born locked) and hands that to
+    the new supervisor.  A second restart that waited on the old lock sees
+    that meta.json is another file now, and restarts the new attempt in turn.
+    A `wait` on the old attempt wakes when the old lock is let go and answers
+    with the old attempt's result (see _attempt_job).
+    """
+    root = _root(o)
+    _check_root(root)
+    job_id = resolve_job(root, o.job_id)
+    meta_path = os.path.join(root, job_id, META)
+    for _round in range(_RESTART_ROUNDS):
+        job = load_job(root, job_id)
+        if job.state == "created":
+            return cmd_start(o)
+        attempt = _attempt_of(job)
+        cfg, spec = _attempt_config(o, job, attempt + 1)  # every check before any change
+        fd = _open_meta(meta_path)
+        try:
+            if not _end_for_restart(o, job, fd):
+                raise AgentExecError(
+                    "invalid_state", "job %s did not end after KILL; not restarted" % job.id
+                )
+            if os.fstat(fd).st_ino != _inode(meta_path):
+                os.close(fd)
+                continue  # another restart went first: end and restart its attempt
+            previous = _keep_attempt(job, attempt)
+            meta = dict(job.meta, attempt=attempt + 1, previous=previous)
+            facts = _JobFacts()
+            facts.attempt = attempt + 1
+            _write_json_atomic(os.path.join(job.dir, STATE), _state_document(job.id, "running", facts))
+            new_fd = _write_json_atomic(meta_path, meta, keep_locked=True)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        try:
+            job = _Job(job.id, job.dir, meta, {}, "running", None)
+            out = _launch_attempt(o, root, job, new_fd, cfg, spec)
+        finally:
+            os.close(fd)  # the old lock: waiters on the old attempt wake now
+        out["previous"] = previous
+        return out
+    raise AgentExecError(
+        "invalid_state", "job %s is being restarted by others; try again" % job_id, retryable=True
+    )
+
+
+def _inode(path: str) -> "int | None":
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _end_for_restart(o, job: _Job, fd: int) -> bool:
+    """End the job's attempt (signal, then KILL after the grace) and take its lock on ``fd``."""
+    definition = job.meta.get("definition") or {}
+    grace_ms = o.kill_after if o.kill_after is not None else definition.get("kill_after_ms") or 0
+    if job.state == "running":
+        _ask_supervisor_to_signal(job, o.signal) or _signal_without_supervisor(job, o.signal)
+    if not _lock_now(fd, grace_ms / 1000.0):
+        job = job.reload()
+        _ask_supervisor_to_signal(job, _SIGKILL) or _signal_without_supervisor(job, _SIGKILL)
+        if not _lock_now(fd, RESTART_SETTLE_S + 5.0):
+            return False
+    # The attempt is over; its supervisor may linger for descendants: end them.
+    job = job.reload() if _inode(job.path(META)) == os.fstat(fd).st_ino else job
+    if _supervisor_alive(job):
+        _ask_supervisor_to_signal(job, _SIGKILL)
+        deadline = time.monotonic() + RESTART_SETTLE_S
+        while _supervisor_alive(job) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return True
+
+
+def _keep_attempt(job: _Job, attempt: int) -> dict:
+    """Move attempt ``attempt``'s state and logs to attempts/N/; its summary (status.previous).
+
+    The caller holds the job lock, and the supervisor is gone: a state.json
+    that still says running is a lost supervisor's, and is kept as such.
+    """
+    record, written = _read_record(job.dir)
+    state, failure = _verdict(record, written, True, None)
+    record = dict(record or {})
+    record["job"] = dict(record.get("job") or {}, status=state)
+    record["failure"] = failure
+    adir = os.path.join(job.dir, ATTEMPTS, str(attempt))
+    try:
+        os.makedirs(adir, 0o700, exist_ok=True)
+        _write_json_atomic(os.path.join(adir, STATE), record, durable=True)
+        names = [STDOUT_LOG, STDERR_LOG, EVENT_FILE]
+        if not job.meta.get("definition", {}).get("log_path"):
+            names.append(FULL_LOG)
+        for name in names:
+            try:
+                os.rename(job.path(name), os.path.join(adir, name))
+            except FileNotFoundError:
+                pass
+        for name in (CONTROL,):  # the new supervisor makes its own FIFO
+            try:
+                os.unlink(job.path(name))
+            except FileNotFoundError:
+                pass
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot keep attempt %d: %s" % (attempt, e.strerror or e))
+    kept = _Job(job.id, adir, job.meta, record, state, failure)
+    previous = {"attempt": attempt, "state": state, "started_at": kept.started_at() or None}
+    previous.update(kept.result_fields())
+    if isinstance(record.get("limit"), dict):
+        previous["limit"] = record["limit"]
+    return previous
+
+
 # ---- wait, read -------------------------------------------------------------------
 
 
@@ -5567,6 +5938,12 @@ def _renew_in_passing(o, job: _Job) -> _Job:
 )
 def cmd_kill(o) -> dict:
     job = _open_job(o, o.job_id)
+    if job.state == "created":
+        raise AgentExecError(
+            "invalid_state",
+            "job %s is created, not started: nothing runs to signal (agent-exec start %s "
+            "starts it; agent-exec delete %s removes it)" % (job.id, job.id, job.id),
+        )
     sig = o.signal
     sent = _ask_supervisor_to_signal(job, sig) or _signal_without_supervisor(job, sig)
     if sent and job.state == "running" and signal_name(sig)[3:] not in _NON_ENDING_SIGNALS:
@@ -5860,7 +6237,7 @@ def cmd_delete(o) -> dict:
         except AgentExecError as e:
             refused.append({"job_id": job_id, "reason": e.message})
             continue
-        if not job.terminal:
+        if not job.terminal and job.state != "created":
             reason = "the job is %s; stop it first (agent-exec kill %s)" % (job.state, job_id)
             refused.append({"job_id": job_id, "reason": reason})
             continue
