@@ -3868,7 +3868,9 @@ _KINDS = {
     "strs": _Kind(json=STRS, action="append"),
     "choice": _Kind(json=STR),
     "count": _Kind(_nonneg_int, "count", COUNT, metavar="N"),
-    "niceness": _Kind(_niceness, "niceness", {"type": "integer", "minimum": -20, "maximum": 19}, metavar="N"),
+    "niceness": _Kind(
+        _niceness, "niceness", {"type": "integer", "minimum": -20, "maximum": 19}, metavar="N"
+    ),
     "duration": _Kind(
         parse_duration_ms, "duration", _NUMBER_OR_TEXT, metavar="DURATION", units=_DURATION_HELP
     ),
@@ -5081,9 +5083,9 @@ def cmd_tail(o) -> dict:
 # takes all of run's options but these; `start` and `restart` take these.
 _OBSERVE_OPTS = ("snapshot_after", "tail_lines", "max_bytes", "wait", "exit_code", "wait_poll_ms")
 _CREATE_OPTS = tuple(opt for opt in _RUN_OPTS if opt.name not in _OBSERVE_OPTS)
-_START_OPTS = tuple(
-    opt for opt in _RUN_OPTS if opt.name in _OBSERVE_OPTS + ("env", "env_file")
-) + (JOB_ID,)
+_START_OPTS = tuple(opt for opt in _RUN_OPTS if opt.name in _OBSERVE_OPTS + ("env", "env_file")) + (
+    JOB_ID,
+)
 _ATTEMPT_FIELDS = (
     Field("attempt", COUNT, True),
     Field("previous", PREVIOUS),
@@ -5331,12 +5333,25 @@ def cmd_restart(o) -> dict:
     job_id = resolve_job(root, o.job_id)
     meta_path = os.path.join(root, job_id, META)
     for _round in range(_RESTART_ROUNDS):
-        job = load_job(root, job_id)
-        if job.state == "created":
-            return cmd_start(o)
-        attempt = _attempt_of(job)
-        cfg, spec = _attempt_config(o, job, attempt + 1)  # every check before any change
+        # The lock first, then the job read through the same meta.json: an
+        # attempt ended here is the one whose lock this restart holds.
         fd = _open_meta(meta_path)
+        try:
+            job = load_job(root, job_id)
+            if os.fstat(fd).st_ino != _inode(meta_path):
+                os.close(fd)
+                fd = None
+                continue  # replaced in between: read again
+            if job.state == "created":
+                os.close(fd)
+                fd = None
+                return cmd_start(o)
+            attempt = _attempt_of(job)
+            cfg, spec = _attempt_config(o, job, attempt + 1)  # every check before any change
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
         try:
             if not _end_for_restart(o, job, fd):
                 raise AgentExecError(
@@ -5344,12 +5359,15 @@ def cmd_restart(o) -> dict:
                 )
             if os.fstat(fd).st_ino != _inode(meta_path):
                 os.close(fd)
+                fd = None
                 continue  # another restart went first: end and restart its attempt
             previous = _keep_attempt(job, attempt)
             meta = dict(job.meta, attempt=attempt + 1, previous=previous)
             facts = _JobFacts()
             facts.attempt = attempt + 1
-            _write_json_atomic(os.path.join(job.dir, STATE), _state_document(job.id, "running", facts))
+            _write_json_atomic(
+                os.path.join(job.dir, STATE), _state_document(job.id, "running", facts)
+            )
             new_fd = _write_json_atomic(meta_path, meta, keep_locked=True)
         except BaseException:
             if fd is not None:
@@ -5378,13 +5396,22 @@ def _end_for_restart(o, job: _Job, fd: int) -> bool:
     """End the job's attempt (signal, then KILL after the grace) and take its lock on ``fd``."""
     definition = job.meta.get("definition") or {}
     grace_ms = o.kill_after if o.kill_after is not None else definition.get("kill_after_ms") or 0
-    if job.state == "running":
-        _ask_supervisor_to_signal(job, o.signal) or _signal_without_supervisor(job, o.signal)
-    if not _lock_now(fd, grace_ms / 1000.0):
-        job = job.reload()
-        _ask_supervisor_to_signal(job, _SIGKILL) or _signal_without_supervisor(job, _SIGKILL)
-        if not _lock_now(fd, RESTART_SETTLE_S + 5.0):
+    kill_at = time.monotonic() + grace_ms / 1000.0
+    give_up = kill_at + RESTART_SETTLE_S + 5.0
+    delivered = None  # the last signal that reached the job
+    while not _lock_now(fd):
+        now = time.monotonic()
+        if now > give_up:
             return False
+        # The signal asked for first, always; KILL once the grace is over.
+        want = _SIGKILL if delivered is not None and now >= kill_at else o.signal
+        if delivered != want and _inode(job.path(META)) == os.fstat(fd).st_ino:
+            # Sent again until it arrives: a supervisor just launched by
+            # another restart may not have its control FIFO yet.
+            job = job.reload()
+            if _ask_supervisor_to_signal(job, want) or _signal_without_supervisor(job, want):
+                delivered = want
+        time.sleep(0.02)
     # The attempt is over; its supervisor may linger for descendants: end them.
     job = job.reload() if _inode(job.path(META)) == os.fstat(fd).st_ino else job
     if _supervisor_alive(job):
