@@ -6482,6 +6482,12 @@ def cmd_follow(o) -> dict:
     pos = dict(zip(_STREAMS, o.cursor if o.cursor is not None else (0, 0)))
     rows = _RowOrder(job, pos) if which == "both" else None
     cancel = _cancelled(o) or _cancel_on_sigint(o)
+    if job.state == "created":  # nothing to follow until `start`: wait for it
+        job = _wait_started(os.path.dirname(job.dir), [job.id], None, cancel)
+        if job.state == "created":
+            out = job.head()
+            out["cursor"] = make_cursor(pos["stdout"], pos["stderr"])
+            return out
     watch = _LockWatch.acquire(job.path(META))
     try:
         while True:
