@@ -5251,7 +5251,7 @@ def _attempt_env(definition: dict, o) -> "tuple":
     return env, explicit, missing
 
 
-def _attempt_config(o, job: _Job, attempt: int) -> "tuple":
+def _attempt_config(o, job: _Job, attempt: int, check_port: bool = True) -> "tuple":
     """(supervisor config, spec for the answer) of attempt ``attempt``: checked, nothing changed."""
     definition = job.meta.get("definition")
     if not isinstance(definition, dict):
@@ -5263,7 +5263,7 @@ def _attempt_config(o, job: _Job, attempt: int) -> "tuple":
     env, explicit, missing = _attempt_env(definition, o)
     cwd = _job_cwd(definition["cwd"])
     _resolve_command(definition["argv"][0], cwd, env)
-    if definition.get("ready_port"):
+    if check_port and definition.get("ready_port"):
         _refuse_port_in_use(definition["ready_port"])
     cfg = {key: definition.get(key) for key in _SUPERVISOR_KEYS if key not in ("env", "secrets")}
     masks = definition.get("masks") or []
@@ -5374,7 +5374,9 @@ def cmd_restart(o) -> dict:
                 fd = None
                 return cmd_start(o)
             attempt = _attempt_of(job)
-            cfg, spec = _attempt_config(o, job, attempt + 1)  # every check before any change
+            # Every check before any change; but the port, which the running
+            # attempt may hold itself, only once that has ended.
+            cfg, spec = _attempt_config(o, job, attempt + 1, check_port=False)
         except BaseException:
             if fd is not None:
                 os.close(fd)
@@ -5388,6 +5390,8 @@ def cmd_restart(o) -> dict:
                 os.close(fd)
                 fd = None
                 continue  # another restart went first: end and restart its attempt
+            if spec["ready_port"]:
+                _refuse_port_in_use(spec["ready_port"])
             previous = _keep_attempt(job, attempt)
             meta = dict(job.meta, attempt=attempt + 1, previous=previous)
             facts = _JobFacts()

@@ -279,6 +279,22 @@ class RestartTests(JobsTestCase):
         st = self.ok("status", jid)
         self.assertEqual((st["state"], st["attempt"]), ("running", 3))
 
+    def test_restart_a_server_that_holds_its_ready_port(self):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = (
+            "import http.server as h; h.HTTPServer(('127.0.0.1', %d), h.BaseHTTPRequestHandler)"
+            % port
+        )
+        r = self.ok("run", "--ready-port", str(port), "--", PY, "-c", server + ".serve_forever()")
+        self.addCleanup(self.kill_job, r["job_id"])
+        self.assertTrue(r["ready"], r)
+        again = self.ok("restart", r["job_id"])
+        self.assertEqual((again["attempt"], again["ready"], again["state"]), (2, True, "running"))
+
     def test_restart_signal_and_kill_after(self):
         script = 'trap "" TERM; while :; do sleep 0.1; done'
         jid = self.start_bg("/bin/sh", "-c", script)
