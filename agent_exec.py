@@ -3141,8 +3141,8 @@ class _Supervisor:
     def _end_by(self, reason: str, limit: "dict | None") -> None:
         """A lease or a limit ends the job: TERM the tree, then KILL after --kill-after."""
         facts = self.facts
-        if facts.wait_status is not None or facts.end_cause:
-            return
+        if facts.wait_status is not None or facts.end_cause or facts.timed_out:
+            return  # already ending, for this reason or its --timeout
         facts.end_cause = reason
         facts.limit = limit
         facts.kill_signal = _SIGTERM

@@ -328,6 +328,23 @@ class PureTests(unittest.TestCase):
         self.assertIn("created", agent_exec.STATES)
         self.assertNotIn("created", agent_exec.TERMINAL_STATES)
 
+    def test_state_document_of_a_job_a_limit_ended(self):
+        facts = agent_exec._JobFacts()
+        facts.wait_status = 15  # died of SIGTERM
+        facts.kill_signal = 15
+        facts.end_cause = "memory_limit"
+        facts.limit = {"name": "memory", "value": 1 << 20, "measured": 2 << 20}
+        facts.memory_peak = 2 << 20
+        facts.attempt = 3
+        doc = agent_exec._state_document("X", "killed", facts, now="2026-01-01T00:00:00.000Z")
+        self.assertEqual(doc["result"]["end_reason"], "memory_limit")
+        self.assertEqual((doc["limit"], doc["memory_peak_bytes"]), (facts.limit, 2 << 20))
+        self.assertEqual(doc["attempt"], 3)
+        self.assertEqual(agent_exec._end_state(facts), "killed")
+        plain = agent_exec._state_document("X", "running", agent_exec._JobFacts())
+        for key in ("attempt", "limit", "lease_ms", "memory_peak_bytes", "cpu_ms"):
+            self.assertNotIn(key, plain)
+
     def test_create_takes_runs_options_but_the_observing_ones(self):
         run = {o.name for o in agent_exec.COMMANDS["run"].opts}
         create = {o.name for o in agent_exec.COMMANDS["create"].opts}
