@@ -133,7 +133,7 @@ STDERR_LOG = "stderr.log"
 FULL_LOG = "full.log"
 EVENT_FILE = "completion_event.json"
 STDIN_FILE = "stdin"  # run --stdin/--stdin-file: the bytes the workload reads
-CONTROL = "control"  # FIFO: `kill` and `send` talk to the live supervisor
+CONTROL = "control"  # FIFO: `kill`, `send` and `renew` talk to the live supervisor
 READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
 RESERVE = ".reserve"  # disk space set aside so the terminal state fits on a full disk
 RESERVE_BYTES = 256 * 1024
@@ -1581,8 +1581,8 @@ def _open_control(job_dir: str) -> "int | None":
 # The supervisor is the workload's direct parent.  It runs in a session of its
 # own, with stdio on /dev/null and no descriptor of the caller.  It drains the
 # workload's two pipes continuously into stdout.log, stderr.log and full.log,
-# enforces the timeout on the whole process tree, listens on the control FIFO
-# for `kill` and `send`, reaps every child (on Linux it is a child subreaper, so orphaned
+# enforces the timeout, the lease and the limits on the whole process tree,
+# listens on the control FIFO for `kill`, `send` and `renew`, reaps every child (on Linux it is a child subreaper, so orphaned
 # descendants come back to it), writes the terminal state exactly once, lets
 # go of the job lock (waking every waiter), delivers the completion events and
 # then lives on only while descendants still hold the pipes or still run.
