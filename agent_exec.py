@@ -3298,11 +3298,13 @@ def _tree_pids(root_pid: int, exclude: set) -> list:
     children, so a small tree costs a few reads instead of a walk of every
     process of the machine; without it, the walk (_descendants_of).
     """
+    if not os.path.exists("/proc/%d/task/%d/children" % (root_pid, root_pid)):
+        return _descendants_of(root_pid, exclude)
     out = []
     queue = [root_pid]
-    try:
-        while queue:
-            pid = queue.pop(0)
+    while queue:
+        pid = queue.pop(0)
+        try:
             for tid in os.listdir("/proc/%d/task" % pid):
                 with open("/proc/%d/task/%s/children" % (pid, tid), "rb") as f:
                     for word in f.read().split():
@@ -3310,11 +3312,8 @@ def _tree_pids(root_pid: int, exclude: set) -> list:
                         if child not in exclude:
                             out.append(child)
                             queue.append(child)
-    except FileNotFoundError:
-        if pid == root_pid or not os.path.exists("/proc/%d/task" % root_pid):
-            return _descendants_of(root_pid, exclude)
-    except OSError:
-        return _descendants_of(root_pid, exclude)
+        except (OSError, ValueError):  # it (or a thread of it) ended meanwhile
+            continue
     return out
 
 
