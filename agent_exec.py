@@ -1582,8 +1582,9 @@ def _open_control(job_dir: str) -> "int | None":
 # own, with stdio on /dev/null and no descriptor of the caller.  It drains the
 # workload's two pipes continuously into stdout.log, stderr.log and full.log,
 # enforces the timeout, the lease and the limits on the whole process tree,
-# listens on the control FIFO for `kill`, `send` and `renew`, reaps every child (on Linux it is a child subreaper, so orphaned
-# descendants come back to it), writes the terminal state exactly once, lets
+# listens on the control FIFO for `kill`, `send` and `renew`, reaps every
+# child (on Linux it is a child subreaper, so orphaned descendants come back
+# to it), writes the terminal state exactly once, lets
 # go of the job lock (waking every waiter), delivers the completion events and
 # then lives on only while descendants still hold the pipes or still run.
 #
