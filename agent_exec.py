@@ -87,7 +87,8 @@ _IS_LINUX = sys.platform.startswith("linux")
 SCHEMA_VERSION = "0.1"
 PROG = "agent-exec"
 
-STATES = ("running", "exited", "killed", "failed", "unknown")
+# "created": recorded by `create`, not started yet (`start` starts it).
+STATES = ("created", "running", "exited", "killed", "failed", "unknown")
 TERMINAL_STATES = ("exited", "killed", "failed")
 
 DEFAULT_SNAPSHOT_AFTER_MS = 10000
@@ -137,12 +138,13 @@ STDERR_LOG = "stderr.log"
 FULL_LOG = "full.log"
 EVENT_FILE = "completion_event.json"
 STDIN_FILE = "stdin"  # run --stdin/--stdin-file: the bytes the workload reads
-CONTROL = "control"  # FIFO: `kill` and `send` talk to the live supervisor
+CONTROL = "control"  # FIFO: `kill`, `send` and `renew` talk to the live supervisor
 READY_LOCK = "ready.lock"  # held by the supervisor until the job is ready or over
 RESIZE_LOG = "resize.jsonl"  # run --pty: each `send --size`, where in stdout.log it took effect
 SCREEN_CACHE = "screen.cache"  # `screen`'s checkpoint: the emulator's state and its log offset
 RESERVE = ".reserve"  # disk space set aside so the terminal state fits on a full disk
 RESERVE_BYTES = 256 * 1024
+ATTEMPTS = "attempts"  # restart: attempts/N/ keeps attempt N's state.json and logs
 
 # Job ids are ULIDs: 48 bits of milliseconds, 80 random bits, Crockford base32.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -188,6 +190,9 @@ ERROR_CODES = {
 # ``timeout``: its own --timeout; ``spawn_failed``: it never ran;
 # ``supervisor_lost``: its supervisor died, so its end is not known.
 END_REASONS = ("exit", "signal", "kill", "timeout", "spawn_failed", "supervisor_lost")
+# Lifecycle and guards: the lease ran out (run --lease), or a limit ended the
+# job (--limit-mem, --limit-cpu, --limit-procs, --max-output-action kill).
+END_REASONS += ("lease_expired", "memory_limit", "cpu_limit", "procs_limit", "output_limit")
 
 # failure.code of a failed job (in state.json and every answer about the job)
 FAILURE_CODES = {
@@ -1699,9 +1704,10 @@ def _open_control(job_dir: str) -> "int | None":
 # The supervisor is the workload's direct parent.  It runs in a session of its
 # own, with stdio on /dev/null and no descriptor of the caller.  It drains the
 # workload's two pipes continuously into stdout.log, stderr.log and full.log,
-# enforces the timeout on the whole process tree, listens on the control FIFO
-# for `kill` and `send`, reaps every child (on Linux it is a child subreaper, so orphaned
-# descendants come back to it), writes the terminal state exactly once, lets
+# enforces the timeout, the lease and the limits on the whole process tree,
+# listens on the control FIFO for `kill`, `send` and `renew`, reaps every
+# child (on Linux it is a child subreaper, so orphaned descendants come back
+# to it), writes the terminal state exactly once, lets
 # go of the job lock (waking every waiter), delivers the completion events and
 # then lives on only while descendants still hold the pipes or still run.
 #
@@ -1769,6 +1775,14 @@ class _JobFacts:
         "supervisor_pid",
         "supervisor_start",
         "boot_id",
+        # Lifecycle and guards (leases, limits, attempts).
+        "end_cause",
+        "limit",
+        "lease_ms",
+        "lease_expires_at",
+        "memory_peak",
+        "cpu_ms",
+        "attempt",
     )
 
     def __init__(self) -> None:
@@ -1791,6 +1805,15 @@ class _JobFacts:
         self.supervisor_pid = None  # type: int | None
         self.supervisor_start = None  # type: str | None
         self.boot_id = None  # type: str | None
+        # The end_reason a lease or a limit chose when it ended the job, and
+        # the limit's {name, value, measured}; the lease and the measures.
+        self.end_cause = None  # type: str | None
+        self.limit = None  # type: dict | None
+        self.lease_ms = None  # type: int | None
+        self.lease_expires_at = None  # type: str | None
+        self.memory_peak = None  # type: int | None  (bytes, the tree's summed RSS)
+        self.cpu_ms = None  # type: int | None
+        self.attempt = 1
 
 
 # The output counters of state.json, in the order the document lists them.
@@ -1863,11 +1886,25 @@ def _state_document(
             "user_ms": int(ru.ru_utime * 1000),
             "sys_ms": int(ru.ru_stime * 1000),
         }
+    # Lifecycle and guards: present only when the job uses them.
+    if facts.attempt != 1:
+        doc["attempt"] = facts.attempt
+    if facts.lease_ms:
+        doc["lease_ms"] = facts.lease_ms
+        doc["lease_expires_at"] = facts.lease_expires_at
+    if facts.memory_peak is not None:
+        doc["memory_peak_bytes"] = facts.memory_peak
+    if facts.cpu_ms is not None:
+        doc["cpu_ms"] = facts.cpu_ms
+    if facts.limit is not None:
+        doc["limit"] = facts.limit
     return doc
 
 
 def _end_reason_of(facts: "_JobFacts") -> str:
     """Why a job whose main process has been reaped ended (see END_REASONS)."""
+    if facts.end_cause is not None:  # a lease or a limit ended it
+        return facts.end_cause
     if facts.timed_out:
         return "timeout"
     if os.WIFSIGNALED(facts.wait_status):
@@ -1947,10 +1984,22 @@ class _ChildSetup:
         "stderr",
         "default_signals",
         "tiocsctty",
+        "rlimits",
+        "nice",
+        "setrlimit",
     )
 
     def __init__(
-        self, argv: list, env: dict, cwd: str, stdout: int, stderr: int, stdin=None, pty=False
+        self,
+        argv: list,
+        env: dict,
+        cwd: str,
+        stdout: int,
+        stderr: int,
+        stdin=None,
+        pty=False,
+        rlimits: "list | None" = None,
+        nice: "int | None" = None,
     ) -> None:
         import signal
 
@@ -1978,6 +2027,15 @@ class _ChildSetup:
         # script's background job: SIGINT, SIGQUIT), which `kill --signal`
         # must still be able to deliver.
         self.default_signals = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+        # --limit-files, --limit-procs: (resource, (soft, hard)) pairs, and
+        # setrlimit itself, looked up here so the child only calls it.
+        self.rlimits = rlimits or []
+        self.setrlimit = None
+        if self.rlimits:
+            import resource
+
+            self.setrlimit = resource.setrlimit
+        self.nice = nice  # --nice: the increment for os.nice in the child
 
 
 def _spawn_workload(setup: "_ChildSetup") -> int:
@@ -2064,6 +2122,10 @@ def _exec_workload(setup: "_ChildSetup", stdio: tuple, inherited: list, errpipe_
                 pass
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        for res, pair in setup.rlimits:
+            setup.setrlimit(res, pair)
+        if setup.nice:
+            os.nice(setup.nice)
         if setup.path is None:
             raise FileNotFoundError(2, "not found")
         os.execve(setup.path, setup.argv, setup.env)
@@ -2618,6 +2680,9 @@ class _ProcessTree:
         self.facts = facts
         self.hook_pid = None  # type: int | None
         self.hook_status = None  # type: int | None
+        # --limit-cpu: the CPU seconds of the job's processes reaped here
+        # (each one's rusage includes the children it reaped itself).
+        self.reaped_cpu_s = 0.0
 
     def become_subreaper(self) -> None:
         """On Linux, adopt orphaned descendants so a whole-tree kill finds them."""
@@ -2643,6 +2708,8 @@ class _ProcessTree:
                 continue
             if pid == 0:
                 return True
+            if pid != self.hook_pid:
+                self.reaped_cpu_s += rusage.ru_utime + rusage.ru_stime
             if pid == facts.pid and facts.wait_status is None:
                 facts.wait_status = wait_status
                 facts.rusage = rusage
@@ -2857,6 +2924,8 @@ class _Notifier:
         event["success"] = event["end_reason"] == "exit" and result["exit_code"] == 0
         if doc.get("failure"):
             event["failure"] = doc["failure"]
+        if doc.get("limit"):
+            event["limit"] = doc["limit"]  # which limit ended the job, its value, the measure
         return event
 
     def _run_command(self, argv: list, payload: str, event_path: str) -> dict:
@@ -3003,8 +3072,17 @@ class _Supervisor:
             "progress": self._on_progress,
             "probe": self._on_probe,
             "flush": self._on_flush,
+            "lease": self._on_lease,
+            "sample": self._on_sample,
         }
-        self.on_control = {"kill": self._on_kill, "send": self._on_send, "resize": self._on_resize}
+        self.on_control = {
+            "kill": self._on_kill,
+            "send": self._on_send,
+            "resize": self._on_resize,
+            "renew": self._on_renew,
+        }
+        facts.attempt = cfg.get("attempt") or 1
+        self.last_sample_write = 0.0  # monotonic time the sampler last wrote state.json
         # run --pty: the terminal, whose master side is both the output read
         # as stdout and the input `send` types into.
         self.pty = None  # type: _Terminal | None
@@ -3073,12 +3151,19 @@ class _Supervisor:
             raise
         try:
             if term is not None:
-                setup = _ChildSetup(
-                    cfg["argv"], cfg["env"], cfg["cwd"], out_w, out_w, out_w, pty=True
-                )
+                stdio = (out_w, out_w, out_w)
             else:
                 stdin = self.input.read_fd if self.input is not None else cfg.get("stdin_path")
-                setup = _ChildSetup(cfg["argv"], cfg["env"], cfg["cwd"], out_w, err_w, stdin)
+                stdio = (out_w, err_w, stdin)
+            setup = _ChildSetup(
+                cfg["argv"],
+                cfg["env"],
+                cfg["cwd"],
+                *stdio,
+                pty=term is not None,
+                rlimits=_child_rlimits(cfg),
+                nice=cfg.get("nice"),
+            )
             facts.pid = _spawn_workload(setup)
         except BaseException:
             for fd in {out_r, out_w, err_r, err_w}:
@@ -3103,6 +3188,7 @@ class _Supervisor:
         progress_ms = cfg.get("progress_every_ms") or 0
         if progress_ms:
             self.timers.start("progress", progress_ms / 1000.0)
+        self._start_guards()
 
     # -- the loop ----------------------------------------------------------
 
@@ -3156,6 +3242,8 @@ class _Supervisor:
                     poller.unregister(fd)
             for name in timers.pop_expired():
                 self.on_timer[name]()
+            if self.output_kill:
+                self._check_output_limit()
             if self.facts.wait_status is not None and not self.terminal:
                 self._finish()
             if self.terminal and self.capture.all_eof() and not self.tree.reap():
@@ -3209,6 +3297,111 @@ class _Supervisor:
     def _on_flush(self) -> None:
         """A partial line has been quiet for PARTIAL_FLUSH_S: give it its row."""
         self.capture.flush_partials(time.monotonic())
+
+    # -- lifecycle and guards: leases, limits -------------------------------
+    #
+    # A lease is a timer that `renew` moves (a control verb: the supervisor
+    # sleeps in poll(2), so a message wakes it at once and the deadline moves
+    # exactly, with no file to re-read on a schedule).  The /proc limits are
+    # one sampler timer, every SAMPLE_S.  Whatever ends the job goes through
+    # _end_by: TERM the tree, then KILL after --kill-after, as a timeout does.
+
+    def _start_guards(self) -> None:
+        cfg = self.cfg
+        facts = self.facts
+        lease_ms = cfg.get("lease_ms") or 0
+        if lease_ms > 0:
+            facts.lease_ms = lease_ms
+            self._set_lease(lease_ms)
+        if cfg.get("limit_mem") or cfg.get("limit_cpu_ms") or cfg.get("limit_procs"):
+            if _IS_LINUX:
+                self.timers.start_at("sample", facts.started_mono)
+
+    def _set_lease(self, ms: int) -> None:
+        self.timers.start("lease", ms / 1000.0)
+        self.facts.lease_expires_at = _rfc3339(time.time() + ms / 1000.0)
+
+    def _on_lease(self) -> None:
+        """The lease ran out without a renewal: end the job."""
+        self._end_by("lease_expired", None)
+
+    def _on_renew(self, msg: dict) -> None:
+        """{"verb": "renew", "lease_ms": n, "reply": fifo}: extend the lease from now."""
+        ms = msg.get("lease_ms")
+        if self.terminal or self.facts.wait_status is not None or self.facts.end_cause:
+            answer = {"ok": False, "code": "invalid_state", "message": "the job has ended"}
+        elif not self.facts.lease_ms:
+            answer = {"ok": False, "code": "invalid_state", "message": "the job has no lease"}
+        elif type(ms) is not int or ms <= 0:
+            answer = {"ok": False, "code": "invalid_argument", "message": "bad lease %r" % (ms,)}
+        else:
+            self._set_lease(ms)
+            self.state_writer.write(quiet=True)
+            answer = {"ok": True, "lease_expires_at": self.facts.lease_expires_at}
+        _reply(self.job_dir, msg.get("reply"), answer)
+
+    def _on_sample(self) -> None:
+        """--limit-mem, --limit-cpu, --limit-procs: measure the tree, end it past a limit."""
+        if self.facts.wait_status is not None or self.facts.end_cause:
+            return
+        cfg = self.cfg
+        facts = self.facts
+        pids = _tree_pids(os.getpid(), {self.tree.hook_pid} if self.tree.hook_pid else set())
+        rss, cpu_s, count = _tree_usage(pids)
+        cpu_ms = int((cpu_s + self.tree.reaped_cpu_s) * 1000)
+        grew = facts.memory_peak is None or rss > facts.memory_peak
+        if cfg.get("limit_mem"):
+            facts.memory_peak = max(rss, facts.memory_peak or 0)
+        if cfg.get("limit_cpu_ms"):
+            facts.cpu_ms = cpu_ms
+        limit_mem = cfg.get("limit_mem") or 0
+        limit_cpu = cfg.get("limit_cpu_ms") or 0
+        limit_procs = cfg.get("limit_procs") or 0
+        if limit_mem and rss > limit_mem:
+            self._end_by("memory_limit", {"name": "memory", "value": limit_mem, "measured": rss})
+        elif limit_cpu and cpu_ms > limit_cpu:
+            self._end_by("cpu_limit", {"name": "cpu", "value": limit_cpu, "measured": cpu_ms})
+        elif limit_procs and count > limit_procs:
+            self._end_by("procs_limit", {"name": "procs", "value": limit_procs, "measured": count})
+        else:
+            self.timers.start("sample", SAMPLE_S)
+            # Readers see the peak and the CPU time while the job runs, at
+            # most once a second (a write per sample would cost more).
+            now = time.monotonic()
+            if (grew or limit_cpu) and now - self.last_sample_write >= 1.0:
+                self.last_sample_write = now
+                self.state_writer.write(quiet=True)
+
+    @property
+    def output_kill(self) -> bool:
+        return bool(self.cfg.get("max_output_action") == "kill" and self.capture.cap)
+
+    def _check_output_limit(self) -> None:
+        """--max-output SIZE --max-output-action kill: end the job past SIZE on a stream."""
+        if self.facts.wait_status is not None or self.facts.end_cause:
+            return
+        cap = self.capture.cap
+        written = max((s.total for s in self.capture.streams), default=0)
+        if written > cap:
+            self._end_by("output_limit", {"name": "output", "value": cap, "measured": written})
+
+    def _end_by(self, reason: str, limit: "dict | None") -> None:
+        """A lease or a limit ends the job: TERM the tree, then KILL after --kill-after."""
+        facts = self.facts
+        if facts.wait_status is not None or facts.end_cause or facts.timed_out:
+            return  # already ending, for this reason or its --timeout
+        facts.end_cause = reason
+        facts.limit = limit
+        facts.kill_signal = _SIGTERM
+        self.timers.cancel("lease")
+        self.timers.cancel("sample")
+        self.state_writer.write(quiet=True)
+        self.tree.kill_tree(_SIGTERM)
+        kill_after = self.cfg.get("kill_after_ms") or 0
+        if kill_after <= 0:
+            self.tree.kill_tree(_SIGKILL)
+        else:
+            self.timers.start("kill_after", kill_after / 1000.0)
 
     # -- control messages --------------------------------------------------
 
@@ -3336,7 +3529,7 @@ class _Supervisor:
             self.input.close()  # nobody reads it any more
         self.capture.final_drain()
         self.capture.flush_partials(None)
-        for name in ("timeout", "progress", "probe"):
+        for name in ("timeout", "progress", "probe", "lease", "sample"):
             self.timers.cancel(name)  # kill_after stays: it is for the descendants
         doc = self.state_writer.document(_end_state(self.facts))
         self.state_writer.write(doc, durable=True)
@@ -3369,6 +3562,102 @@ class _Supervisor:
             os.close(self.lock_fd)
             self.lock_fd = None
         self._release_ready()  # over without being ready: wake those too
+
+
+# --limit-mem, --limit-cpu, --limit-procs: how often the tree is measured.
+SAMPLE_S = 0.1
+_CLK_TCK = None  # os.sysconf("SC_CLK_TCK"), read on first use
+_PAGE_SIZE = None
+
+
+def _tree_pids(root_pid: int, exclude: set) -> list:
+    """Descendants of ``root_pid`` (not itself) for the sampler, cheaply.
+
+    /proc/<pid>/task/<tid>/children (Linux 3.5+) names each thread's
+    children, so a small tree costs a few reads instead of a walk of every
+    process of the machine; without it, the walk (_descendants_of).
+    """
+    if not os.path.exists("/proc/%d/task/%d/children" % (root_pid, root_pid)):
+        return _descendants_of(root_pid, exclude)
+    out = []
+    queue = [root_pid]
+    while queue:
+        pid = queue.pop(0)
+        try:
+            for tid in os.listdir("/proc/%d/task" % pid):
+                with open("/proc/%d/task/%s/children" % (pid, tid), "rb") as f:
+                    for word in f.read().split():
+                        child = int(word)
+                        if child not in exclude:
+                            out.append(child)
+                            queue.append(child)
+        except (OSError, ValueError):  # it (or a thread of it) ended meanwhile
+            continue
+    return out
+
+
+def _tree_usage(pids: list) -> "tuple":
+    """(summed RSS in bytes, CPU seconds, live process count) of ``pids``, from /proc.
+
+    CPU is utime+stime plus cutime+cstime (what each process's own reaped
+    children used).  Zombies count for CPU only.  Linux only.
+    """
+    global _CLK_TCK, _PAGE_SIZE
+    if _CLK_TCK is None:
+        _CLK_TCK = os.sysconf("SC_CLK_TCK") or 100
+        _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") or 4096
+    rss = ticks = count = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(b")", 1)[1].split()
+        try:
+            ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+            if fields[0] not in (b"Z", b"X"):
+                count += 1
+                rss += int(fields[21]) * _PAGE_SIZE
+        except (IndexError, ValueError):
+            continue
+    return rss, ticks / float(_CLK_TCK), count
+
+
+def _child_rlimits(cfg: dict) -> list:
+    """The (resource, (soft, hard)) pairs the workload gets: --limit-files, --limit-procs.
+
+    RLIMIT_NOFILE is N for soft and hard alike.  RLIMIT_NPROC counts every
+    process of the user, not of the job: it is set (Linux, not for root,
+    which it does not bind) to the user's process count now plus N, as a
+    backstop against a fork bomb between two samples; the supervisor's count
+    of the tree is the real limit.
+    """
+    out = []
+    files = cfg.get("limit_files")
+    procs = cfg.get("limit_procs")
+    if not files and not procs:
+        return out
+    import resource
+
+    if files:
+        out.append((resource.RLIMIT_NOFILE, (files, files)))
+    if procs and _IS_LINUX and os.getuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
+        uid = os.getuid()
+        mine = 0
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if os.stat("/proc/" + name).st_uid == uid:
+                        mine += 1
+                except OSError:
+                    pass
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        want = mine + procs
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        out.append((resource.RLIMIT_NPROC, (want, hard)))
+    return out
 
 
 def _wake_on_sigchld() -> int:
@@ -3837,6 +4126,15 @@ def _nonneg_int(text: str) -> int:
     return int(s)
 
 
+def _niceness(text: str) -> int:
+    s = str(text).strip()
+    sign = -1 if s.startswith("-") else 1
+    value = _nonneg_int(s.lstrip("+-")) * sign
+    if not -20 <= value <= 19:
+        raise ValueError("expected a niceness -20..19, got %r" % _short(text))
+    return value
+
+
 def _positive_duration(text: str) -> int:
     ms = parse_duration_ms(text)
     if ms <= 0:
@@ -3875,6 +4173,9 @@ _KINDS = {
     "strs": _Kind(json=STRS, action="append"),
     "choice": _Kind(json=STR),
     "count": _Kind(_nonneg_int, "count", COUNT, metavar="N"),
+    "niceness": _Kind(
+        _niceness, "niceness", {"type": "integer", "minimum": -20, "maximum": 19}, metavar="N"
+    ),
     "duration": _Kind(
         parse_duration_ms, "duration", _NUMBER_OR_TEXT, metavar="DURATION", units=_DURATION_HELP
     ),
@@ -3957,6 +4258,7 @@ def _wants_table(o) -> bool:
 
 
 DRY_RUN = Opt("dry_run", "flag", help="say what would go; delete nothing")
+RENEW = Opt("renew", "flag", help="also renew the job's lease (see renew), in passing")
 
 
 def _flags(opt: Opt) -> tuple:
@@ -4051,6 +4353,28 @@ def _notify_command_error(o) -> "str | None":
         return "--notify-command must be a non-empty JSON array of strings"
     return None
 
+
+# The checks of a job's definition: run's, and create's (which records one).
+_JOB_CHECKS = (
+    _needs_command,
+    lambda o: _regex_error(o.ready_match, "--ready-match"),
+    conflict("no_inherit_env", "inherit_env"),
+    conflict("stdin", "stdin_file"),
+    conflict("stdin", "stdin_open"),
+    conflict("stdin_file", "stdin_open"),
+    conflict(
+        "pty",
+        "stdin",
+        "--pty and --stdin conflict: a terminal job reads what `agent-exec send` types",
+    ),
+    conflict(
+        "pty",
+        "stdin_file",
+        "--pty and --stdin-file conflict: a terminal job reads what `agent-exec send` types",
+    ),
+    lambda o: "--pty-size goes with --pty" if o.pty_size and not o.pty else None,
+    _notify_command_error,
+)
 
 _RUN_OPTS = (
     Opt(
@@ -4153,6 +4477,26 @@ _RUN_OPTS = (
         "GIT_PAGER=cat, PYTHONUNBUFFERED=1, NO_COLOR=1 (--env still wins)",
     ),
     PLAIN,
+    # -- lifecycle and guards: leases, limits (one block, see "Leases and limits")
+    Opt(
+        "lease",
+        "duration",
+        None,
+        "end the job (TERM, then KILL after --kill-after) unless `renew` extends it within this",
+    ),
+    Opt("limit_mem", "size", None, "end the job when its tree's summed RSS passes SIZE (>= 1M)"),
+    Opt("limit_cpu", "duration", None, "end the job when its tree has used this much CPU time"),
+    Opt("limit_files", "count", None, "RLIMIT_NOFILE: at most N open files per process"),
+    Opt("limit_procs", "count", None, "end the job when its tree has more than N live processes"),
+    Opt("nice", "niceness", None, "run the job at this niceness increment (-20..19)"),
+    Opt(
+        "max_output_action",
+        "choice",
+        "truncate",
+        "what --max-output does: truncate (keep the newest SIZE bytes, the default) or kill "
+        "(end the job once a stream has written more than SIZE)",
+        choices=("truncate", "kill"),
+    ),
     Opt("command", "argv", help="the command and its arguments"),
 )
 
@@ -4161,27 +4505,8 @@ _RUN_OPTS = (
     "run",
     "start a background job",
     opts=_RUN_OPTS,
-    checks=(
-        _needs_command,
-        lambda o: _regex_error(o.ready_match, "--ready-match"),
-        conflict("no_inherit_env", "inherit_env"),
-        conflict("stdin", "stdin_file"),
-        conflict("stdin", "stdin_open"),
-        conflict("stdin_file", "stdin_open"),
-        conflict(
-            "pty",
-            "stdin",
-            "--pty and --stdin conflict: a terminal job reads what `agent-exec send` types",
-        ),
-        conflict(
-            "pty",
-            "stdin_file",
-            "--pty and --stdin-file conflict: a terminal job reads what `agent-exec send` types",
-        ),
-        lambda o: "--pty-size goes with --pty" if o.pty_size and not o.pty else None,
-        lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,
-        _notify_command_error,
-    ),
+    checks=_JOB_CHECKS
+    + (lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
     exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
     examples=(
         ("agent-exec run -- make test", "everything after -- is the command, word for word"),
@@ -4326,6 +4651,60 @@ def _job_spec(o) -> dict:
         "notify_command": _notify_argv(o.notify_command) if o.notify_command else None,
         "notify_file": os.path.abspath(o.notify_file) if o.notify_file else None,
         "notify_timeout_ms": o.notify_timeout,
+        **_guard_spec(o),
+    }
+
+
+# --limit-mem below this is refused: no program starts in less.
+MIN_LIMIT_MEM = 1 << 20
+
+
+def _guard_spec(o) -> dict:
+    """The lease and limits of the job, checked (invalid_argument when unusable)."""
+    lease = getattr(o, "lease", None)
+    if lease is not None and lease <= 0:
+        raise AgentExecError("invalid_argument", "--lease must be longer than 0")
+    mem = getattr(o, "limit_mem", None)
+    if mem is not None and mem < MIN_LIMIT_MEM:
+        raise AgentExecError(
+            "invalid_argument", "--limit-mem %d is below 1 MiB: no program runs in that" % mem
+        )
+    cpu = getattr(o, "limit_cpu", None)
+    if cpu is not None and cpu <= 0:
+        raise AgentExecError("invalid_argument", "--limit-cpu must be longer than 0")
+    files = getattr(o, "limit_files", None)
+    procs = getattr(o, "limit_procs", None)
+    for flag, value in (("--limit-files", files), ("--limit-procs", procs)):
+        if value is not None and value < 1:
+            raise AgentExecError("invalid_argument", "%s must be at least 1" % flag)
+    if files is not None:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and files > hard:
+            raise AgentExecError(
+                "invalid_argument",
+                "--limit-files %d is above this user's hard limit (%d)" % (files, hard),
+            )
+    if not _IS_LINUX and (mem or cpu or procs):
+        # These are measured from /proc; elsewhere they could not be kept.
+        raise AgentExecError(
+            "unsupported_platform", "--limit-mem, --limit-cpu and --limit-procs need Linux (/proc)"
+        )
+    action = getattr(o, "max_output_action", None) or "truncate"
+    if action == "kill" and not o.max_output:
+        raise AgentExecError("invalid_argument", "--max-output-action kill needs --max-output SIZE")
+    return {
+        "lease_ms": lease,
+        "limit_mem": mem,
+        "limit_cpu_ms": cpu,
+        "limit_files": files,
+        "limit_procs": procs,
+        "nice": getattr(o, "nice", None),
+        "max_output_action": action,
+        # what start/restart need to build an attempt's environment again
+        "env_files": [os.path.abspath(p) for p in o.env_file or ()],
+        "noninteractive": bool(getattr(o, "noninteractive", False)),
     }
 
 
@@ -4503,12 +4882,34 @@ def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
         "shell_command": spec["shell"],
         "agent_exec_version": __version__,
     }
+    meta.update(_guard_meta(spec))
+    meta["definition"] = _definition(spec)
     if spec["notify_command"] or spec["notify_file"]:
         meta["notification"] = {
             "notify_command": spec["notify_command"],
             "notify_file": spec["notify_file"],
         }
     return meta
+
+
+def _guard_meta(spec: dict) -> dict:
+    """meta.json's lease and limits (only those given), for readers."""
+    out = {}
+    if spec.get("lease_ms"):
+        out["lease_ms"] = spec["lease_ms"]
+    limits = {
+        "memory": spec.get("limit_mem"),
+        "cpu_ms": spec.get("limit_cpu_ms"),
+        "files": spec.get("limit_files"),
+        "procs": spec.get("limit_procs"),
+        "nice": spec.get("nice"),
+    }
+    limits = {k: v for k, v in limits.items() if v is not None}
+    if limits:
+        out["limits"] = limits
+    if spec.get("max_output_action") == "kill":
+        out["max_output_action"] = "kill"
+    return out
 
 
 # What the supervisor is told (through a pipe, never argv): the spec's keys
@@ -4530,6 +4931,14 @@ _SUPERVISOR_KEYS = (
     "ready_port",
     "stdin_open",
     "pty",
+    # lifecycle and guards
+    "lease_ms",
+    "limit_mem",
+    "limit_cpu_ms",
+    "limit_files",
+    "limit_procs",
+    "nice",
+    "max_output_action",
 )
 
 
@@ -4674,6 +5083,60 @@ def _bare_state(job_id: str, state: str, code: str, message: str) -> dict:
 
 # ---- status, tail ---------------------------------------------------------------
 
+# Lifecycle and guards, in status: the attempt, the last one's result, the
+# lease, the measures of the limits and the limit that ended the job.
+LIMIT = obj(
+    (
+        Field("name", {"enum": ["memory", "cpu", "procs", "output"]}, True),
+        Field("value", COUNT, True),
+        Field("measured", COUNT, True),
+    )
+)
+PREVIOUS = obj(
+    (
+        Field("attempt", COUNT, True),
+        Field("state", JOB_STATE, True),
+        Field("started_at", STR_OR_NULL),
+        Field("limit", LIMIT),
+    )
+    + RESULT_FIELDS
+)
+GUARD_FIELDS = (
+    Field("attempt", COUNT),
+    Field("previous", PREVIOUS),
+    Field("lease_ms", COUNT),
+    Field("lease_expires_at", STR_OR_NULL),
+    Field("memory_peak_bytes", COUNT),
+    Field("cpu_ms", COUNT),
+    Field("limit", LIMIT),
+    Field("renewed", BOOL),
+)
+
+
+def _attempt_of(job: _Job) -> int:
+    """The job's attempt: 1 for its first run, N+1 after N restarts."""
+    n = max(job.meta.get("attempt") or 1, job.record.get("attempt") or 1)
+    return n if isinstance(n, int) else 1
+
+
+def _guard_fields(job: _Job) -> dict:
+    """status's lifecycle and guard fields (attempt always; the rest when used)."""
+    record = job.record
+    out = {"attempt": _attempt_of(job)}
+    if isinstance(job.meta.get("previous"), dict):
+        out["previous"] = job.meta["previous"]
+    lease = record.get("lease_ms") or job.meta.get("lease_ms")
+    if lease:
+        out["lease_ms"] = lease
+        out["lease_expires_at"] = record.get("lease_expires_at") if job.state == "running" else None
+    for key in ("memory_peak_bytes", "cpu_ms"):
+        if isinstance(record.get(key), int):
+            out[key] = record[key]
+    if isinstance(record.get("limit"), dict) and job.terminal:
+        out["limit"] = record["limit"]
+    return out
+
+
 RUSAGE_FIELDS = (
     Field("max_rss_kb", COUNT, True),
     Field("user_ms", COUNT, True),
@@ -4684,7 +5147,7 @@ RUSAGE_FIELDS = (
 @command(
     "status",
     "show a job's state",
-    opts=FORMAT_OPTS + (JOB_ID,),
+    opts=FORMAT_OPTS + (RENEW, JOB_ID),
     checks=(_format_conflict,),
     table=lambda answer, color: _status_table(answer, color),
     returns=JOB_HEAD
@@ -4706,11 +5169,13 @@ RUSAGE_FIELDS = (
         Field("ports", array(COUNT)),
         Field("waiting_for_input", BOOL),
         Field("input_prompt", STR),
-    ),
+    )
+    + GUARD_FIELDS,
     annotations={"readOnlyHint": True, "idempotentHint": True},
 )
 def cmd_status(o) -> dict:
     job = _open_job(o, o.job_id)
+    job = _renew_in_passing(o, job)
     record = job.record
     running = job.state == "running"
     out = {"job_id": job.id, "state": job.state, "started_at": job.started_at()}
@@ -4763,6 +5228,7 @@ def cmd_status(o) -> dict:
             prompt = _input_prompt(job)
             if prompt is not None:
                 out["input_prompt"] = prompt
+    out.update(_guard_fields(job))
     return out
 
 
@@ -5043,6 +5509,397 @@ def cmd_tail(o) -> dict:
     return out
 
 
+# ---- create, start, restart -----------------------------------------------------
+#
+# A job's definition (meta.json "definition": everything the supervisor is
+# told but the environment's values) is recorded by `run` and `create`;
+# `start` and `restart` launch a supervisor from it.  Environment values are
+# never written to disk: the environment of an attempt is the caller's own
+# (unless --no-inherit-env), then --noninteractive's, then the recorded
+# --env-file files, read again, then the --env given to start/restart.  Keys
+# of the recorded --env whose values were not given again are named in the
+# answer's env_missing.
+
+# run's options that only say how `run` watches the job it started: `create`
+# takes all of run's options but these; `start` and `restart` take these.
+_OBSERVE_OPTS = ("snapshot_after", "tail_lines", "max_bytes", "wait", "exit_code", "wait_poll_ms")
+_CREATE_OPTS = tuple(opt for opt in _RUN_OPTS if opt.name not in _OBSERVE_OPTS)
+_START_OPTS = tuple(opt for opt in _RUN_OPTS if opt.name in _OBSERVE_OPTS + ("env", "env_file")) + (
+    JOB_ID,
+)
+_ATTEMPT_FIELDS = (
+    Field("attempt", COUNT, True),
+    Field("previous", PREVIOUS),
+    Field("env_missing", STRS),
+    Field("note", STR),
+)
+
+
+def _definition(spec: dict) -> dict:
+    """meta.json's "definition": what start/restart need, without environment values."""
+    out = {key: spec[key] for key in _SUPERVISOR_KEYS if key not in ("env", "secrets")}
+    out.update(
+        env_files=spec.get("env_files") or [],
+        explicit_env_keys=[k for k, _v in spec["explicit_env"]],
+        noninteractive=bool(spec.get("noninteractive")),
+        inherit_env=spec["inherit_env"],
+        masks=spec["masks"],
+        stdin=spec["stdin"] is not None,
+    )
+    return out
+
+
+@command(
+    "create",
+    "record a job without starting it (state created; `start` starts it)",
+    opts=_CREATE_OPTS,
+    checks=_JOB_CHECKS,
+    returns=JOB_HEAD + LOG_PATH_FIELDS + (Field("created_at", STR, True), Field("env_vars", STRS)),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+)
+def cmd_create(o) -> dict:
+    """Check everything as `run` does, record the job (state.json first, then meta.json)."""
+    spec = _job_spec(o)
+    root = _root(o)
+    _ensure_root(root)
+    # auto-gc: part A
+    job_id, job_dir = _create_job_dir(root)
+    meta = _meta_document(job_id, root, job_dir, spec)
+    doc = _state_document(job_id, "created", _JobFacts())
+    doc["job"]["started_at"] = None
+    try:
+        if spec["stdin"] is not None:
+            _write_private_file(os.path.join(job_dir, STDIN_FILE), spec["stdin"])
+        # state.json before meta.json: a job with meta.json and no state.json
+        # reads as one whose supervisor is starting (or lost).
+        _write_json_atomic(os.path.join(job_dir, STATE), doc, durable=True)
+        _write_json_atomic(os.path.join(job_dir, META), meta, durable=True)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot record job %s: %s" % (job_id, e.strerror or e))
+    out = {"job_id": job_id, "state": "created", "created_at": meta["created_at"]}
+    out.update(_Job(job_id, job_dir, meta, doc, "created", None).log_paths())
+    if spec["explicit_env"]:
+        out["env_vars"] = ["%s=<not stored>" % k for k, _v in spec["explicit_env"]]
+    return out
+
+
+@command(
+    "start",
+    "start a created job with the options it was created with; answers like run",
+    opts=_START_OPTS,
+    checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
+    exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
+    returns=COMMANDS["run"].returns + _ATTEMPT_FIELDS,
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+)
+def cmd_start(o) -> dict:
+    root = _root(o)
+    _check_root(root)
+    job_id = resolve_job(root, o.job_id)
+    meta_path = os.path.join(root, job_id, META)
+    # auto-gc: part A
+    fd = _open_meta(meta_path)
+    try:
+        if not _lock_now(fd):  # a supervisor (or another start) holds it
+            raise AgentExecError("invalid_state", _not_created(load_job(root, job_id)))
+        job = load_job(root, job_id)
+        if job.state != "created":
+            raise AgentExecError("invalid_state", _not_created(job))
+        cfg, spec = _attempt_config(o, job, 1)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _launch_attempt(o, root, job, fd, cfg, spec)
+
+
+def _not_created(job: _Job) -> str:
+    return "job %s is %s, not created: start starts a created job once (restart runs it again)" % (
+        job.id,
+        job.state,
+    )
+
+
+def _open_meta(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot open %s: %s" % (path, e.strerror or e))
+
+
+def _lock_now(fd: int, timeout: float = 0.0) -> bool:
+    """Take the exclusive job lock on ``fd`` within ``timeout`` s (polling); True if taken."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def _attempt_env(definition: dict, o) -> "tuple":
+    """(env, explicit pairs, missing keys) of a new attempt (see the section's banner)."""
+    env = dict(os.environ) if definition.get("inherit_env", True) else {}
+    if definition.get("noninteractive"):
+        env.update(NONINTERACTIVE_ENV)
+    if definition.get("pty"):
+        env["TERM"] = PTY_TERM  # as run --pty sets it
+    for path in list(definition.get("env_files") or ()) + list(getattr(o, "env_file", None) or ()):
+        for key, value in _parse_env_file(path):
+            env[key] = value
+    explicit = []
+    for item in getattr(o, "env", None) or ():
+        key, _, value = item.partition("=")
+        env[key] = value
+        explicit.append((key, value))
+    given = {k for k, _v in explicit}
+    missing = [k for k in definition.get("explicit_env_keys") or () if k not in given]
+    return env, explicit, missing
+
+
+def _attempt_config(o, job: _Job, attempt: int, check_port: bool = True) -> "tuple":
+    """(supervisor config, spec for the answer) of attempt ``attempt``: checked, nothing changed."""
+    definition = job.meta.get("definition")
+    if not isinstance(definition, dict):
+        raise AgentExecError(
+            "invalid_state",
+            "job %s was recorded without its definition (an older agent-exec): run it anew"
+            % job.id,
+        )
+    env, explicit, missing = _attempt_env(definition, o)
+    cwd = _job_cwd(definition["cwd"])
+    _resolve_command(definition["argv"][0], cwd, env)
+    if check_port and definition.get("ready_port"):
+        _refuse_port_in_use(definition["ready_port"])
+    cfg = {key: definition.get(key) for key in _SUPERVISOR_KEYS if key not in ("env", "secrets")}
+    masks = definition.get("masks") or []
+    cfg.update(env=env, secrets=[env[k] for k in masks if env.get(k)], attempt=attempt)
+    has_stdin = definition.get("stdin")
+    cfg["stdin_path"] = os.path.join(job.dir, STDIN_FILE) if has_stdin else None
+    spec = {
+        "stdin_open": bool(definition.get("stdin_open")),
+        "pty": definition.get("pty"),
+        "explicit_env": explicit,
+        "masks": masks,
+        "missing": missing,
+        "ready_match": definition.get("ready_match"),
+        "ready_port": definition.get("ready_port"),
+    }
+    return cfg, spec
+
+
+class _Overlay:
+    """The options ``o`` with some attributes replaced (run's answer path reads them)."""
+
+    def __init__(self, o, **values) -> None:
+        self.__dict__.update(values)
+        self._o = o
+
+    def __getattr__(self, name: str):
+        return getattr(self._o, name)
+
+
+def _launch_attempt(o, root: str, job: _Job, lock_fd: int, cfg: dict, spec: dict) -> dict:
+    """Hand the job (its lock ``lock_fd``, closed here) to a new supervisor; answer like run."""
+    try:
+        ready = _launch_supervisor(job.dir, lock_fd, cfg)
+    finally:
+        os.close(lock_fd)
+    if not ready.get("ok"):
+        doc = _bare_state(job.id, "failed", "supervisor_failed", "the supervisor did not start")
+        doc["attempt"] = cfg["attempt"]
+        _write_json_atomic(os.path.join(job.dir, STATE), doc, durable=True)
+    view = _Overlay(o, ready_match=spec["ready_match"], ready_port=spec["ready_port"])
+    out = _run_answer(view, root, job.id, spec)
+    out["attempt"] = cfg["attempt"]
+    if spec["missing"]:
+        out["env_missing"] = spec["missing"]
+        out["note"] = (
+            "--env values are never stored: %s not set in this attempt; "
+            "give --env again (or keep them in an --env-file)" % ", ".join(spec["missing"])
+        )
+    return out
+
+
+# restart: how long the old supervisor may take to go once the job's lock is
+# free (it lingers while descendants run; they are KILLed first).
+RESTART_SETTLE_S = 5.0
+# How often restart tries again when another restart replaced the job meanwhile.
+_RESTART_ROUNDS = 5
+
+
+@command(
+    "restart",
+    "end a job if it still runs, then start its definition again under the same id",
+    opts=(
+        Opt(
+            "signal",
+            "signal",
+            _SIGTERM,
+            "end the running job with this signal first (default TERM)",
+        ),
+        Opt(
+            "kill_after",
+            "duration",
+            None,
+            "KILL what is left this long after the signal (default: the job's --kill-after)",
+        ),
+    )
+    + _START_OPTS,
+    checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
+    exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
+    returns=COMMANDS["run"].returns + _ATTEMPT_FIELDS,
+    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False},
+)
+def cmd_restart(o) -> dict:
+    """End the current attempt, keep it as attempts/N/, start attempt N+1.
+
+    The job lock serializes everything: restart takes meta.json's lock
+    exclusively (once the supervisor has let go of it), keeps the attempt,
+    then writes a new meta.json (a new inode, born locked) and hands that to
+    the new supervisor.  A second restart that waited on the old lock sees
+    that meta.json is another file now, and restarts the new attempt in turn.
+    A `wait` on the old attempt wakes when the old lock is let go and answers
+    with the old attempt's result (see _attempt_job).
+    """
+    root = _root(o)
+    _check_root(root)
+    job_id = resolve_job(root, o.job_id)
+    meta_path = os.path.join(root, job_id, META)
+    for _round in range(_RESTART_ROUNDS):
+        # The lock first, then the job read through the same meta.json: an
+        # attempt ended here is the one whose lock this restart holds.
+        fd = _open_meta(meta_path)
+        try:
+            job = load_job(root, job_id)
+            if os.fstat(fd).st_ino != _inode(meta_path):
+                os.close(fd)
+                fd = None
+                continue  # replaced in between: read again
+            if job.state == "created":
+                os.close(fd)
+                fd = None
+                return cmd_start(o)
+            attempt = _attempt_of(job)
+            # Every check before any change; but the port, which the running
+            # attempt may hold itself, only once that has ended.
+            cfg, spec = _attempt_config(o, job, attempt + 1, check_port=False)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        try:
+            if not _end_for_restart(o, job, fd):
+                raise AgentExecError(
+                    "invalid_state", "job %s did not end after KILL; not restarted" % job.id
+                )
+            if os.fstat(fd).st_ino != _inode(meta_path):
+                os.close(fd)
+                fd = None
+                continue  # another restart went first: end and restart its attempt
+            if spec["ready_port"]:
+                _refuse_port_in_use(spec["ready_port"])
+            previous = _keep_attempt(job, attempt)
+            meta = dict(job.meta, attempt=attempt + 1, previous=previous)
+            facts = _JobFacts()
+            facts.attempt = attempt + 1
+            _write_json_atomic(
+                os.path.join(job.dir, STATE), _state_document(job.id, "running", facts)
+            )
+            new_fd = _write_json_atomic(meta_path, meta, keep_locked=True)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        try:
+            job = _Job(job.id, job.dir, meta, {}, "running", None)
+            out = _launch_attempt(o, root, job, new_fd, cfg, spec)
+        finally:
+            os.close(fd)  # the old lock: waiters on the old attempt wake now
+        out["previous"] = previous
+        return out
+    raise AgentExecError(
+        "invalid_state", "job %s is being restarted by others; try again" % job_id, retryable=True
+    )
+
+
+def _inode(path: str) -> "int | None":
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _end_for_restart(o, job: _Job, fd: int) -> bool:
+    """End the job's attempt (signal, then KILL after the grace) and take its lock on ``fd``."""
+    definition = job.meta.get("definition") or {}
+    grace_ms = o.kill_after if o.kill_after is not None else definition.get("kill_after_ms") or 0
+    kill_at = time.monotonic() + grace_ms / 1000.0
+    give_up = kill_at + RESTART_SETTLE_S + 5.0
+    delivered = None  # the last signal that reached the job
+    while not _lock_now(fd):
+        now = time.monotonic()
+        if now > give_up:
+            return False
+        # The signal asked for first, always; KILL once the grace is over.
+        want = _SIGKILL if delivered is not None and now >= kill_at else o.signal
+        if delivered != want and _inode(job.path(META)) == os.fstat(fd).st_ino:
+            # Sent again until it arrives: a supervisor just launched by
+            # another restart may not have its control FIFO yet.
+            job = job.reload()
+            if _ask_supervisor_to_signal(job, want) or _signal_without_supervisor(job, want):
+                delivered = want
+        time.sleep(0.02)
+    # The attempt is over; its supervisor may linger for descendants: end them.
+    job = job.reload() if _inode(job.path(META)) == os.fstat(fd).st_ino else job
+    if _supervisor_alive(job):
+        _ask_supervisor_to_signal(job, _SIGKILL)
+        deadline = time.monotonic() + RESTART_SETTLE_S
+        while _supervisor_alive(job) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return True
+
+
+def _keep_attempt(job: _Job, attempt: int) -> dict:
+    """Move attempt ``attempt``'s state and logs to attempts/N/; its summary (status.previous).
+
+    The caller holds the job lock, and the supervisor is gone: a state.json
+    that still says running is a lost supervisor's, and is kept as such.
+    """
+    record, written = _read_record(job.dir)
+    state, failure = _verdict(record, written, True, None)
+    record = dict(record or {})
+    record["job"] = dict(record.get("job") or {}, status=state)
+    record["failure"] = failure
+    adir = os.path.join(job.dir, ATTEMPTS, str(attempt))
+    try:
+        os.makedirs(adir, 0o700, exist_ok=True)
+        _write_json_atomic(os.path.join(adir, STATE), record, durable=True)
+        names = [STDOUT_LOG, STDERR_LOG, EVENT_FILE]
+        if not job.meta.get("definition", {}).get("log_path"):
+            names.append(FULL_LOG)
+        for name in names:
+            try:
+                os.rename(job.path(name), os.path.join(adir, name))
+            except FileNotFoundError:
+                pass
+        for name in (CONTROL,):  # the new supervisor makes its own FIFO
+            try:
+                os.unlink(job.path(name))
+            except FileNotFoundError:
+                pass
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot keep attempt %d: %s" % (attempt, e.strerror or e))
+    kept = _Job(job.id, adir, job.meta, record, state, failure)
+    previous = {"attempt": attempt, "state": state, "started_at": kept.started_at() or None}
+    previous.update(kept.result_fields())
+    if isinstance(record.get("limit"), dict):
+        previous["limit"] = record["limit"]
+    return previous
+
+
 # ---- wait, read -------------------------------------------------------------------
 
 
@@ -5086,6 +5943,7 @@ _BRIEF = obj(
             help="return when the job waits for input, on Linux (or is terminal)",
         ),
         PLAIN,
+        RENEW,
         JOB_IDS,
     ),
     checks=(_wait_single_job_options, _wait_match_options),
@@ -5121,6 +5979,15 @@ def cmd_wait(o) -> dict:
     _check_root(root)
     job_ids = [resolve_job(root, ident) for ident in ids]
     deadline = time.monotonic() + o.timeout_ms / 1000.0 if o.timeout_ms > 0 else None
+    if getattr(o, "renew", False):
+        for job_id in job_ids:
+            _renew_in_passing(o, load_job(root, job_id))
+    # A created job: wait for `start` first (then for its end, as asked).
+    first = _wait_started(root, job_ids, deadline, _cancelled(o))
+    if first is not None and first.state == "created":
+        out = first.head()
+        out.update(timed_out=True, cursor=make_cursor(0, 0))
+        return out
     if len(ids) > 1 or o.any:
         return _wait_many(root, job_ids, o.any, deadline, _cancelled(o))
     job_id = job_ids[0]
@@ -5143,6 +6010,9 @@ def cmd_wait(o) -> dict:
         lock = os.path.join(job_dir, READY_LOCK)
     _wait_lock(lock, _remaining(deadline), _cancelled(o))
     job = load_job(root, job_id)
+    if first is not None and _attempt_of(job) != _attempt_of(first):
+        # Restarted meanwhile: this wait was on the earlier attempt; its end.
+        job = _attempt_job(job, _attempt_of(first)) or job
     out = job.head()
     ready = job.record.get("ready")
     if o.ready:
@@ -5150,6 +6020,35 @@ def cmd_wait(o) -> dict:
     out["timed_out"] = job.state == "running" and not (o.ready and ready)
     out["cursor"] = job_cursor(job)
     return out
+
+
+# How often a wait on a created job looks whether it has been started.
+CREATED_POLL_S = 0.05
+
+
+def _wait_started(root: str, job_ids: list, deadline, cancel=None) -> "_Job | None":
+    """Sleep while any of the jobs is still created (not started); the first job then."""
+    while True:
+        jobs = [load_job(root, job_id) for job_id in job_ids]
+        if all(j.state != "created" for j in jobs):
+            return jobs[0]
+        left = _remaining(deadline)
+        if (left is not None and left <= 0) or (cancel is not None and cancel.is_set()):
+            return next(j for j in jobs if j.state == "created")
+        time.sleep(CREATED_POLL_S if left is None else min(CREATED_POLL_S, left))
+
+
+def _attempt_job(job: _Job, attempt: int) -> "_Job | None":
+    """Attempt ``attempt`` of ``job``, as kept in attempts/N/ by `restart`; None if absent."""
+    adir = os.path.join(job.dir, ATTEMPTS, str(attempt))
+    try:
+        record = _read_json(os.path.join(adir, STATE))
+    except (OSError, ValueError):
+        return None
+    status = (record.get("job") or {}).get("status")
+    if status not in TERMINAL_STATES:
+        return None
+    return _Job(job.id, adir, job.meta, record, status, record.get("failure"))
 
 
 # How often wait --input (and run --stdin-open's snapshot) look at the job's
@@ -5376,6 +6275,7 @@ def _wait_output(
         MAX_BYTES,
         Opt("wait_ms", "duration", 0, "block until there is new output, the job ends, or MS pass"),
         PLAIN,
+        RENEW,
         JOB_ID,
     ),
     returns=JOB_HEAD
@@ -5390,7 +6290,12 @@ def _wait_output(
     annotations={"readOnlyHint": True, "idempotentHint": True},
 )
 def cmd_read(o) -> dict:
-    job = _open_job(o, o.job_id)
+    job = _renew_in_passing(o, _open_job(o, o.job_id))
+    if job.state == "created":
+        # Nothing has run: no output yet, and a cursor to read from later.
+        out = {"job_id": job.id, "state": job.state, "stdout": "", "stderr": ""}
+        out.update(cursor=make_cursor(0, 0), more=False, eof=False)
+        return out
     out_pos, err_pos = o.cursor if o.cursor is not None else (0, 0)
     deadline = time.monotonic() + o.wait_ms / 1000.0
     cancel = _cancelled(o)
@@ -5431,6 +6336,73 @@ def cmd_read(o) -> dict:
     return out
 
 
+# ---- renew (leases) ---------------------------------------------------------------
+
+# How long `renew` waits for the supervisor's answer.
+RENEW_ANSWER_S = 5.0
+
+
+@command(
+    "renew",
+    "extend a job's lease (run --lease)",
+    opts=(
+        Opt(
+            "lease",
+            "duration",
+            None,
+            "the job lives this long from now (default: the length of its lease)",
+        ),
+        JOB_ID,
+    ),
+    returns=JOB_HEAD + (Field("lease_ms", COUNT, True), Field("lease_expires_at", STR, True)),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
+)
+def cmd_renew(o) -> dict:
+    job = _open_job(o, o.job_id)
+    if o.lease is not None and o.lease <= 0:
+        raise AgentExecError("invalid_argument", "--lease must be longer than 0")
+    return _renew(job, o.lease)
+
+
+def _renew(job: _Job, lease_ms: "int | None") -> dict:
+    """Ask the supervisor to move the lease's deadline; the renew answer."""
+    length = job.record.get("lease_ms") or job.meta.get("lease_ms")
+    if not length:
+        raise AgentExecError(
+            "invalid_state", "job %s has no lease (run --lease DURATION gives one)" % job.id
+        )
+    if job.state != "running":
+        raise AgentExecError(
+            "invalid_state", "job %s is %s: there is no lease to renew" % (job.id, job.state)
+        )
+    ms = lease_ms or length
+    answer = _ask_supervisor(job.dir, {"verb": "renew", "lease_ms": ms}, RENEW_ANSWER_S)
+    if answer is None:
+        job = job.reload()
+        if job.state != "running":
+            raise AgentExecError("invalid_state", "job %s is %s" % (job.id, job.state))
+        raise AgentExecError("io_error", "the supervisor of job %s did not answer" % job.id)
+    if not answer.get("ok"):
+        code = answer.get("code")
+        raise AgentExecError(
+            code if code in ERROR_CODES else "invalid_state", str(answer.get("message"))
+        )
+    return {
+        "job_id": job.id,
+        "state": "running",
+        "lease_ms": ms,
+        "lease_expires_at": answer.get("lease_expires_at"),
+    }
+
+
+def _renew_in_passing(o, job: _Job) -> _Job:
+    """status/read/wait --renew: renew the lease first; the job as it is then."""
+    if not getattr(o, "renew", False):
+        return job
+    _renew(job, None)
+    return job.reload()
+
+
 # ---- kill -------------------------------------------------------------------------
 
 
@@ -5454,6 +6426,12 @@ def cmd_read(o) -> dict:
 )
 def cmd_kill(o) -> dict:
     job = _open_job(o, o.job_id)
+    if job.state == "created":
+        raise AgentExecError(
+            "invalid_state",
+            "job %s is created, not started: nothing runs to signal (agent-exec start %s "
+            "starts it; agent-exec delete %s removes it)" % (job.id, job.id, job.id),
+        )
     sig = o.signal
     sent = _ask_supervisor_to_signal(job, sig) or _signal_without_supervisor(job, sig)
     if sent and job.state == "running" and signal_name(sig)[3:] not in _NON_ENDING_SIGNALS:
@@ -5855,7 +6833,7 @@ def cmd_delete(o) -> dict:
         except AgentExecError as e:
             refused.append({"job_id": job_id, "reason": e.message})
             continue
-        if not job.terminal:
+        if not job.terminal and job.state != "created":
             reason = "the job is %s; stop it first (agent-exec kill %s)" % (job.state, job_id)
             refused.append({"job_id": job_id, "reason": reason})
             continue
@@ -6046,6 +7024,12 @@ def cmd_follow(o) -> dict:
     pos = dict(zip(_STREAMS, o.cursor if o.cursor is not None else (0, 0)))
     rows = _RowOrder(job, pos) if which == "both" else None
     cancel = _cancelled(o) or _cancel_on_sigint(o)
+    if job.state == "created":  # nothing to follow until `start`: wait for it
+        job = _wait_started(os.path.dirname(job.dir), [job.id], None, cancel)
+        if job.state == "created":
+            out = job.head()
+            out["cursor"] = make_cursor(pos["stdout"], pos["stderr"])
+            return out
     watch = _LockWatch.acquire(job.path(META))
     try:
         while True:
