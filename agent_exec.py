@@ -5877,7 +5877,7 @@ def _keep_attempt(job: _Job, attempt: int) -> dict:
     try:
         os.makedirs(adir, 0o700, exist_ok=True)
         _write_json_atomic(os.path.join(adir, STATE), record, durable=True)
-        names = [STDOUT_LOG, STDERR_LOG, EVENT_FILE]
+        names = [STDOUT_LOG, STDERR_LOG, EVENT_FILE, RESIZE_LOG]  # the sizes go with the log
         if not job.meta.get("definition", {}).get("log_path"):
             names.append(FULL_LOG)
         for name in names:
@@ -5885,7 +5885,8 @@ def _keep_attempt(job: _Job, attempt: int) -> dict:
                 os.rename(job.path(name), os.path.join(adir, name))
             except FileNotFoundError:
                 pass
-        for name in (CONTROL,):  # the new supervisor makes its own FIFO
+        # The new supervisor makes its own FIFO; screen's checkpoint was of the old log.
+        for name in (CONTROL, SCREEN_CACHE):
             try:
                 os.unlink(job.path(name))
             except FileNotFoundError:
