@@ -174,6 +174,7 @@ ERROR_CODES = {
     "unsupported_platform": (1, False, "not Linux or macOS"),
     "internal_error": (1, False, "an unexpected exception (a bug)"),
     "interrupted": (1, True, "the CLI itself was interrupted (Ctrl-C)"),
+    "unknown_source_scheme": (1, False, "install-skills --source: not self or local:PATH"),
 }
 
 # end_reason of a terminal job: why it ended.  ``exit``: by itself; ``signal``:
@@ -3397,7 +3398,7 @@ Field = collections.namedtuple("Field", "name schema required", defaults=(False,
 _Command = collections.namedtuple(
     "_Command",
     "name help handler opts returns checks variants annotations exit_status examples table streams"
-    " fronts",
+    " fronts tool_help",
 )
 COMMANDS = {}  # name -> _Command, in the order --help and a tool list show them
 
@@ -3415,6 +3416,7 @@ def command(
     table=None,
     streams=False,
     fronts=("cli", "mcp"),
+    tool_help=None,
 ):
     """Declare a command beside its handler.
 
@@ -3431,7 +3433,9 @@ def command(
     a command that ``streams`` writes its output to ``o.out`` (a binary file)
     as it goes, and its answer is not printed unless it is an error.
     ``fronts`` are the front ends that offer the command (a tool list only
-    those with "mcp").
+    those with "mcp").  ``tool_help`` is the tool's description for a model
+    (what it does, when to use it, what to call next); ``help`` stands in
+    for a command that has none.
     """
 
     def register(handler):
@@ -3449,6 +3453,7 @@ def command(
             table,
             streams,
             tuple(fronts),
+            tool_help,
         )
         return handler
 
@@ -3849,6 +3854,18 @@ _RUN_OPTS = (
 @command(
     "run",
     "start a background job",
+    tool_help=(
+        "Start a command as a background job and get its job_id at once; the job keeps "
+        "running after this call (and after this session) ends. Use it instead of a plain "
+        "shell call for anything that may take more than a few seconds, a server, or "
+        'output you want to page through. `command` is the argv list (["make", "test"]); '
+        "`shell` is one string for /bin/sh -c (pipes, &&). The answer has a snapshot of "
+        "the first output (snapshot_after, at most 10 s) and a cursor. With ready_match / "
+        "ready_port it answers once the job is ready. With wait it blocks until the end, "
+        "at most about 20 s per call (the server's cap): if state is still running, call "
+        "wait. Next: read (with the cursor) for new output, wait for the end, status, "
+        "kill."
+    ),
     opts=_RUN_OPTS,
     checks=(
         _needs_command,
@@ -4346,6 +4363,12 @@ RUSAGE_FIELDS = (
 @command(
     "status",
     "show a job's state",
+    tool_help=(
+        "Show one job's state without waiting: running, exited, killed or failed, "
+        "exit_code, signal, end_reason, success, pid, output sizes, idle_ms, readiness, "
+        "waiting_for_input. Cheap: call it whenever you need to know where a job is. "
+        "Next: read for output, wait to block until the end."
+    ),
     opts=FORMAT_OPTS + (JOB_ID,),
     checks=(_format_conflict,),
     table=lambda answer, color: _status_table(answer, color),
@@ -4607,6 +4630,11 @@ def _settled_lingering(job: _Job) -> list:
 @command(
     "tail",
     "show the end of a job's output",
+    tool_help=(
+        "Show the last lines of a job's stdout and stderr (tail_lines, max_bytes), with a "
+        "cursor that read can continue from. Use it to look at a long log's end; use read "
+        "to go through output in order."
+    ),
     opts=(TAIL_LINES, MAX_BYTES) + FORMAT_OPTS + (JOB_ID,),
     checks=(_format_conflict,),
     table=lambda answer, color: _tail_table(answer, color),
@@ -4655,6 +4683,15 @@ _BRIEF = obj(
 @command(
     "wait",
     "block until a job is terminal (or ready, or prints a match)",
+    tool_help=(
+        "Block until a job ends (or, with ready, is ready; with match, prints a line "
+        "matching a regex; with input, waits for input), then answer its state and "
+        "result. Each call waits at most timeout_ms, 20 s by default and never more than "
+        "the server's cap (55 s unless configured): when timed_out is true the job is "
+        "still running, so call wait again, or read from the cursor to see its output "
+        "meanwhile. Several job_ids: all of them (or, with any, the first). Waiting never "
+        "stops a job; cancelling this call only ends the wait."
+    ),
     opts=(
         Opt("timeout_ms", "duration", 0, "0 = no limit"),
         # Accepted for scripts written for the first versions; not used.
@@ -4937,6 +4974,14 @@ def _wait_output(
 @command(
     "read",
     "read the output that arrived after a cursor",
+    tool_help=(
+        "Read the job's output in order: stdout and stderr after a cursor, at most "
+        "max_bytes each, and a new cursor to pass next time. Without a cursor it "
+        "continues where this session's last read of that job ended (the first read "
+        "starts at the beginning), so nothing is missed or repeated. wait_ms blocks until "
+        "new output arrives (capped like wait). more: call again at once; eof: all output "
+        "is read and the answer carries the job's result."
+    ),
     opts=(
         Opt("cursor", "cursor", help="default: the start"),
         MAX_BYTES,
@@ -5000,6 +5045,11 @@ def cmd_read(o) -> dict:
 @command(
     "kill",
     "signal every live process of a job",
+    tool_help=(
+        "Signal every live process of a job (TERM by default; KILL, INT, HUP... or a "
+        "number) and answer its state, usually final after up to 1 s. Use it to stop a "
+        "job that hangs or is no longer needed; STOP and CONT pause and resume it."
+    ),
     opts=(
         Opt(
             "signal",
@@ -5090,6 +5140,11 @@ def _send_input_options(o) -> "str | None":
 @command(
     "send",
     "write to the stdin of a job started with --stdin-open",
+    tool_help=(
+        "Write text to the stdin of a job started with stdin_open (no newline is added: "
+        "end the text with \\n to answer a prompt), and with eof close it. Use it when "
+        "status or wait (input) says waiting_for_input. Next: read for the job's reply."
+    ),
     opts=(
         Opt("text", help="send TEXT (no newline is added)", metavar="TEXT"),
         Opt("file", help="send this file's bytes", metavar="PATH"),
@@ -5192,6 +5247,11 @@ def _running_state_conflict(o) -> "str | None":
 @command(
     "list",
     "list jobs, newest first",
+    tool_help=(
+        "List jobs, newest first: by default those started in the server's working "
+        "directory (cwd to pick another, all for every one), optionally by state. Use it "
+        "to find a job_id you lost."
+    ),
     opts=(
         Opt("state", "choice", help="only jobs in this state", choices=STATES),
         Opt(
@@ -5293,6 +5353,10 @@ _DESTRUCTIVE = {"readOnlyHint": False, "destructiveHint": True, "idempotentHint"
 @command(
     "delete",
     "delete finished jobs",
+    tool_help=(
+        "Delete finished jobs and their logs (dry_run to see what would go). A running "
+        "job is refused: kill it first."
+    ),
     opts=(DRY_RUN, JOB_IDS),
     returns=(Field("deleted", STRS, True),) + _REMOVAL_FIELDS,
     annotations=_DESTRUCTIVE,
@@ -5357,6 +5421,10 @@ def _remove_job(job_dir: str, dry_run: bool) -> int:
 @command(
     "gc",
     "delete old finished jobs",
+    tool_help=(
+        "Delete finished jobs older than older_than (default 7 days), or beyond the "
+        "newest max_jobs; dry_run shows what would go."
+    ),
     opts=(
         Opt(
             "older_than",
@@ -5419,6 +5487,9 @@ def cmd_gc(o) -> dict:
 @command(
     "schema",
     "print the JSON Schema of every response",
+    tool_help=(
+        "The JSON Schema of every answer of every command, for a program that checks answers."
+    ),
     returns=(
         Field("schema_format", {"const": "json-schema-draft-07"}, True),
         Field("schema", {"type": "object"}, True),
@@ -5986,6 +6057,255 @@ def cmd_uninstall(o) -> dict:
         except OSError:
             pass
     return {"removed": removed, "manifest_path": manifest}
+
+
+# ---- install-skills -------------------------------------------------------------
+#
+# A skill is a folder with a SKILL.md (YAML front matter: name, description;
+# then instructions for a model).  Harnesses look for them in .agents/skills/
+# (or .claude/skills/) of the project or of the home directory; the
+# .skill-lock.json beside that folder records what was installed from where,
+# as the `skills` tools of the harnesses keep it.
+
+_SKILL_NAME = "agent-exec"
+_SKILL_LOCK = ".skill-lock.json"
+_SKILL_SCHEMES = ("self", "local")
+_SKILL_MD = """\
+---
+name: agent-exec
+description: Run shell commands as background jobs that outlive the tool call - builds, test
+  suites, servers, installs, anything that may take more than a few seconds or must keep running -
+  then read their output by cursor, wait for them with a bounded wait, and kill them. Use it
+  instead of a plain blocking shell call whenever a command may be slow, hang, prompt, or serve.
+---
+
+# agent-exec: background jobs for agents
+
+`agent-exec` starts a command as a job and answers at once with a `job_id`; the
+job keeps running under its own supervisor after the call (and the session)
+ends. Every answer is one JSON object: check `ok` first, then `type`.
+
+## When to use `run` rather than a plain shell call
+
+- The command may take longer than a few seconds (build, test suite, install,
+  download, migration), or you do not know how long it takes.
+- It is a server or a watcher that must keep running while you do other work.
+- Its output may be large: read it in pages instead of flooding the context.
+- It may hang or ask a question: a job can be inspected, answered or killed.
+
+A quick, known-short command (`ls`, `git status`) needs no job.
+
+## The loop: run, read, wait
+
+1. `agent-exec run -- make test` (or the MCP tool `run` with
+   `"command": ["make", "test"]`; `--shell 'a | b'` for pipes). The answer has
+   `job_id`, `state`, a `snapshot` of the first output and a `cursor`.
+2. `agent-exec read JOB --cursor C` gives the output after cursor `C`
+   (`stdout`, `stderr`) and the next `cursor`. Always pass the newest cursor:
+   nothing is missed or repeated. `more: true` means call again at once;
+   `eof: true` means all output is read, and the answer carries the result.
+   `--wait-ms 5000` blocks until new output arrives.
+3. `agent-exec wait JOB --timeout-ms 20000` blocks until the job ends. When
+   `timed_out` is true the job is still running: wait again, or read.
+4. `agent-exec status JOB` at any time: `state`, `exit_code`, `end_reason`.
+
+Over MCP every blocking call is capped (20 s by default); a capped answer
+says the job still runs, with the cursor to continue from. Cancelling a call
+never stops the job.
+
+## Readiness
+
+For a server, `run --ready-port 8000 -- ...` or `run --ready-match 'Listening'`
+answers once the port accepts connections or a line matches (`ready: true`),
+so you do not sleep and guess. `wait JOB --ready` waits for it later.
+
+## Stopping
+
+`agent-exec kill JOB` sends TERM to every process of the job (`--signal KILL`
+if it ignores TERM); `run --timeout 10m` bounds a job up front. Finished
+jobs are removed with `agent-exec delete JOB` or `agent-exec gc`.
+
+## The fields that matter
+
+- `state`: `running`, `exited`, `killed` or `failed`.
+- `exit_code`, `signal`, `end_reason` (`exit`, `signal`, `kill`, `timeout`,
+  `spawn_failed`, `supervisor_lost`), `success`.
+- `cursor`: where the next `read` starts; `snapshot.stdout_tail` and
+  `snapshot.stderr_tail`: the latest output.
+- `waiting_for_input`: the job blocks reading stdin (start it with
+  `--stdin-open`, answer with `agent-exec send JOB --text 'y\\n'`).
+- On error: `error.code` and `error.message`; `error.retryable` says whether
+  trying again may help.
+"""
+
+
+def _skills_base(o) -> str:
+    """The directory that holds the skills folder: here, or the home directory."""
+    if getattr(o, "global"):
+        home = _home_dir()
+        if home is None:
+            raise AgentExecError("invalid_argument", "install-skills --global: no home directory")
+        return home
+    try:
+        return os.getcwd()
+    except OSError as e:
+        raise AgentExecError("cwd_not_found", "the current directory is gone: %s" % e)
+
+
+def _skill_source(text: str) -> "tuple":
+    """(scheme, path) of --source: self, or local:PATH (made absolute)."""
+    scheme, colon, rest = text.partition(":")
+    if not colon and scheme == "self":
+        return "self", None
+    if colon and scheme == "local":
+        if not rest:
+            raise AgentExecError("invalid_argument", "--source local:PATH needs a PATH")
+        return "local", os.path.abspath(os.path.expanduser(rest))
+    raise AgentExecError(
+        "unknown_source_scheme",
+        "--source %r: the sources are self and local:PATH" % _short(text),
+    )
+
+
+def _skill_front_matter_name(text: str) -> "str | None":
+    """The ``name:`` of a SKILL.md's YAML front matter (None when it has none)."""
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == "name":
+            return value.strip().strip("\"'") or None
+    return None
+
+
+def _local_skill(path: str) -> "tuple":
+    """(name, SKILL.md text) of a local skill folder, checked."""
+    skill_md = os.path.join(path, "SKILL.md")
+    if not os.path.isdir(path):
+        raise AgentExecError("invalid_argument", "--source local:%s: not a directory" % path)
+    try:
+        with open(skill_md, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        raise AgentExecError("invalid_argument", "--source local:%s: no SKILL.md in it" % path)
+    name = _skill_front_matter_name(text) or os.path.basename(os.path.normpath(path))
+    if name in ("", ".", "..") or "/" in name or "\x00" in name:
+        raise AgentExecError("invalid_argument", "SKILL.md of %s: bad skill name %r" % (path, name))
+    return name, text
+
+
+def _replace_tree(target: str, fill) -> None:
+    """Make ``target`` a fresh directory filled by ``fill(tmp)``: built aside, then swapped in."""
+    import shutil
+
+    parent = os.path.dirname(target)
+    tmp = "%s.%d.tmp" % (target, os.getpid())
+    old = "%s.%d.old" % (target, os.getpid())
+    try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        fill(tmp)
+        if os.path.lexists(target):
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except (OSError, shutil.Error) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AgentExecError("io_error", "cannot write %s: %s" % (target, e))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_skill_lock(lock_path: str, entries: list) -> None:
+    """Add (or replace, by name) ``entries`` in the lock file; other skills stay."""
+    try:
+        with open(lock_path, encoding="utf-8") as f:
+            lock = json.load(f)
+    except (OSError, ValueError):
+        lock = {}
+    skills = lock.get("skills") if isinstance(lock, dict) else None
+    if not isinstance(skills, list):
+        skills = []
+    names = {e["name"] for e in entries}
+    kept = [s for s in skills if not (isinstance(s, dict) and s.get("name") in names)]
+    doc = {"version": 1, "skills": kept + entries}
+    try:
+        _write_file_atomic(lock_path, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot write %s: %s" % (lock_path, e.strerror or e))
+
+
+@command(
+    "install-skills",
+    "install agent-exec's skill (or a local one) where agent harnesses load skills",
+    opts=(
+        Opt(
+            "source",
+            default="self",
+            help="self (agent-exec's own skill, the default) or local:PATH (a folder with a "
+            "SKILL.md)",
+            metavar="SOURCE",
+        ),
+        Opt("global", "flag", help="under the home directory instead of the current one"),
+        Opt("claude", "flag", help="into .claude/skills/ instead of .agents/skills/"),
+    ),
+    fronts=("cli",),
+    returns=(
+        Field("type", {"const": "install_skills"}, True),
+        Field(
+            "skills",
+            array(
+                obj(
+                    (
+                        Field("name", STR, True),
+                        Field("source_type", {"enum": list(_SKILL_SCHEMES)}, True),
+                        Field("path", STR, True),
+                    )
+                )
+            ),
+            True,
+        ),
+        Field("global", BOOL, True),
+        Field("lock_file_path", STR, True),
+    ),
+    examples=(
+        ("agent-exec install-skills", "into ./.agents/skills/agent-exec/"),
+        ("agent-exec install-skills --global --claude", "into ~/.claude/skills/agent-exec/"),
+        ("agent-exec install-skills --source local:./my-skill", "a skill folder of your own"),
+    ),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
+)
+def cmd_install_skills(o) -> dict:
+    import shutil
+
+    scheme, path = _skill_source(o.source)
+    base = os.path.join(_skills_base(o), ".claude" if o.claude else ".agents")
+    if scheme == "self":
+        name, text = _SKILL_NAME, _SKILL_MD
+    else:
+        name, text = _local_skill(path)
+    target = os.path.join(base, "skills", name)
+
+    def fill(tmp: str) -> None:
+        if scheme == "self":
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "SKILL.md"), "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            shutil.copytree(path, tmp, symlinks=True)
+
+    _replace_tree(target, fill)
+    entry = {"name": name, "source_type": scheme, "path": target}
+    lock_path = os.path.join(base, _SKILL_LOCK)
+    source = "self" if scheme == "self" else "local:" + path
+    _write_skill_lock(lock_path, [dict(entry, source=source, installed_at=_now())])
+    return {
+        "type": "install_skills",
+        "skills": [entry],
+        "global": bool(getattr(o, "global")),
+        "lock_file_path": lock_path,
+    }
 
 
 def cmd_supervise(job_dir: str, fds: str) -> int:
