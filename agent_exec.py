@@ -7007,6 +7007,592 @@ def cli() -> None:
     os._exit(code)
 
 
+# ==== Front end: MCP =========================================================
+#
+# `agent-exec mcp` serves the declared commands as MCP tools over stdio:
+# newline-delimited JSON-RPC 2.0 on stdin and stdout, logs on stderr.  The
+# tool list, the input schemas and the argument checks come from the same
+# declarations as the CLI (tool_list(), options_from_arguments()), and every
+# call goes through dispatch(), so a command declared later is a tool too.
+#
+# Both generations of the protocol are spoken on one connection, request by
+# request: the handshake one (initialize, then requests; 2024-11-05 to
+# 2025-11-25) and the stateless revision 2026-07-28, whose requests carry
+# their protocol version and client capabilities in params._meta and whose
+# results all carry resultType.  server/discover is answered at any time.
+#
+# Design: threads, not a poll loop.  The main thread reads stdin and answers
+# the cheap methods itself; each tools/call runs on a thread of its own, so a
+# second request is answered while a wait blocks.  The handlers block (in
+# flock watchers, sleeps, reads) and already take a cancel flag (o.cancel,
+# see _cancelled); a poll loop would need every one rewritten as a state
+# machine.  One lock serialises the writes to stdout.  The job store needs
+# no lock: every command is already safe against other processes.
+#
+# Long-lived: `run` launches each supervisor with a double fork and reaps the
+# intermediate child at once (see _launch_supervisor), so no zombie is left;
+# the waits share one _LockWatch thread per job; a finished call leaves
+# nothing behind but the session's read position of its job.
+
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+MCP_STATELESS_VERSIONS = ("2026-07-28",)
+# structuredContent's outputSchema arrived with 2025-06-18.
+_MCP_OUTPUT_SCHEMA_VERSIONS = ("2025-06-18", "2025-11-25") + MCP_STATELESS_VERSIONS
+_MCP_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+_MCP_META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+_MCP_META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+# JSON-RPC 2.0 error codes, and MCP's for a protocol version it does not speak.
+_RPC_PARSE_ERROR = -32700
+_RPC_INVALID_REQUEST = -32600
+_RPC_METHOD_NOT_FOUND = -32601
+_RPC_INVALID_PARAMS = -32602
+_RPC_INTERNAL_ERROR = -32603
+_RPC_UNSUPPORTED_VERSION = -32022
+# Clients cut a tool call after 60 s (some desktop clients) to 300 s (Codex):
+# a blocking call is bounded well inside that.
+MCP_DEFAULT_WAIT_MS = 20000
+MCP_MAX_WAIT_MS = 55000
+# How long a client may keep the tool list (it changes only with a new server).
+_MCP_LIST_TTL_MS = 3600000
+_MCP_PROGRESS_EVERY_S = 1.0
+_MCP_INSTRUCTIONS = (
+    "agent-exec runs commands as background jobs that outlive the call. Start one with run "
+    "(command: an argv list, or shell: one string), then read its output with read (each answer "
+    "has a cursor; without one, read continues where the last read of that job ended), wait for "
+    "its end with wait (bounded per call: when timed_out is true it still runs, call wait again), "
+    "check it with status, stop it with kill. Cancelling a call never stops a job."
+)
+
+
+def _mcp_max_wait_ms() -> int:
+    """AGENT_EXEC_MCP_MAX_WAIT_MS, the cap on one blocking call (default 55 s)."""
+    raw = os.environ.get("AGENT_EXEC_MCP_MAX_WAIT_MS", "")
+    try:
+        value = parse_duration_ms(raw) if raw.strip() else MCP_MAX_WAIT_MS
+    except ValueError:
+        _log(
+            1, "AGENT_EXEC_MCP_MAX_WAIT_MS=%r is not a duration: using %d" % (raw, MCP_MAX_WAIT_MS)
+        )
+        return MCP_MAX_WAIT_MS
+    return max(1, value)
+
+
+class _RpcError(Exception):
+    """A JSON-RPC error answer: code, message and optional data."""
+
+    def __init__(self, code: int, message: str, data=None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+def _mcp_output_schema(cmd: _Command) -> dict:
+    """The command's answer or the error envelope: every answer conforms."""
+    defs = {"snapshot": obj(SNAPSHOT_FIELDS), "error": response_schema()["definitions"]["error"]}
+    return {"type": "object", "definitions": defs, "anyOf": [_answer_schema(cmd), ref("error")]}
+
+
+def _mcp_tools(version: "str | None") -> list:
+    """tools/list: the declared tools, with a model-facing description, full
+    annotations, and (where the revision has it) an outputSchema."""
+    out = []
+    for tool in tool_list():
+        cmd = COMMANDS[tool["name"]]
+        tool["description"] = cmd.tool_help or cmd.help
+        schema = tool["inputSchema"]
+        # `command` of run is not required: `shell` stands in for it.
+        argv = {x.name for x in cmd.opts if x.kind == "argv"}
+        schema["required"] = [n for n in schema["required"] if n not in argv]
+        hints = dict(tool.get("annotations") or {})
+        hints.setdefault("readOnlyHint", False)
+        hints.setdefault("destructiveHint", not hints["readOnlyHint"])
+        hints.setdefault("idempotentHint", hints["readOnlyHint"])
+        hints.setdefault("openWorldHint", False)
+        tool["annotations"] = hints
+        if version in _MCP_OUTPUT_SCHEMA_VERSIONS:
+            tool["outputSchema"] = _mcp_output_schema(cmd)
+        out.append(tool)
+    return out
+
+
+class _McpCall:
+    """One tools/call in progress: its cancel flag (is_set(), as the handlers
+    expect of o.cancel), its deadline, and whether the client cancelled it."""
+
+    def __init__(self, request_id, deadline: "float | None") -> None:
+        import threading
+
+        self.id = request_id
+        self.deadline = deadline
+        self.flag = threading.Event()
+        self.client_cancelled = False
+        self.done = False
+        self.lock = threading.Lock()  # progress notifications and the answer
+
+    def is_set(self) -> bool:
+        if self.flag.is_set():
+            return True
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def cancel(self, by_client: bool) -> None:
+        self.client_cancelled = self.client_cancelled or by_client
+        self.flag.set()
+
+
+class _McpServer:
+    """One stdio session: the protocol state, the calls in flight, the read positions."""
+
+    def __init__(self, out, root: "str | None", max_wait_ms: int) -> None:
+        import threading
+
+        self.out = out  # the protocol's stream (binary); nothing else writes to it
+        self.root = root
+        self.max_wait_ms = max_wait_ms
+        self.write_lock = threading.Lock()
+        self.calls = {}  # type: dict  # request id (as JSON text) -> _McpCall
+        self.calls_lock = threading.Lock()
+        self.threads = set()  # type: set
+        self.version = None  # type: str | None  # negotiated by initialize
+        self.read_positions = {}  # type: dict  # job id -> (stdout, stderr) offsets
+        self.positions_lock = threading.Lock()
+        self.broken = False  # stdout is gone
+        self._tools = {}  # type: dict  # version -> tool list, built once
+
+    # -- the wire ---------------------------------------------------------------
+
+    def send(self, message: dict) -> None:
+        data = (_to_json(message, separators=(",", ":")) + "\n").encode("utf-8")
+        with self.write_lock:
+            if self.broken:
+                return
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def answer(self, request_id, result: dict) -> None:
+        self.send({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    def fail(self, request_id, e: _RpcError) -> None:
+        error = {"code": e.code, "message": e.message}
+        if e.data is not None:
+            error["data"] = e.data
+        self.send({"jsonrpc": "2.0", "id": request_id, "error": error})
+
+    def serve(self, infile) -> int:
+        """Read requests until EOF (or SIGTERM); then end the calls in flight and return."""
+        try:
+            while not self.broken:
+                line = infile.readline()
+                if not line:
+                    break
+                if line.strip():
+                    self.handle_line(line)
+        except (_McpStop, KeyboardInterrupt):
+            _log(2, "mcp: stopping on a signal")
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        """End every observation in flight at once (never a job) and let the
+        calls answer with what they saw."""
+        with self.calls_lock:
+            calls = list(self.calls.values())
+            threads = list(self.threads)
+        for call in calls:
+            call.cancel(by_client=False)
+        deadline = time.monotonic() + 2.0
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # -- messages ---------------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            self.fail(None, _RpcError(_RPC_PARSE_ERROR, "Parse error: %s" % e))
+            return
+        if isinstance(msg, list):
+            self.fail(
+                None, _RpcError(_RPC_INVALID_REQUEST, "Invalid Request: batches are not supported")
+            )
+            return
+        if not isinstance(msg, dict):
+            self.fail(None, _RpcError(_RPC_INVALID_REQUEST, "Invalid Request: not an object"))
+            return
+        request_id = msg.get("id")
+        has_id = "id" in msg
+        if has_id and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+            self.fail(
+                None,
+                _RpcError(
+                    _RPC_INVALID_REQUEST, "Invalid Request: id must be a string or an integer"
+                ),
+            )
+            return
+        if "method" not in msg and ("result" in msg or "error" in msg):
+            return  # a response: this server sends no requests, so none is awaited
+        method = msg.get("method")
+        if msg.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            if has_id:
+                self.fail(
+                    request_id,
+                    _RpcError(
+                        _RPC_INVALID_REQUEST, 'Invalid Request: needs "jsonrpc": "2.0" and a method'
+                    ),
+                )
+            else:
+                self.fail(
+                    None,
+                    _RpcError(
+                        _RPC_INVALID_REQUEST, 'Invalid Request: needs "jsonrpc": "2.0" and a method'
+                    ),
+                )
+            return
+        params = msg.get("params")
+        if not has_id:
+            self.notification(method, params)
+            return
+        try:
+            if params is None:
+                params = {}
+            if not isinstance(params, dict):
+                raise _RpcError(_RPC_INVALID_PARAMS, "Invalid params: params must be an object")
+            stateless = self.envelope_version(params)
+            result = self.request(request_id, method, params, stateless)
+        except _RpcError as e:
+            self.fail(request_id, e)
+            return
+        except Exception as e:  # a bug: say so, keep serving
+            _log(0, "mcp: %s: internal error: %r" % (method, e))
+            self.fail(request_id, _RpcError(_RPC_INTERNAL_ERROR, "Internal error: %s" % e))
+            return
+        if result is not None:  # None: a call thread answers later
+            self.answer(request_id, self.stamp(result, stateless))
+
+    def envelope_version(self, params: dict) -> "str | None":
+        """The 2026-07-28 envelope of a request: its version, checked (None: no envelope)."""
+        meta = params.get("_meta")
+        if not isinstance(meta, dict) or _MCP_META_VERSION not in meta:
+            return None
+        missing = [k for k in (_MCP_META_VERSION, _MCP_META_CAPABILITIES) if k not in meta]
+        if missing:
+            raise _RpcError(
+                _RPC_INVALID_PARAMS, "Invalid params: params._meta lacks %s" % ", ".join(missing)
+            )
+        version = meta[_MCP_META_VERSION]
+        if not isinstance(version, str):
+            raise _RpcError(
+                _RPC_INVALID_PARAMS, "Invalid params: %s must be a string" % _MCP_META_VERSION
+            )
+        if not isinstance(meta[_MCP_META_CAPABILITIES], dict):
+            raise _RpcError(
+                _RPC_INVALID_PARAMS, "Invalid params: %s must be an object" % _MCP_META_CAPABILITIES
+            )
+        if version not in MCP_STATELESS_VERSIONS:
+            raise _RpcError(
+                _RPC_UNSUPPORTED_VERSION,
+                "Unsupported protocol version",
+                {"supported": list(MCP_STATELESS_VERSIONS), "requested": version},
+            )
+        return version
+
+    def stamp(self, result: dict, stateless: "str | None") -> dict:
+        """A 2026-07-28 result carries resultType, and the server's identity in _meta."""
+        if stateless is not None:
+            result.setdefault("resultType", "complete")
+            meta = dict(result.get("_meta") or {})
+            meta.setdefault(_MCP_META_SERVER_INFO, self.server_info())
+            result["_meta"] = meta
+        return result
+
+    @staticmethod
+    def server_info() -> dict:
+        return {"name": PROG, "version": __version__}
+
+    def notification(self, method: str, params) -> None:
+        if method == "notifications/cancelled":
+            if isinstance(params, dict) and "requestId" in params:
+                key = json.dumps(params["requestId"])
+                with self.calls_lock:
+                    call = self.calls.get(key)
+                if call is not None:
+                    call.cancel(by_client=True)
+            return
+        # notifications/initialized and any other: nothing to do.
+
+    def request(self, request_id, method: str, params: dict, stateless: "str | None"):
+        if method == "initialize":
+            return self.initialize(params)
+        if method == "ping":
+            return {}
+        if method == "server/discover":
+            return {
+                "supportedVersions": list(MCP_STATELESS_VERSIONS),
+                "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": self.server_info(),
+                "instructions": _MCP_INSTRUCTIONS,
+                "ttlMs": _MCP_LIST_TTL_MS,
+                "cacheScope": "public",
+            }
+        if method not in ("tools/list", "tools/call"):
+            raise _RpcError(_RPC_METHOD_NOT_FOUND, "Method not found: %s" % method)
+        if stateless is None and self.version is None:
+            # As the MCP Python SDK answers a request before the handshake.
+            raise _RpcError(
+                _RPC_INVALID_PARAMS,
+                "Invalid request parameters: the session is not initialized (send initialize "
+                "first, or give params._meta the 2026-07-28 protocol version)",
+            )
+        version = stateless or self.version
+        if method == "tools/list":
+            if version not in self._tools:
+                self._tools[version] = _mcp_tools(version)
+            result = {"tools": self._tools[version]}
+            if stateless is not None:
+                result["ttlMs"] = _MCP_LIST_TTL_MS
+                result["cacheScope"] = "public"
+            return result
+        return self.start_call(request_id, params, stateless)
+
+    def initialize(self, params: dict) -> dict:
+        wanted = params.get("protocolVersion")
+        if not isinstance(wanted, str):
+            raise _RpcError(
+                _RPC_INVALID_PARAMS, "Invalid params: initialize needs a protocolVersion string"
+            )
+        self.version = wanted if wanted in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+        return {
+            "protocolVersion": self.version,
+            "capabilities": {"tools": {"listChanged": False}},
+            "serverInfo": self.server_info(),
+            "instructions": _MCP_INSTRUCTIONS,
+        }
+
+    # -- tools/call ---------------------------------------------------------------
+
+    def start_call(self, request_id, params: dict, stateless: "str | None") -> None:
+        import threading
+
+        name = params.get("name")
+        cmd = COMMANDS.get(name) if isinstance(name, str) else None
+        if cmd is None or "mcp" not in cmd.fronts:
+            raise _RpcError(_RPC_INVALID_PARAMS, "Unknown tool: %s" % _short(str(name)))
+        arguments = params.get("arguments")
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise _RpcError(_RPC_INVALID_PARAMS, "Invalid params: arguments must be an object")
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        call = _McpCall(request_id, None)
+        key = json.dumps(request_id)
+        thread = threading.Thread(
+            target=self.run_call,
+            args=(call, key, cmd.name, arguments, token, stateless),
+            name="agent-exec-mcp-call",
+            daemon=True,
+        )
+        with self.calls_lock:
+            if key in self.calls:
+                raise _RpcError(
+                    _RPC_INVALID_REQUEST, "Invalid Request: id %s is already in use" % key
+                )
+            self.calls[key] = call
+            self.threads.add(thread)
+        thread.start()
+        return None
+
+    def run_call(
+        self, call: _McpCall, key: str, name: str, arguments: dict, token, stateless
+    ) -> None:
+        import threading
+
+        ticker = None
+        try:
+            try:
+                o = options_from_arguments(name, arguments, self.root)
+            except AgentExecError as e:
+                code, envelope = e.exit_code, _envelope_error(e.code, e.message, e.retryable)
+            else:
+                bound_ms = self.bound(name, o, arguments)
+                if bound_ms is not None and name == "run":
+                    call.deadline = time.monotonic() + bound_ms / 1000.0
+                o.cancel = call
+                self.before_call(name, o, arguments)
+                if (
+                    token is not None
+                    and isinstance(token, (str, int))
+                    and not isinstance(token, bool)
+                ):
+                    ticker = threading.Thread(
+                        target=self.progress, args=(call, token, name, o, bound_ms), daemon=True
+                    )
+                    ticker.start()
+                code, envelope = dispatch(name, o)
+                call.flag.set()  # the progress ticker stops
+                self.after_call(name, o, envelope, bound_ms)
+            result = {
+                "content": [{"type": "text", "text": _to_json(envelope)}],
+                "structuredContent": envelope,
+                "isError": not envelope["ok"],
+            }
+            with call.lock:
+                call.done = True
+                if not call.client_cancelled:  # a cancelled request gets no answer
+                    self.answer(call.id, self.stamp(result, stateless))
+        except Exception as e:  # a bug in this front end: answer, keep serving
+            _log(0, "mcp: tools/call %s: internal error: %r" % (name, e))
+            with call.lock:
+                call.done = True
+                if not call.client_cancelled:
+                    self.fail(call.id, _RpcError(_RPC_INTERNAL_ERROR, "Internal error: %s" % e))
+        finally:
+            with self.calls_lock:
+                self.calls.pop(key, None)
+                self.threads.discard(threading.current_thread())
+
+    def bound(self, name: str, o, arguments: dict) -> "int | None":
+        """Cap the call's blocking part (ms): wait, read's wait_ms, run's wait.
+        Longer requests are clamped, never refused; None: the call does not block."""
+        cap = self.max_wait_ms
+        default = min(MCP_DEFAULT_WAIT_MS, cap)
+        if name == "wait":
+            asked = o.timeout_ms
+            o.timeout_ms = default if asked <= 0 else min(asked, cap)
+            if asked <= 0 or asked > cap:
+                o.mcp_clamped_from = asked
+            return o.timeout_ms
+        if name == "read" and o.wait_ms > 0:
+            if o.wait_ms > cap:
+                o.mcp_clamped_from = o.wait_ms
+                o.wait_ms = cap
+            return o.wait_ms
+        if name == "run" and o.wait:
+            return default
+        return None
+
+    def before_call(self, name: str, o, arguments: dict) -> None:
+        """read without a cursor: from where this session's last read of the job ended."""
+        if name != "read" or "cursor" in arguments:
+            return
+        try:
+            root = _root(o)
+            job_id = resolve_job(root, o.job_id)
+        except AgentExecError:
+            return  # the call itself says what is wrong
+        with self.positions_lock:
+            position = self.read_positions.get(job_id)
+        if position is not None:
+            o.cursor = position
+
+    def after_call(self, name: str, o, envelope: dict, bound_ms: "int | None") -> None:
+        if not envelope.get("ok"):
+            return
+        if name == "read":
+            with self.positions_lock:
+                self.read_positions[envelope["job_id"]] = parse_cursor(envelope["cursor"])
+        if bound_ms is None or envelope.get("state") != "running":
+            return
+        if name == "read" and (envelope.get("stdout") or envelope.get("stderr")):
+            return
+        job = envelope.get("job_id")
+        if job is None:
+            return  # wait on several jobs: `jobs` and timed_out say it all
+        how = {
+            "wait": "call wait again to keep waiting",
+            "read": "call read again (cursor %s) for its output" % envelope.get("cursor"),
+            "run": "call wait to wait for its end, or read (cursor %s) for its output"
+            % envelope.get("cursor"),
+        }[name]
+        envelope["hint"] = "the job %s is still running after this call's %d ms bound; %s" % (
+            job,
+            bound_ms,
+            how,
+        )
+        clamped = getattr(o, "mcp_clamped_from", None)
+        if clamped:
+            envelope["wait_bound_ms"] = bound_ms
+
+    def progress(self, call: _McpCall, token, name: str, o, bound_ms: "int | None") -> None:
+        """notifications/progress about once a second while the call blocks."""
+        ticks = 0
+        while not call.flag.wait(_MCP_PROGRESS_EVERY_S):
+            ticks += 1
+            message = self.progress_message(name, o, ticks)
+            with call.lock:
+                if call.done or call.client_cancelled:
+                    return
+                params = {"progressToken": token, "progress": ticks, "message": message}
+                if bound_ms:
+                    params["total"] = max(ticks, int(round(bound_ms / 1000.0)))
+                self.send({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
+
+    def progress_message(self, name: str, o, seconds: int) -> str:
+        ids = list(getattr(o, "job_ids", None) or [getattr(o, "job_id", None)])
+        parts = []
+        try:
+            root = _root(o)
+            for ident in [i for i in ids if i][:4]:
+                job = load_job(root, resolve_job(root, ident))
+                out, err = _log_sizes(job)
+                parts.append("%s %s, %d stdout + %d stderr bytes" % (job.id, job.state, out, err))
+        except (AgentExecError, OSError, TypeError, ValueError):
+            pass
+        return "%s: %ds; %s" % (name, seconds, "; ".join(parts) or "waiting")
+
+
+class _McpStop(Exception):
+    """Raised in the main thread by SIGTERM: leave the read loop."""
+
+
+def _mcp_stdio() -> "tuple":
+    """(input, output) for the protocol, with fd 1 pointed at stderr from now
+    on, so that nothing but the protocol can ever reach the client's stdout."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return sys.stdin.buffer, out
+
+
+@command(
+    "mcp",
+    "serve the commands as MCP tools over stdio (newline-delimited JSON-RPC)",
+    fronts=("cli",),
+    streams=True,
+    examples=(
+        ("claude mcp add agent-exec -- agent-exec mcp", "register it with Claude Code"),
+        ("AGENT_EXEC_MCP_MAX_WAIT_MS=30000 agent-exec mcp", "cap a blocking call at 30 s"),
+    ),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+)
+def cmd_mcp(o) -> dict:
+    import signal
+    import warnings
+
+    # `run` forks (then execs at once) from a process with threads: safe here,
+    # and Python 3.12+ would warn about it on every run.
+    warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
+
+    def on_signal(_signum, _frame):
+        raise _McpStop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    infile, out = _mcp_stdio()
+    server = _McpServer(out, getattr(o, "root", None), _mcp_max_wait_ms())
+    _log(2, "mcp: serving on stdio (max wait %d ms)" % server.max_wait_ms)
+    server.serve(infile)
+    try:
+        out.flush()
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
 # ==== Entry point ============================================================
 
 if __name__ == "__main__":
