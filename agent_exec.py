@@ -7263,6 +7263,8 @@ class _McpServer:
             if not isinstance(params, dict):
                 raise _RpcError(_RPC_INVALID_PARAMS, "Invalid params: params must be an object")
             stateless = self.envelope_version(params)
+            if method == "server/discover":  # a 2026-07-28 method, however it is asked
+                stateless = stateless or MCP_STATELESS_VERSIONS[0]
             result = self.request(request_id, method, params, stateless)
         except _RpcError as e:
             self.fail(request_id, e)
@@ -7417,7 +7419,12 @@ class _McpServer:
             try:
                 o = options_from_arguments(name, arguments, self.root)
             except AgentExecError as e:
-                code, envelope = e.exit_code, _envelope_error(e.code, e.message, e.retryable)
+                message = e.message
+                if message.startswith(
+                    "argument "
+                ):  # the words argparse gives, as the CLI says them
+                    message = "%s %s: %s" % (PROG, name, message)
+                code, envelope = e.exit_code, _envelope_error(e.code, message, e.retryable)
             else:
                 bound_ms = self.bound(name, o, arguments)
                 if bound_ms is not None and name == "run":
@@ -7539,7 +7546,7 @@ class _McpServer:
             root = _root(o)
             for ident in [i for i in ids if i][:4]:
                 job = load_job(root, resolve_job(root, ident))
-                out, err = _log_sizes(job)
+                out, err = (0 if st is None else st.st_size for st in _log_stats(job))
                 parts.append("%s %s, %d stdout + %d stderr bytes" % (job.id, job.state, out, err))
         except (AgentExecError, OSError, TypeError, ValueError):
             pass
