@@ -483,9 +483,7 @@ class ToolCallTests(McpTestCase):
     def test_progress_while_a_wait_blocks(self):
         s = self.session()
         jid = self.sleeper(s)
-        r = s.call(
-            "wait", {"job_ids": [jid], "timeout_ms": 3500}, meta={"progressToken": "tok-1"}
-        )
+        r = s.call("wait", {"job_ids": [jid], "timeout_ms": 3500}, meta={"progressToken": "tok-1"})
         self.assertTrue(r["structuredContent"]["timed_out"])
         progress = [n for n in s.notes if n.get("method") == "notifications/progress"]
         self.assertGreaterEqual(len(progress), 2, s.notes)
