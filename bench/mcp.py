@@ -177,7 +177,8 @@ def main():
         % (os.uname().machine, os.cpu_count() or 0, sys.version.split()[0])
     )
     print(
-        "1. status round trip through agent-exec mcp: median %.2f ms, p95 %.2f ms over %d calls  [%s: median <= 2 ms]"
+        "1. status round trip through agent-exec mcp: median %.2f ms, p95 %.2f ms"
+        " over %d calls  [%s: median <= 2 ms]"
         % (m["median"], m["p95"], m["n"], "PASS" if m["median"] <= 2 else "FAIL")
     )
     for label in ("cli_script_status_ms", "cli_cached_status_ms"):

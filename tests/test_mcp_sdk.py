@@ -41,7 +41,7 @@ class SdkTests(CLITestCase):
         for mode in MODES:
             with self.subTest(mode=mode):
 
-                async def main():
+                async def main(mode=mode):
                     async with self.client(mode, **env) as client:
                         await body(client, mode)
 
