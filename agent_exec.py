@@ -7418,6 +7418,12 @@ class _McpServer:
         try:
             try:
                 o = options_from_arguments(name, arguments, self.root)
+                if getattr(o, "stdin", None) == "-":  # this process's stdin is the transport
+                    raise AgentExecError(
+                        "invalid_argument",
+                        "stdin '-' (this command's own stdin) is the MCP transport here: "
+                        "give the text itself",
+                    )
             except AgentExecError as e:
                 message = e.message
                 if message.startswith(
@@ -7558,12 +7564,18 @@ class _McpStop(Exception):
 
 
 def _mcp_stdio() -> "tuple":
-    """(input, output) for the protocol, with fd 1 pointed at stderr from now
-    on, so that nothing but the protocol can ever reach the client's stdout."""
+    """(input, output) for the protocol, on descriptors of their own: fd 1
+    points at stderr from now on, so that nothing but the protocol can ever
+    reach the client's stdout, and fd 0 at /dev/null, so that nothing can
+    read the protocol's input by mistake."""
+    infile = os.fdopen(os.dup(0), "rb")
     out = os.fdopen(os.dup(1), "wb")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    return sys.stdin.buffer, out
+    return infile, out
 
 
 @command(
@@ -7589,6 +7601,10 @@ def cmd_mcp(o) -> dict:
         raise _McpStop()
 
     signal.signal(signal.SIGTERM, on_signal)
+    if _LockWatch._guard is None:  # made here, before two calls can race to make it
+        import threading
+
+        _LockWatch._guard = threading.Lock()
     infile, out = _mcp_stdio()
     server = _McpServer(out, getattr(o, "root", None), _mcp_max_wait_ms())
     _log(2, "mcp: serving on stdio (max wait %d ms)" % server.max_wait_ms)

@@ -310,6 +310,20 @@ class ErrorPathTests(McpTestCase):
         self.assertTrue(r["isError"])
         self.assertEqual(r["structuredContent"]["error"]["code"], "job_not_found")
 
+    def test_stdin_dash_is_refused(self):
+        # "-" is this command's own stdin: over MCP, the transport itself.
+        s = self.session()
+        for name, args in (
+            ("run", {"command": ["cat"], "stdin": "-"}),
+            ("send", {"job_id": "abcd", "stdin": "-"}),
+        ):
+            with self.subTest(tool=name):
+                r = s.call(name, args)
+                self.assertTrue(r["isError"])
+                self.assertEqual(r["structuredContent"]["error"]["code"], "invalid_argument")
+        self.assertEqual(s.request("ping")["result"], {})  # the transport is intact
+        self.assertEqual(os.listdir(self.root) if os.path.isdir(self.root) else [], [])
+
     def test_stdout_carries_only_the_protocol(self):
         s = self.session()
         s.call("run", {"shell": "echo to-the-job; echo err >&2", "snapshot_after": 100})
