@@ -35,6 +35,7 @@ File map (the sections, in order; each banner says what it owns):
     Response schema      derived from the declarations
     Views for people     --format table: list, status and tail as aligned text
     Front end: CLI       the parser derived from the declarations, dispatch, main
+    Front end: MCP       `agent-exec mcp`: the commands as MCP tools over stdio
 
 Rules the file keeps:
 

@@ -17,7 +17,7 @@ import threading
 import time
 import unittest
 
-from tests._procs import pid_alive, zombies_of
+from tests._procs import pid_alive, wait_until, zombies_of
 from tests._util import CLI, CLITestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +34,14 @@ ENVELOPE = {
 # How long any one answer may take before the test fails (generous: the
 # machine is shared).
 ANSWER_TIMEOUT = 30.0
+
+
+def threads_of(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError("no Threads: line")
 
 
 class McpSession:
@@ -510,6 +518,11 @@ class ToolCallTests(McpTestCase):
 
 
 class LifetimeTests(McpTestCase):
+    def setUp(self):
+        super().setUp()
+        if not os.path.isdir("/proc/self/task"):
+            self.skipTest("needs /proc (Linux)")
+
     def test_eof_exits_and_leaves_the_jobs(self):
         s = self.session()
         jid = self.sleeper(s)
@@ -546,6 +559,27 @@ class LifetimeTests(McpTestCase):
         self.assertEqual(s.proc.wait(10), 0)
         self.assertLess(time.monotonic() - t0, 5)
         self.assertEqual(self.ok("status", jid)["state"], "running")
+
+    def test_one_watcher_per_job(self):
+        s = self.session()
+        jid = self.sleeper(s)
+        ids = ["w%d" % i for i in range(6)]
+        for rid in ids:
+            s.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": rid,
+                    "method": "tools/call",
+                    "params": {"name": "wait", "arguments": {"job_ids": [jid], "timeout_ms": 1500}},
+                }
+            )
+        for rid in ids:
+            self.assertTrue(s.answer(rid)["result"]["structuredContent"]["timed_out"])
+        # Left: the main thread and the one watcher parked on the job's lock
+        # (the calls' threads are gone).
+        self.assertTrue(wait_until(lambda: threads_of(s.proc.pid) <= 2, timeout=5))
+        s.call("kill", {"job_id": jid, "signal": "KILL"})
+        self.assertTrue(wait_until(lambda: threads_of(s.proc.pid) == 1, timeout=10))
 
     def test_many_runs_leave_no_zombie(self):
         n = int(os.environ.get("AGENT_EXEC_MCP_TEST_RUNS", "200"))
