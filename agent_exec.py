@@ -7239,20 +7239,8 @@ class _McpServer:
             return  # a response: this server sends no requests, so none is awaited
         method = msg.get("method")
         if msg.get("jsonrpc") != "2.0" or not isinstance(method, str):
-            if has_id:
-                self.fail(
-                    request_id,
-                    _RpcError(
-                        _RPC_INVALID_REQUEST, 'Invalid Request: needs "jsonrpc": "2.0" and a method'
-                    ),
-                )
-            else:
-                self.fail(
-                    None,
-                    _RpcError(
-                        _RPC_INVALID_REQUEST, 'Invalid Request: needs "jsonrpc": "2.0" and a method'
-                    ),
-                )
+            message = 'Invalid Request: needs "jsonrpc": "2.0" and a method'
+            self.fail(request_id if has_id else None, _RpcError(_RPC_INVALID_REQUEST, message))
             return
         params = msg.get("params")
         if not has_id:

@@ -66,6 +66,16 @@ class SdkTests(CLITestCase):
 
         self.each_mode(body)
 
+    def test_auto_mode_finds_the_stateless_revision(self):
+        # The SDK's default: probe server/discover, else fall back to initialize.
+        async def main():
+            async with self.client("auto") as client:
+                self.assertEqual(client.protocol_version, "2026-07-28")
+                r = await client.call_tool("list", {"all": True})
+                self.assertFalse(r.is_error, r)
+
+        anyio.run(main)
+
     def test_run_read_wait_kill(self):
         async def body(client, mode):
             r = await client.call_tool(
