@@ -7498,13 +7498,22 @@ class _McpServer:
         if name == "read":
             with self.positions_lock:
                 self.read_positions[envelope["job_id"]] = parse_cursor(envelope["cursor"])
-        if bound_ms is None or envelope.get("state") != "running":
+        if bound_ms is None:
+            return
+        running = [j["job_id"] for j in envelope.get("jobs") or () if j["state"] == "running"]
+        if running and envelope.get("timed_out"):  # wait on several jobs
+            envelope["hint"] = "%s still running after this call's %d ms bound; call wait again" % (
+                ", ".join(running),
+                bound_ms,
+            )
+            return
+        if envelope.get("state") != "running":
             return
         if name == "read" and (envelope.get("stdout") or envelope.get("stderr")):
             return
+        if name == "wait" and not envelope.get("timed_out"):
+            return  # it ended on readiness, a match or input, inside the bound
         job = envelope.get("job_id")
-        if job is None:
-            return  # wait on several jobs: `jobs` and timed_out say it all
         how = {
             "wait": "call wait again to keep waiting",
             "read": "call read again (cursor %s) for its output" % envelope.get("cursor"),
