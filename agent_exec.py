@@ -7091,7 +7091,15 @@ class _RpcError(Exception):
 def _mcp_output_schema(cmd: _Command) -> dict:
     """The command's answer or the error envelope: every answer conforms."""
     defs = {"snapshot": obj(SNAPSHOT_FIELDS), "error": response_schema()["definitions"]["error"]}
-    return {"type": "object", "definitions": defs, "anyOf": [_answer_schema(cmd), ref("error")]}
+    answer = _answer_schema(cmd)
+    if cmd.name in ("run", "wait", "read"):  # what a bounded call adds (see after_call)
+        answer["properties"].update(_MCP_BOUND_FIELDS)
+    return {"type": "object", "definitions": defs, "anyOf": [answer, ref("error")]}
+
+
+# The fields that the MCP front end adds to the answer of a bounded call that
+# ended with the job still running.
+_MCP_BOUND_FIELDS = {"hint": STR, "wait_bound_ms": COUNT}
 
 
 def _mcp_tools(version: "str | None") -> list:

@@ -408,6 +408,35 @@ class ToolCallTests(McpTestCase):
         r = s.call("status", {"job_id": jid})["structuredContent"]
         self.assertEqual(r["state"], "killed")
 
+    def test_every_answer_fits_the_output_schema(self):
+        from tests import _schema_check
+
+        s = self.session()
+        schemas = {t["name"]: t["outputSchema"] for t in s.request("tools/list")["result"]["tools"]}
+        jid = self.sleeper(s)
+        calls = [
+            ("run", {"command": ["sh", "-c", "echo x"], "wait": True}),
+            ("status", {"job_id": jid}),
+            ("status", {"job_id": "nosuchjob"}),
+            ("tail", {"job_id": jid}),
+            ("read", {"job_id": jid, "wait_ms": 100}),
+            ("wait", {"job_ids": [jid], "timeout_ms": 200}),
+            ("wait", {"job_ids": [jid, jid[:10]], "any": True, "timeout_ms": 200}),
+            ("wait", {"job_ids": ["abcd"], "timeout_ms": "soon"}),
+            ("list", {"all": True}),
+            ("send", {"job_id": jid, "text": "x"}),
+            ("kill", {"job_id": jid}),
+            ("delete", {"job_ids": [jid], "dry_run": True}),
+            ("gc", {"dry_run": True}),
+            ("schema", {}),
+        ]
+        for name, args in calls:
+            with self.subTest(tool=name, args=args):
+                r = s.call(name, args)
+                problems = _schema_check.errors(r["structuredContent"], schemas[name])
+                self.assertEqual(problems, [], r["structuredContent"])
+                self.assertEqual(r["isError"], not r["structuredContent"]["ok"])
+
     def test_shell_form(self):
         s = self.session()
         r = s.call("run", {"shell": "echo a | tr a b", "wait": True})["structuredContent"]
