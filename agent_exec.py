@@ -7482,8 +7482,10 @@ class _McpServer:
                 o.mcp_clamped_from = o.wait_ms
                 o.wait_ms = cap
             return o.wait_ms
-        if name == "run" and o.wait:
-            return default
+        if name == "run":
+            if o.snapshot_after > cap:  # the snapshot wait is an observation too
+                o.snapshot_after = cap
+            return default if o.wait else None
         return None
 
     def before_call(self, name: str, o, arguments: dict) -> None:

@@ -526,6 +526,10 @@ class ToolCallTests(McpTestCase):
         self.assertLess(time.monotonic() - t0, 10)
         self.assertIn("still running", r["hint"])
         t0 = time.monotonic()
+        r = s.call("run", {"command": ["sleep", "30"]})["structuredContent"]  # snapshot: 10 s
+        self.assertLess(time.monotonic() - t0, 8)
+        self.assertLessEqual(r["waited_ms"], 3000)
+        t0 = time.monotonic()
         r = s.call("run", {"command": ["sleep", "30"], "wait": True})["structuredContent"]
         self.assertLess(time.monotonic() - t0, 10)
         self.assertEqual(r["state"], "running")
