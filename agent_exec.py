@@ -7327,7 +7327,7 @@ class _McpServer:
     def request(self, request_id, method: str, params: dict, stateless: "str | None"):
         if method == "initialize":
             return self.initialize(params)
-        if method == "ping":
+        if method == "ping" and stateless is None:  # revision 2026-07-28 has no ping
             return {}
         if method == "server/discover":
             return {
