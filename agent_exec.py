@@ -7567,8 +7567,9 @@ class _McpServer:
         return "%s: %ds; %s" % (name, seconds, "; ".join(parts) or "waiting")
 
 
-class _McpStop(Exception):
-    """Raised in the main thread by SIGTERM: leave the read loop."""
+class _McpStop(BaseException):
+    """Raised in the main thread by SIGTERM: leave the read loop (a BaseException,
+    so that no ``except Exception`` on the way takes it for an error)."""
 
 
 def _mcp_stdio() -> "tuple":

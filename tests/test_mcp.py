@@ -4,7 +4,8 @@ Stdlib only, so it runs with nothing installed (tests/test_mcp_sdk.py drives
 the same server with the official MCP Python SDK).  Every method of both
 protocol generations, every error path, EOF and SIGTERM, two requests in
 flight, cancellation, bounded waits, progress, the per-session read position,
-and many runs with no zombie left.
+and many runs with no zombie left (200 here; AGENT_EXEC_MCP_TEST_RUNS=1000
+for the full count, which bench/mcp.py also runs).
 """
 
 import json
