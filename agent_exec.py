@@ -7617,7 +7617,10 @@ def cmd_mcp(o) -> dict:
     infile, out = _mcp_stdio()
     server = _McpServer(out, getattr(o, "root", None), _mcp_max_wait_ms())
     _log(2, "mcp: serving on stdio (max wait %d ms)" % server.max_wait_ms)
-    server.serve(infile)
+    try:
+        server.serve(infile)
+    except _McpStop:  # a second SIGTERM while the calls were ending: stop now
+        pass
     try:
         out.flush()
     except (OSError, ValueError):
