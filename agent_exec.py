@@ -7621,10 +7621,11 @@ def cmd_mcp(o) -> dict:
         server.serve(infile)
     except _McpStop:  # a second SIGTERM while the calls were ending: stop now
         pass
-    try:
-        out.flush()
-    except (OSError, ValueError):
-        pass
+    for stream in (out, infile):
+        try:
+            stream.close()
+        except (OSError, ValueError):
+            pass
     return {}
 
 
