@@ -7432,6 +7432,8 @@ class _McpServer:
                 bound_ms = self.bound(name, o, arguments)
                 if bound_ms is not None and name == "run":
                     call.deadline = time.monotonic() + bound_ms / 1000.0
+                else:  # any other call that blocks (a command added later) stops at the cap
+                    call.deadline = time.monotonic() + self.max_wait_ms / 1000.0 + 1.0
                 o.cancel = call
                 self.before_call(name, o, arguments)
                 if (
