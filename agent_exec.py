@@ -7125,6 +7125,16 @@ def _mcp_tools(version: "str | None") -> list:
     return out
 
 
+def _mcp_lenient(name: str, arguments: dict) -> dict:
+    """One job id where a list of them is wanted (``"job_ids": "01J..."``) is
+    taken as that list: a model's slip, with only one reading."""
+    out = dict(arguments)
+    for x in COMMANDS[name].opts:
+        if x.kind == "job_ids" and isinstance(out.get(x.name), str):
+            out[x.name] = [out[x.name]]
+    return out
+
+
 class _McpCall:
     """One tools/call in progress: its cancel flag (is_set(), as the handlers
     expect of o.cancel), its deadline, and whether the client cancelled it."""
@@ -7414,7 +7424,7 @@ class _McpServer:
         ticker = None
         try:
             try:
-                o = options_from_arguments(name, arguments, self.root)
+                o = options_from_arguments(name, _mcp_lenient(name, arguments), self.root)
                 if getattr(o, "stdin", None) == "-":  # this process's stdin is the transport
                     raise AgentExecError(
                         "invalid_argument",

@@ -308,6 +308,8 @@ class ErrorPathTests(McpTestCase):
         r = s.call("run", {"command": ["true"], "shell": "true"})
         cli = self.cli("run", "--shell", "true", "--", "true").json["error"]
         self.assertEqual(r["structuredContent"]["error"], cli)
+        r = s.call("wait", {"job_ids": "nosuchjob"})  # one id for the list: taken as [id]
+        self.assertEqual(r["structuredContent"]["error"]["code"], "job_not_found")
         r = s.call("status", {"job_id": "abcd", "bogus": 1})
         self.assertTrue(r["isError"])
         self.assertEqual(r["structuredContent"]["error"]["code"], "usage_error")
