@@ -36,6 +36,7 @@ File map (the sections, in order; each banner says what it owns):
     Terminal screen      the emulator behind `screen`, --plain, the screen checkpoint
     Views for people     --format table: list, status and tail as aligned text
     Front end: CLI       the parser derived from the declarations, dispatch, main
+    Front end: MCP       `agent-exec mcp`: the commands as MCP tools over stdio
 
 Rules the file keeps:
 
@@ -183,6 +184,7 @@ ERROR_CODES = {
     "unsupported_platform": (1, False, "not Linux or macOS"),
     "internal_error": (1, False, "an unexpected exception (a bug)"),
     "interrupted": (1, True, "the CLI itself was interrupted (Ctrl-C)"),
+    "unknown_source_scheme": (1, False, "install-skills --source: not self or local:PATH"),
 }
 
 # end_reason of a terminal job: why it ended.  ``exit``: by itself; ``signal``:
@@ -3969,7 +3971,7 @@ Field = collections.namedtuple("Field", "name schema required", defaults=(False,
 _Command = collections.namedtuple(
     "_Command",
     "name help handler opts returns checks variants annotations exit_status examples table streams"
-    " fronts",
+    " fronts tool_help",
 )
 COMMANDS = {}  # name -> _Command, in the order --help and a tool list show them
 
@@ -3987,6 +3989,7 @@ def command(
     table=None,
     streams=False,
     fronts=("cli", "mcp"),
+    tool_help=None,
 ):
     """Declare a command beside its handler.
 
@@ -4003,7 +4006,9 @@ def command(
     a command that ``streams`` writes its output to ``o.out`` (a binary file)
     as it goes, and its answer is not printed unless it is an error.
     ``fronts`` are the front ends that offer the command (a tool list only
-    those with "mcp").
+    those with "mcp").  ``tool_help`` is the tool's description for a model
+    (what it does, when to use it, what to call next); ``help`` stands in
+    for a command that has none.
     """
 
     def register(handler):
@@ -4021,6 +4026,7 @@ def command(
             table,
             streams,
             tuple(fronts),
+            tool_help,
         )
         return handler
 
@@ -4504,6 +4510,18 @@ _RUN_OPTS = (
 @command(
     "run",
     "start a background job",
+    tool_help=(
+        "Start a command as a background job and get its job_id at once; the job keeps "
+        "running after this call (and after this session) ends. Use it instead of a plain "
+        "shell call for anything that may take more than a few seconds, a server, or "
+        'output you want to page through. `command` is the argv list (["make", "test"]); '
+        "`shell` is one string for /bin/sh -c (pipes, &&). The answer has a snapshot of "
+        "the first output (snapshot_after, at most 10 s) and a cursor. With ready_match / "
+        "ready_port it answers once the job is ready. With wait it blocks until the end, "
+        "at most about 20 s per call (the server's cap): if state is still running, call "
+        "wait. Next: read (with the cursor) for new output, wait for the end, status, "
+        "kill."
+    ),
     opts=_RUN_OPTS,
     checks=_JOB_CHECKS
     + (lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
@@ -5147,6 +5165,12 @@ RUSAGE_FIELDS = (
 @command(
     "status",
     "show a job's state",
+    tool_help=(
+        "Show one job's state without waiting: running, exited, killed or failed, "
+        "exit_code, signal, end_reason, success, pid, output sizes, idle_ms, readiness, "
+        "waiting_for_input. Cheap: call it whenever you need to know where a job is. "
+        "Next: read for output, wait to block until the end."
+    ),
     opts=FORMAT_OPTS + (RENEW, JOB_ID),
     checks=(_format_conflict,),
     table=lambda answer, color: _status_table(answer, color),
@@ -5487,6 +5511,11 @@ def _settled_lingering(job: _Job) -> list:
 @command(
     "tail",
     "show the end of a job's output",
+    tool_help=(
+        "Show the last lines of a job's stdout and stderr (tail_lines, max_bytes), with a "
+        "cursor that read can continue from. Use it to look at a long log's end; use read "
+        "to go through output in order."
+    ),
     opts=(TAIL_LINES, MAX_BYTES, PLAIN) + FORMAT_OPTS + (JOB_ID,),
     checks=(_format_conflict,),
     table=lambda answer, color: _tail_table(answer, color),
@@ -5552,6 +5581,11 @@ def _definition(spec: dict) -> dict:
 @command(
     "create",
     "record a job without starting it (state created; `start` starts it)",
+    tool_help=(
+        "Record a job (command, cwd, environment keys, timeout, readiness, limits: the "
+        "options of run) without starting it; its state is created. Use it to prepare a job "
+        "that another step starts. Next: start with its job_id."
+    ),
     opts=_CREATE_OPTS,
     checks=_JOB_CHECKS,
     returns=JOB_HEAD + LOG_PATH_FIELDS + (Field("created_at", STR, True), Field("env_vars", STRS)),
@@ -5586,6 +5620,12 @@ def cmd_create(o) -> dict:
 @command(
     "start",
     "start a created job with the options it was created with; answers like run",
+    tool_help=(
+        "Start a job recorded by create, with the options it was created with; the answer is "
+        "like run's (snapshot, cursor, readiness). --env values are never stored: give env "
+        "again if the job needs them (the answer's env_missing names them). Next: read, "
+        "wait, status."
+    ),
     opts=_START_OPTS,
     checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
     exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
@@ -5733,6 +5773,12 @@ _RESTART_ROUNDS = 5
 @command(
     "restart",
     "end a job if it still runs, then start its definition again under the same id",
+    tool_help=(
+        "Restart a job under the same job_id: end it if it still runs (TERM, then KILL), "
+        "keep its result and logs as the previous attempt (status.previous), and start its "
+        "definition again; the answer is like run's. Use it for a dev server after a code "
+        "change. Give env again for --env values (they are never stored)."
+    ),
     opts=(
         Opt(
             "signal",
@@ -5929,6 +5975,15 @@ _BRIEF = obj(
 @command(
     "wait",
     "block until a job is terminal (or ready, or prints a match)",
+    tool_help=(
+        "Block until a job ends (or, with ready, is ready; with match, prints a line "
+        "matching a regex; with input, waits for input), then answer its state and "
+        "result. Each call waits at most timeout_ms, 20 s by default and never more than "
+        "the server's cap (55 s unless configured): when timed_out is true the job is "
+        "still running, so call wait again, or read from the cursor to see its output "
+        "meanwhile. Several job_ids: all of them (or, with any, the first). Waiting never "
+        "stops a job; cancelling this call only ends the wait."
+    ),
     opts=(
         Opt("timeout_ms", "duration", 0, "0 = no limit"),
         # Accepted for scripts written for the first versions; not used.
@@ -6271,6 +6326,14 @@ def _wait_output(
 @command(
     "read",
     "read the output that arrived after a cursor",
+    tool_help=(
+        "Read the job's output in order: stdout and stderr after a cursor, at most "
+        "max_bytes each, and a new cursor to pass next time. Without a cursor it "
+        "continues where this session's last read of that job ended (the first read "
+        "starts at the beginning), so nothing is missed or repeated. wait_ms blocks until "
+        "new output arrives (capped like wait). more: call again at once; eof: all output "
+        "is read and the answer carries the job's result."
+    ),
     opts=(
         Opt("cursor", "cursor", help="default: the start"),
         MAX_BYTES,
@@ -6346,6 +6409,11 @@ RENEW_ANSWER_S = 5.0
 @command(
     "renew",
     "extend a job's lease (run --lease)",
+    tool_help=(
+        "Extend the lease of a job started with lease: the job is ended when its lease runs "
+        "out without a renewal. Call it (or status/read/wait with renew) more often than the "
+        "lease length while you still need the job."
+    ),
     opts=(
         Opt(
             "lease",
@@ -6410,6 +6478,11 @@ def _renew_in_passing(o, job: _Job) -> _Job:
 @command(
     "kill",
     "signal every live process of a job",
+    tool_help=(
+        "Signal every live process of a job (TERM by default; KILL, INT, HUP... or a "
+        "number) and answer its state, usually final after up to 1 s. Use it to stop a "
+        "job that hangs or is no longer needed; STOP and CONT pause and resume it."
+    ),
     opts=(
         Opt(
             "signal",
@@ -6506,6 +6579,15 @@ def _send_input_options(o) -> "str | None":
 @command(
     "send",
     "write to the stdin of a job started with --stdin-open, or type into a --pty job",
+    tool_help=(
+        "Write to a job's input: the stdin of a job started with stdin_open, or the "
+        "terminal of a job started with pty. text is sent as is (no newline is added: end "
+        'it with \\n for a --stdin-open job, or add keys "enter" for a pty job). keys '
+        "(pty jobs) types named keys: a comma-separated list like 'enter', 'ctrl-c', "
+        "'down*3,enter', '\"yes\",enter'. size (pty jobs) resizes the terminal, COLSxROWS. "
+        "eof closes the stdin (on a pty: types ctrl-d). Use it when status or wait (input) "
+        "says waiting_for_input. Next: read for the job's reply, or screen for a pty job."
+    ),
     opts=(
         Opt("text", help="send TEXT (no newline is added)", metavar="TEXT"),
         Opt("file", help="send this file's bytes", metavar="PATH"),
@@ -6641,6 +6723,13 @@ def _send_data(o) -> bytes:
 @command(
     "screen",
     "show what a person would see on the job's terminal now",
+    tool_help=(
+        "Show what a person would see on the job's terminal right now: rows (text lines, "
+        "trailing spaces trimmed), cols, lines, cursor {row, col}, alt_screen, title. Use it "
+        "for jobs started with pty (less, top, vim, a TUI, a REPL) and for output drawn with "
+        "\\r (progress bars), where read shows raw escape codes. log_cursor is the read "
+        "cursor of the output the screen reflects. Next: send keys, then screen again."
+    ),
     opts=(PLAIN, JOB_ID),
     returns=JOB_HEAD
     + (
@@ -6716,6 +6805,11 @@ def _running_state_conflict(o) -> "str | None":
 @command(
     "list",
     "list jobs, newest first",
+    tool_help=(
+        "List jobs, newest first: by default those started in the server's working "
+        "directory (cwd to pick another, all for every one), optionally by state. Use it "
+        "to find a job_id you lost."
+    ),
     opts=(
         Opt("state", "choice", help="only jobs in this state", choices=STATES),
         Opt(
@@ -6817,6 +6911,10 @@ _DESTRUCTIVE = {"readOnlyHint": False, "destructiveHint": True, "idempotentHint"
 @command(
     "delete",
     "delete finished jobs",
+    tool_help=(
+        "Delete finished jobs and their logs (dry_run to see what would go). A running "
+        "job is refused: kill it first."
+    ),
     opts=(DRY_RUN, JOB_IDS),
     returns=(Field("deleted", STRS, True),) + _REMOVAL_FIELDS,
     annotations=_DESTRUCTIVE,
@@ -6881,6 +6979,10 @@ def _remove_job(job_dir: str, dry_run: bool) -> int:
 @command(
     "gc",
     "delete old finished jobs",
+    tool_help=(
+        "Delete finished jobs older than older_than (default 7 days), or beyond the "
+        "newest max_jobs; dry_run shows what would go."
+    ),
     opts=(
         Opt(
             "older_than",
@@ -6943,6 +7045,9 @@ def cmd_gc(o) -> dict:
 @command(
     "schema",
     "print the JSON Schema of every response",
+    tool_help=(
+        "The JSON Schema of every answer of every command, for a program that checks answers."
+    ),
     returns=(
         Field("schema_format", {"const": "json-schema-draft-07"}, True),
         Field("schema", {"type": "object"}, True),
@@ -7516,6 +7621,255 @@ def cmd_uninstall(o) -> dict:
         except OSError:
             pass
     return {"removed": removed, "manifest_path": manifest}
+
+
+# ---- install-skills -------------------------------------------------------------
+#
+# A skill is a folder with a SKILL.md (YAML front matter: name, description;
+# then instructions for a model).  Harnesses look for them in .agents/skills/
+# (or .claude/skills/) of the project or of the home directory; the
+# .skill-lock.json beside that folder records what was installed from where,
+# as the `skills` tools of the harnesses keep it.
+
+_SKILL_NAME = "agent-exec"
+_SKILL_LOCK = ".skill-lock.json"
+_SKILL_SCHEMES = ("self", "local")
+_SKILL_MD = """\
+---
+name: agent-exec
+description: Run shell commands as background jobs that outlive the tool call - builds, test
+  suites, servers, installs, anything that may take more than a few seconds or must keep running -
+  then read their output by cursor, wait for them with a bounded wait, and kill them. Use it
+  instead of a plain blocking shell call whenever a command may be slow, hang, prompt, or serve.
+---
+
+# agent-exec: background jobs for agents
+
+`agent-exec` starts a command as a job and answers at once with a `job_id`; the
+job keeps running under its own supervisor after the call (and the session)
+ends. Every answer is one JSON object: check `ok` first, then `type`.
+
+## When to use `run` rather than a plain shell call
+
+- The command may take longer than a few seconds (build, test suite, install,
+  download, migration), or you do not know how long it takes.
+- It is a server or a watcher that must keep running while you do other work.
+- Its output may be large: read it in pages instead of flooding the context.
+- It may hang or ask a question: a job can be inspected, answered or killed.
+
+A quick, known-short command (`ls`, `git status`) needs no job.
+
+## The loop: run, read, wait
+
+1. `agent-exec run -- make test` (or the MCP tool `run` with
+   `"command": ["make", "test"]`; `--shell 'a | b'` for pipes). The answer has
+   `job_id`, `state`, a `snapshot` of the first output and a `cursor`.
+2. `agent-exec read JOB --cursor C` gives the output after cursor `C`
+   (`stdout`, `stderr`) and the next `cursor`. Always pass the newest cursor:
+   nothing is missed or repeated. `more: true` means call again at once;
+   `eof: true` means all output is read, and the answer carries the result.
+   `--wait-ms 5000` blocks until new output arrives.
+3. `agent-exec wait JOB --timeout-ms 20000` blocks until the job ends. When
+   `timed_out` is true the job is still running: wait again, or read.
+4. `agent-exec status JOB` at any time: `state`, `exit_code`, `end_reason`.
+
+Over MCP every blocking call is capped (20 s by default); a capped answer
+says the job still runs, with the cursor to continue from. Cancelling a call
+never stops the job.
+
+## Readiness
+
+For a server, `run --ready-port 8000 -- ...` or `run --ready-match 'Listening'`
+answers once the port accepts connections or a line matches (`ready: true`),
+so you do not sleep and guess. `wait JOB --ready` waits for it later.
+
+## Stopping
+
+`agent-exec kill JOB` sends TERM to every process of the job (`--signal KILL`
+if it ignores TERM); `run --timeout 10m` bounds a job up front. Finished
+jobs are removed with `agent-exec delete JOB` or `agent-exec gc`.
+
+## The fields that matter
+
+- `state`: `running`, `exited`, `killed` or `failed`.
+- `exit_code`, `signal`, `end_reason` (`exit`, `signal`, `kill`, `timeout`,
+  `spawn_failed`, `supervisor_lost`), `success`.
+- `cursor`: where the next `read` starts; `snapshot.stdout_tail` and
+  `snapshot.stderr_tail`: the latest output.
+- `waiting_for_input`: the job blocks reading stdin (start it with
+  `--stdin-open`, answer with `agent-exec send JOB --text 'y\\n'`).
+- On error: `error.code` and `error.message`; `error.retryable` says whether
+  trying again may help.
+"""
+
+
+def _skills_base(o) -> str:
+    """The directory that holds the skills folder: here, or the home directory."""
+    if getattr(o, "global"):
+        home = _home_dir()
+        if home is None:
+            raise AgentExecError("invalid_argument", "install-skills --global: no home directory")
+        return home
+    try:
+        return os.getcwd()
+    except OSError as e:
+        raise AgentExecError("cwd_not_found", "the current directory is gone: %s" % e)
+
+
+def _skill_source(text: str) -> "tuple":
+    """(scheme, path) of --source: self, or local:PATH (made absolute)."""
+    scheme, colon, rest = text.partition(":")
+    if not colon and scheme == "self":
+        return "self", None
+    if colon and scheme == "local":
+        if not rest:
+            raise AgentExecError("invalid_argument", "--source local:PATH needs a PATH")
+        return "local", os.path.abspath(os.path.expanduser(rest))
+    raise AgentExecError(
+        "unknown_source_scheme",
+        "--source %r: the sources are self and local:PATH" % _short(text),
+    )
+
+
+def _skill_front_matter_name(text: str) -> "str | None":
+    """The ``name:`` of a SKILL.md's YAML front matter (None when it has none)."""
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == "name":
+            return value.strip().strip("\"'") or None
+    return None
+
+
+def _local_skill(path: str) -> "tuple":
+    """(name, SKILL.md text) of a local skill folder, checked."""
+    skill_md = os.path.join(path, "SKILL.md")
+    if not os.path.isdir(path):
+        raise AgentExecError("invalid_argument", "--source local:%s: not a directory" % path)
+    try:
+        with open(skill_md, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        raise AgentExecError("invalid_argument", "--source local:%s: no SKILL.md in it" % path)
+    name = _skill_front_matter_name(text) or os.path.basename(os.path.normpath(path))
+    if name in ("", ".", "..") or "/" in name or "\x00" in name:
+        raise AgentExecError("invalid_argument", "SKILL.md of %s: bad skill name %r" % (path, name))
+    return name, text
+
+
+def _replace_tree(target: str, fill) -> None:
+    """Make ``target`` a fresh directory filled by ``fill(tmp)``: built aside, then swapped in."""
+    import shutil
+
+    parent = os.path.dirname(target)
+    tmp = "%s.%d.tmp" % (target, os.getpid())
+    old = "%s.%d.old" % (target, os.getpid())
+    try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        fill(tmp)
+        if os.path.lexists(target):
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except (OSError, shutil.Error) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AgentExecError("io_error", "cannot write %s: %s" % (target, e))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_skill_lock(lock_path: str, entries: list) -> None:
+    """Add (or replace, by name) ``entries`` in the lock file; other skills stay."""
+    try:
+        with open(lock_path, encoding="utf-8") as f:
+            lock = json.load(f)
+    except (OSError, ValueError):
+        lock = {}
+    skills = lock.get("skills") if isinstance(lock, dict) else None
+    if not isinstance(skills, list):
+        skills = []
+    names = {e["name"] for e in entries}
+    kept = [s for s in skills if not (isinstance(s, dict) and s.get("name") in names)]
+    doc = {"version": 1, "skills": kept + entries}
+    try:
+        _write_file_atomic(lock_path, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot write %s: %s" % (lock_path, e.strerror or e))
+
+
+@command(
+    "install-skills",
+    "install agent-exec's skill (or a local one) where agent harnesses load skills",
+    opts=(
+        Opt(
+            "source",
+            default="self",
+            help="self (agent-exec's own skill, the default) or local:PATH (a folder with a "
+            "SKILL.md)",
+            metavar="SOURCE",
+        ),
+        Opt("global", "flag", help="under the home directory instead of the current one"),
+        Opt("claude", "flag", help="into .claude/skills/ instead of .agents/skills/"),
+    ),
+    fronts=("cli",),
+    returns=(
+        Field("type", {"const": "install_skills"}, True),
+        Field(
+            "skills",
+            array(
+                obj(
+                    (
+                        Field("name", STR, True),
+                        Field("source_type", {"enum": list(_SKILL_SCHEMES)}, True),
+                        Field("path", STR, True),
+                    )
+                )
+            ),
+            True,
+        ),
+        Field("global", BOOL, True),
+        Field("lock_file_path", STR, True),
+    ),
+    examples=(
+        ("agent-exec install-skills", "into ./.agents/skills/agent-exec/"),
+        ("agent-exec install-skills --global --claude", "into ~/.claude/skills/agent-exec/"),
+        ("agent-exec install-skills --source local:./my-skill", "a skill folder of your own"),
+    ),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
+)
+def cmd_install_skills(o) -> dict:
+    import shutil
+
+    scheme, path = _skill_source(o.source)
+    base = os.path.join(_skills_base(o), ".claude" if o.claude else ".agents")
+    if scheme == "self":
+        name, text = _SKILL_NAME, _SKILL_MD
+    else:
+        name, text = _local_skill(path)
+    target = os.path.join(base, "skills", name)
+
+    def fill(tmp: str) -> None:
+        if scheme == "self":
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "SKILL.md"), "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            shutil.copytree(path, tmp, symlinks=True)
+
+    _replace_tree(target, fill)
+    entry = {"name": name, "source_type": scheme, "path": target}
+    lock_path = os.path.join(base, _SKILL_LOCK)
+    source = "self" if scheme == "self" else "local:" + path
+    _write_skill_lock(lock_path, [dict(entry, source=source, installed_at=_now())])
+    return {
+        "type": "install_skills",
+        "skills": [entry],
+        "global": bool(getattr(o, "global")),
+        "lock_file_path": lock_path,
+    }
 
 
 def cmd_supervise(job_dir: str, fds: str) -> int:
@@ -9408,6 +9762,648 @@ def cli() -> None:
     except (OSError, ValueError, AttributeError):  # (None when fd 1 or 2 was closed)
         pass
     os._exit(code)
+
+
+# ==== Front end: MCP =========================================================
+#
+# `agent-exec mcp` serves the declared commands as MCP tools over stdio:
+# newline-delimited JSON-RPC 2.0 on stdin and stdout, logs on stderr.  The
+# tool list, the input schemas and the argument checks come from the same
+# declarations as the CLI (tool_list(), options_from_arguments()), and every
+# call goes through dispatch(), so a command declared later is a tool too.
+#
+# Both generations of the protocol are spoken on one connection, request by
+# request: the handshake one (initialize, then requests; 2024-11-05 to
+# 2025-11-25) and the stateless revision 2026-07-28, whose requests carry
+# their protocol version and client capabilities in params._meta and whose
+# results all carry resultType.  server/discover is answered at any time.
+#
+# Design: threads, not a poll loop.  The main thread reads stdin and answers
+# the cheap methods itself; each tools/call runs on a thread of its own, so a
+# second request is answered while a wait blocks.  The handlers block (in
+# flock watchers, sleeps, reads) and already take a cancel flag (o.cancel,
+# see _cancelled); a poll loop would need every one rewritten as a state
+# machine.  One lock serialises the writes to stdout.  The job store needs
+# no lock: every command is already safe against other processes.
+#
+# Long-lived: `run` launches each supervisor with a double fork and reaps the
+# intermediate child at once (see _launch_supervisor), so no zombie is left;
+# the waits share one _LockWatch thread per job; a finished call leaves
+# nothing behind but the session's read position of its job.
+
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+MCP_STATELESS_VERSIONS = ("2026-07-28",)
+# structuredContent's outputSchema arrived with 2025-06-18.
+_MCP_OUTPUT_SCHEMA_VERSIONS = ("2025-06-18", "2025-11-25") + MCP_STATELESS_VERSIONS
+_MCP_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+_MCP_META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+_MCP_META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+# JSON-RPC 2.0 error codes, and MCP's for a protocol version it does not speak.
+_RPC_PARSE_ERROR = -32700
+_RPC_INVALID_REQUEST = -32600
+_RPC_METHOD_NOT_FOUND = -32601
+_RPC_INVALID_PARAMS = -32602
+_RPC_INTERNAL_ERROR = -32603
+_RPC_UNSUPPORTED_VERSION = -32022
+# Clients cut a tool call after 60 s (some desktop clients) to 300 s (Codex):
+# a blocking call is bounded well inside that.
+MCP_DEFAULT_WAIT_MS = 20000
+MCP_MAX_WAIT_MS = 55000
+# How long a client may keep the tool list (it changes only with a new server).
+_MCP_LIST_TTL_MS = 3600000
+_MCP_PROGRESS_EVERY_S = 1.0
+_MCP_INSTRUCTIONS = (
+    "agent-exec runs commands as background jobs that outlive the call. Start one with run "
+    "(command: an argv list, or shell: one string), then read its output with read (each answer "
+    "has a cursor; without one, read continues where the last read of that job ended), wait for "
+    "its end with wait (bounded per call: when timed_out is true it still runs, call wait again), "
+    "check it with status, stop it with kill. Cancelling a call never stops a job."
+)
+
+
+def _mcp_max_wait_ms() -> int:
+    """AGENT_EXEC_MCP_MAX_WAIT_MS, the cap on one blocking call (default 55 s)."""
+    raw = os.environ.get("AGENT_EXEC_MCP_MAX_WAIT_MS", "")
+    try:
+        value = parse_duration_ms(raw) if raw.strip() else MCP_MAX_WAIT_MS
+    except ValueError:
+        _log(
+            1, "AGENT_EXEC_MCP_MAX_WAIT_MS=%r is not a duration: using %d" % (raw, MCP_MAX_WAIT_MS)
+        )
+        return MCP_MAX_WAIT_MS
+    return max(1, value)
+
+
+class _RpcError(Exception):
+    """A JSON-RPC error answer: code, message and optional data."""
+
+    def __init__(self, code: int, message: str, data=None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+def _mcp_output_schema(cmd: _Command) -> dict:
+    """The command's answer or the error envelope: every answer conforms."""
+    defs = {"snapshot": obj(SNAPSHOT_FIELDS), "error": response_schema()["definitions"]["error"]}
+    answer = _answer_schema(cmd)
+    if cmd.name in ("wait", "read") or _mcp_observes(cmd.name):  # see after_call
+        answer["properties"].update(_MCP_BOUND_FIELDS)
+    return {"type": "object", "definitions": defs, "anyOf": [answer, ref("error")]}
+
+
+# The fields that the MCP front end adds to the answer of a bounded call that
+# ended with the job still running.
+_MCP_BOUND_FIELDS = {"hint": STR, "wait_bound_ms": COUNT}
+
+
+def _mcp_observes(name: str) -> bool:
+    """True for a command that starts a job and watches it as `run` does
+    (run, start, restart: they take --snapshot-after and --wait)."""
+    cmd = COMMANDS.get(name)
+    return cmd is not None and any(opt.name == "snapshot_after" for opt in cmd.opts)
+
+
+def _mcp_tools(version: "str | None") -> list:
+    """tools/list: the declared tools, with a model-facing description, full
+    annotations, and (where the revision has it) an outputSchema."""
+    out = []
+    for tool in tool_list():
+        cmd = COMMANDS[tool["name"]]
+        tool["description"] = cmd.tool_help or cmd.help
+        schema = tool["inputSchema"]
+        # `command` of run is not required: `shell` stands in for it.
+        argv = {x.name for x in cmd.opts if x.kind == "argv"}
+        schema["required"] = [n for n in schema["required"] if n not in argv]
+        hints = dict(tool.get("annotations") or {})
+        hints.setdefault("readOnlyHint", False)
+        hints.setdefault("destructiveHint", not hints["readOnlyHint"])
+        hints.setdefault("idempotentHint", hints["readOnlyHint"])
+        hints.setdefault("openWorldHint", False)
+        tool["annotations"] = hints
+        if version in _MCP_OUTPUT_SCHEMA_VERSIONS:
+            tool["outputSchema"] = _mcp_output_schema(cmd)
+        out.append(tool)
+    return out
+
+
+def _mcp_lenient(name: str, arguments: dict) -> dict:
+    """One job id where a list of them is wanted (``"job_ids": "01J..."``) is
+    taken as that list: a model's slip, with only one reading."""
+    out = dict(arguments)
+    for x in COMMANDS[name].opts:
+        if x.kind == "job_ids" and isinstance(out.get(x.name), str):
+            out[x.name] = [out[x.name]]
+    return out
+
+
+class _McpCall:
+    """One tools/call in progress: its cancel flag (is_set(), as the handlers
+    expect of o.cancel), its deadline, and whether the client cancelled it."""
+
+    def __init__(self, request_id, deadline: "float | None") -> None:
+        import threading
+
+        self.id = request_id
+        self.deadline = deadline
+        self.flag = threading.Event()
+        self.client_cancelled = False
+        self.done = False
+        self.lock = threading.Lock()  # progress notifications and the answer
+
+    def is_set(self) -> bool:
+        if self.flag.is_set():
+            return True
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def cancel(self, by_client: bool) -> None:
+        self.client_cancelled = self.client_cancelled or by_client
+        self.flag.set()
+
+
+class _McpServer:
+    """One stdio session: the protocol state, the calls in flight, the read positions."""
+
+    def __init__(self, out, root: "str | None", max_wait_ms: int) -> None:
+        import threading
+
+        self.out = out  # the protocol's stream (binary); nothing else writes to it
+        self.root = root
+        self.max_wait_ms = max_wait_ms
+        self.write_lock = threading.Lock()
+        self.calls = {}  # type: dict  # request id (as JSON text) -> _McpCall
+        self.calls_lock = threading.Lock()
+        self.threads = set()  # type: set
+        self.version = None  # type: str | None  # negotiated by initialize
+        self.read_positions = {}  # type: dict  # job id -> (stdout, stderr) offsets
+        self.positions_lock = threading.Lock()
+        self.broken = False  # stdout is gone
+        self._tools = {}  # type: dict  # version -> tool list, built once
+
+    # -- the wire ---------------------------------------------------------------
+
+    def send(self, message: dict) -> None:
+        data = (_to_json(message, separators=(",", ":")) + "\n").encode("utf-8")
+        with self.write_lock:
+            if self.broken:
+                return
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def answer(self, request_id, result: dict) -> None:
+        self.send({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    def fail(self, request_id, e: _RpcError) -> None:
+        error = {"code": e.code, "message": e.message}
+        if e.data is not None:
+            error["data"] = e.data
+        self.send({"jsonrpc": "2.0", "id": request_id, "error": error})
+
+    def serve(self, infile) -> int:
+        """Read requests until EOF (or SIGTERM); then end the calls in flight and return."""
+        try:
+            while not self.broken:
+                line = infile.readline()
+                if not line:
+                    break
+                if line.strip():
+                    self.handle_line(line)
+        except (_McpStop, KeyboardInterrupt):
+            _log(2, "mcp: stopping on a signal")
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        """End every observation in flight at once (never a job) and let the
+        calls answer with what they saw."""
+        with self.calls_lock:
+            calls = list(self.calls.values())
+            threads = list(self.threads)
+        for call in calls:
+            call.cancel(by_client=False)
+        deadline = time.monotonic() + 2.0
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # -- messages ---------------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            self.fail(None, _RpcError(_RPC_PARSE_ERROR, "Parse error: %s" % e))
+            return
+        if isinstance(msg, list):
+            self.fail(
+                None, _RpcError(_RPC_INVALID_REQUEST, "Invalid Request: batches are not supported")
+            )
+            return
+        if not isinstance(msg, dict):
+            self.fail(None, _RpcError(_RPC_INVALID_REQUEST, "Invalid Request: not an object"))
+            return
+        request_id = msg.get("id")
+        has_id = "id" in msg
+        if has_id and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+            self.fail(
+                None,
+                _RpcError(
+                    _RPC_INVALID_REQUEST, "Invalid Request: id must be a string or an integer"
+                ),
+            )
+            return
+        if "method" not in msg and ("result" in msg or "error" in msg):
+            return  # a response: this server sends no requests, so none is awaited
+        method = msg.get("method")
+        if msg.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            message = 'Invalid Request: needs "jsonrpc": "2.0" and a method'
+            self.fail(request_id if has_id else None, _RpcError(_RPC_INVALID_REQUEST, message))
+            return
+        params = msg.get("params")
+        if not has_id:
+            self.notification(method, params)
+            return
+        try:
+            if params is None:
+                params = {}
+            if not isinstance(params, dict):
+                raise _RpcError(_RPC_INVALID_PARAMS, "Invalid params: params must be an object")
+            stateless = self.envelope_version(params)
+            if method == "server/discover":  # a 2026-07-28 method, however it is asked
+                stateless = stateless or MCP_STATELESS_VERSIONS[0]
+            result = self.request(request_id, method, params, stateless)
+        except _RpcError as e:
+            self.fail(request_id, e)
+            return
+        except Exception as e:  # a bug: say so, keep serving
+            _log(0, "mcp: %s: internal error: %r" % (method, e))
+            self.fail(request_id, _RpcError(_RPC_INTERNAL_ERROR, "Internal error: %s" % e))
+            return
+        if result is not None:  # None: a call thread answers later
+            self.answer(request_id, self.stamp(result, stateless))
+
+    def envelope_version(self, params: dict) -> "str | None":
+        """The 2026-07-28 envelope of a request: its version, checked (None: no envelope)."""
+        meta = params.get("_meta")
+        if not isinstance(meta, dict) or _MCP_META_VERSION not in meta:
+            return None
+        missing = [k for k in (_MCP_META_VERSION, _MCP_META_CAPABILITIES) if k not in meta]
+        if missing:
+            raise _RpcError(
+                _RPC_INVALID_PARAMS, "Invalid params: params._meta lacks %s" % ", ".join(missing)
+            )
+        version = meta[_MCP_META_VERSION]
+        if not isinstance(version, str):
+            raise _RpcError(
+                _RPC_INVALID_PARAMS, "Invalid params: %s must be a string" % _MCP_META_VERSION
+            )
+        if not isinstance(meta[_MCP_META_CAPABILITIES], dict):
+            raise _RpcError(
+                _RPC_INVALID_PARAMS, "Invalid params: %s must be an object" % _MCP_META_CAPABILITIES
+            )
+        if version not in MCP_STATELESS_VERSIONS:
+            raise _RpcError(
+                _RPC_UNSUPPORTED_VERSION,
+                "Unsupported protocol version",
+                {"supported": list(MCP_STATELESS_VERSIONS), "requested": version},
+            )
+        return version
+
+    def stamp(self, result: dict, stateless: "str | None") -> dict:
+        """A 2026-07-28 result carries resultType, and the server's identity in _meta."""
+        if stateless is not None:
+            result.setdefault("resultType", "complete")
+            meta = dict(result.get("_meta") or {})
+            meta.setdefault(_MCP_META_SERVER_INFO, self.server_info())
+            result["_meta"] = meta
+        return result
+
+    @staticmethod
+    def server_info() -> dict:
+        return {"name": PROG, "version": __version__}
+
+    def notification(self, method: str, params) -> None:
+        if method == "notifications/cancelled":
+            if isinstance(params, dict) and "requestId" in params:
+                key = json.dumps(params["requestId"])
+                with self.calls_lock:
+                    call = self.calls.get(key)
+                if call is not None:
+                    call.cancel(by_client=True)
+            return
+        # notifications/initialized and any other: nothing to do.
+
+    def request(self, request_id, method: str, params: dict, stateless: "str | None"):
+        if method == "initialize":
+            return self.initialize(params)
+        if method == "ping" and stateless is None:  # revision 2026-07-28 has no ping
+            return {}
+        if method == "server/discover":
+            return {
+                "supportedVersions": list(MCP_STATELESS_VERSIONS),
+                "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": self.server_info(),
+                "instructions": _MCP_INSTRUCTIONS,
+                "ttlMs": _MCP_LIST_TTL_MS,
+                "cacheScope": "public",
+            }
+        if method not in ("tools/list", "tools/call"):
+            raise _RpcError(_RPC_METHOD_NOT_FOUND, "Method not found: %s" % method)
+        if stateless is None and self.version is None:
+            # As the MCP Python SDK answers a request before the handshake.
+            raise _RpcError(
+                _RPC_INVALID_PARAMS,
+                "Invalid request parameters: the session is not initialized (send initialize "
+                "first, or give params._meta the 2026-07-28 protocol version)",
+            )
+        version = stateless or self.version
+        if method == "tools/list":
+            if version not in self._tools:
+                self._tools[version] = _mcp_tools(version)
+            result = {"tools": self._tools[version]}
+            if stateless is not None:
+                result["ttlMs"] = _MCP_LIST_TTL_MS
+                result["cacheScope"] = "public"
+            return result
+        return self.start_call(request_id, params, stateless)
+
+    def initialize(self, params: dict) -> dict:
+        wanted = params.get("protocolVersion")
+        if not isinstance(wanted, str):
+            raise _RpcError(
+                _RPC_INVALID_PARAMS, "Invalid params: initialize needs a protocolVersion string"
+            )
+        self.version = wanted if wanted in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+        return {
+            "protocolVersion": self.version,
+            "capabilities": {"tools": {"listChanged": False}},
+            "serverInfo": self.server_info(),
+            "instructions": _MCP_INSTRUCTIONS,
+        }
+
+    # -- tools/call ---------------------------------------------------------------
+
+    def start_call(self, request_id, params: dict, stateless: "str | None") -> None:
+        import threading
+
+        name = params.get("name")
+        cmd = COMMANDS.get(name) if isinstance(name, str) else None
+        if cmd is None or "mcp" not in cmd.fronts:
+            raise _RpcError(_RPC_INVALID_PARAMS, "Unknown tool: %s" % _short(str(name)))
+        arguments = params.get("arguments")
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise _RpcError(_RPC_INVALID_PARAMS, "Invalid params: arguments must be an object")
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        call = _McpCall(request_id, None)
+        key = json.dumps(request_id)
+        thread = threading.Thread(
+            target=self.run_call,
+            args=(call, key, cmd.name, arguments, token, stateless),
+            name="agent-exec-mcp-call",
+            daemon=True,
+        )
+        with self.calls_lock:
+            if key in self.calls:
+                raise _RpcError(
+                    _RPC_INVALID_REQUEST, "Invalid Request: id %s is already in use" % key
+                )
+            self.calls[key] = call
+            self.threads.add(thread)
+        thread.start()
+        return None
+
+    def run_call(
+        self, call: _McpCall, key: str, name: str, arguments: dict, token, stateless
+    ) -> None:
+        import threading
+
+        ticker = None
+        try:
+            try:
+                o = options_from_arguments(name, _mcp_lenient(name, arguments), self.root)
+                if getattr(o, "stdin", None) == "-":  # this process's stdin is the transport
+                    raise AgentExecError(
+                        "invalid_argument",
+                        "stdin '-' (this command's own stdin) is the MCP transport here: "
+                        "give the text itself",
+                    )
+            except AgentExecError as e:
+                message = e.message
+                if message.startswith(
+                    "argument "
+                ):  # the words argparse gives, as the CLI says them
+                    message = "%s %s: %s" % (PROG, name, message)
+                code, envelope = e.exit_code, _envelope_error(e.code, message, e.retryable)
+            else:
+                bound_ms = self.bound(name, o, arguments)
+                if bound_ms is not None and _mcp_observes(name):
+                    call.deadline = time.monotonic() + bound_ms / 1000.0
+                else:  # any other call that blocks (a command added later) stops at the cap
+                    call.deadline = time.monotonic() + self.max_wait_ms / 1000.0 + 1.0
+                o.cancel = call
+                self.before_call(name, o, arguments)
+                if (
+                    token is not None
+                    and isinstance(token, (str, int))
+                    and not isinstance(token, bool)
+                ):
+                    ticker = threading.Thread(
+                        target=self.progress, args=(call, token, name, o, bound_ms), daemon=True
+                    )
+                    ticker.start()
+                code, envelope = dispatch(name, o)
+                call.flag.set()  # the progress ticker stops
+                self.after_call(name, o, envelope, bound_ms)
+            result = {
+                "content": [{"type": "text", "text": _to_json(envelope)}],
+                "structuredContent": envelope,
+                "isError": not envelope["ok"],
+            }
+            with call.lock:
+                call.done = True
+                if not call.client_cancelled:  # a cancelled request gets no answer
+                    self.answer(call.id, self.stamp(result, stateless))
+        except Exception as e:  # a bug in this front end: answer, keep serving
+            _log(0, "mcp: tools/call %s: internal error: %r" % (name, e))
+            with call.lock:
+                call.done = True
+                if not call.client_cancelled:
+                    self.fail(call.id, _RpcError(_RPC_INTERNAL_ERROR, "Internal error: %s" % e))
+        finally:
+            with self.calls_lock:
+                self.calls.pop(key, None)
+                self.threads.discard(threading.current_thread())
+
+    def bound(self, name: str, o, arguments: dict) -> "int | None":
+        """Cap the call's blocking part (ms): wait, read's wait_ms, run's wait.
+        Longer requests are clamped, never refused; None: the call does not block."""
+        cap = self.max_wait_ms
+        default = min(MCP_DEFAULT_WAIT_MS, cap)
+        if name == "wait":
+            asked = o.timeout_ms
+            o.timeout_ms = default if asked <= 0 else min(asked, cap)
+            if asked <= 0 or asked > cap:
+                o.mcp_clamped_from = asked
+            return o.timeout_ms
+        if name == "read" and o.wait_ms > 0:
+            if o.wait_ms > cap:
+                o.mcp_clamped_from = o.wait_ms
+                o.wait_ms = cap
+            return o.wait_ms
+        if _mcp_observes(name):  # run, start, restart
+            if o.snapshot_after > cap:  # the snapshot wait is an observation too
+                o.snapshot_after = cap
+            return default if o.wait else None
+        return None
+
+    def before_call(self, name: str, o, arguments: dict) -> None:
+        """read without a cursor: from where this session's last read of the job ended."""
+        if name != "read" or "cursor" in arguments:
+            return
+        try:
+            root = _root(o)
+            job_id = resolve_job(root, o.job_id)
+        except AgentExecError:
+            return  # the call itself says what is wrong
+        with self.positions_lock:
+            position = self.read_positions.get(job_id)
+        if position is not None:
+            o.cursor = position
+
+    def after_call(self, name: str, o, envelope: dict, bound_ms: "int | None") -> None:
+        if not envelope.get("ok"):
+            return
+        if name == "read":
+            with self.positions_lock:
+                self.read_positions[envelope["job_id"]] = parse_cursor(envelope["cursor"])
+        if bound_ms is None:
+            return
+        running = [j["job_id"] for j in envelope.get("jobs") or () if j["state"] == "running"]
+        if running and envelope.get("timed_out"):  # wait on several jobs
+            envelope["hint"] = "%s still running after this call's %d ms bound; call wait again" % (
+                ", ".join(running),
+                bound_ms,
+            )
+            return
+        if envelope.get("state") != "running":
+            return
+        if name == "read" and (envelope.get("stdout") or envelope.get("stderr")):
+            return
+        if name == "wait" and not envelope.get("timed_out"):
+            return  # it ended on readiness, a match or input, inside the bound
+        job = envelope.get("job_id")
+        how = {
+            "wait": "call wait again to keep waiting",
+            "read": "call read again (cursor %s) for its output" % envelope.get("cursor"),
+        }.get(
+            name,
+            "call wait to wait for its end, or read (cursor %s) for its output"
+            % envelope.get("cursor"),
+        )
+        envelope["hint"] = "the job %s is still running after this call's %d ms bound; %s" % (
+            job,
+            bound_ms,
+            how,
+        )
+        clamped = getattr(o, "mcp_clamped_from", None)
+        if clamped:
+            envelope["wait_bound_ms"] = bound_ms
+
+    def progress(self, call: _McpCall, token, name: str, o, bound_ms: "int | None") -> None:
+        """notifications/progress about once a second while the call blocks."""
+        ticks = 0
+        while not call.flag.wait(_MCP_PROGRESS_EVERY_S):
+            ticks += 1
+            message = self.progress_message(name, o, ticks)
+            with call.lock:
+                if call.done or call.client_cancelled:
+                    return
+                params = {"progressToken": token, "progress": ticks, "message": message}
+                if bound_ms:
+                    params["total"] = max(ticks, int(round(bound_ms / 1000.0)))
+                self.send({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
+
+    def progress_message(self, name: str, o, seconds: int) -> str:
+        ids = list(getattr(o, "job_ids", None) or [getattr(o, "job_id", None)])
+        parts = []
+        try:
+            root = _root(o)
+            for ident in [i for i in ids if i][:4]:
+                job = load_job(root, resolve_job(root, ident))
+                out, err = (0 if st is None else st.st_size for st in _log_stats(job))
+                parts.append("%s %s, %d stdout + %d stderr bytes" % (job.id, job.state, out, err))
+        except (AgentExecError, OSError, TypeError, ValueError):
+            pass
+        return "%s: %ds; %s" % (name, seconds, "; ".join(parts) or "waiting")
+
+
+class _McpStop(BaseException):
+    """Raised in the main thread by SIGTERM: leave the read loop (a BaseException,
+    so that no ``except Exception`` on the way takes it for an error)."""
+
+
+def _mcp_stdio() -> "tuple":
+    """(input, output) for the protocol, on descriptors of their own: fd 1
+    points at stderr from now on, so that nothing but the protocol can ever
+    reach the client's stdout, and fd 0 at /dev/null, so that nothing can
+    read the protocol's input by mistake."""
+    infile = os.fdopen(os.dup(0), "rb")
+    out = os.fdopen(os.dup(1), "wb")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return infile, out
+
+
+@command(
+    "mcp",
+    "serve the commands as MCP tools over stdio (newline-delimited JSON-RPC)",
+    fronts=("cli",),
+    streams=True,
+    examples=(
+        ("claude mcp add agent-exec -- agent-exec mcp", "register it with Claude Code"),
+        ("AGENT_EXEC_MCP_MAX_WAIT_MS=30000 agent-exec mcp", "cap a blocking call at 30 s"),
+    ),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+)
+def cmd_mcp(o) -> dict:
+    import signal
+    import warnings
+
+    # `run` forks (then execs at once) from a process with threads: safe here,
+    # and Python 3.12+ would warn about it on every run.
+    warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
+
+    def on_signal(_signum, _frame):
+        raise _McpStop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if _LockWatch._guard is None:  # made here, before two calls can race to make it
+        import threading
+
+        _LockWatch._guard = threading.Lock()
+    infile, out = _mcp_stdio()
+    server = _McpServer(out, getattr(o, "root", None), _mcp_max_wait_ms())
+    _log(2, "mcp: serving on stdio (max wait %d ms)" % server.max_wait_ms)
+    try:
+        server.serve(infile)
+    except _McpStop:  # a second SIGTERM while the calls were ending: stop now
+        pass
+    for stream in (out, infile):
+        try:
+            stream.close()
+        except (OSError, ValueError):
+            pass
+    return {}
 
 
 # ==== Entry point ============================================================
