@@ -6921,7 +6921,7 @@ def _optional(opt: Opt) -> bool:
 
 def _argument_value(opt: Opt, value):
     kind = _KINDS[opt.kind]
-    many = kind.action == "append" or kind.nargs is not None
+    many = kind.action == "append" or kind.nargs in ("+", "*", "...")
     if many:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UsageError("argument %s: expected a list of strings" % opt.name)
