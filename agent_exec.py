@@ -3775,6 +3775,8 @@ def _id_or_key(o) -> "str | None":
     if getattr(o, "key", None) is not None:
         return "give a job id or --key, not both" if ids else None
     return None if ids else "give a job id (or a name, or --key KEY)"
+
+
 TAIL_LINES = Opt(
     "tail_lines", "count", DEFAULT_TAIL_LINES, "show the last N lines of each stream (default 50)"
 )
@@ -4961,8 +4963,12 @@ def _auto_gc_step(root: str, after_ms: int) -> None:
         if offset >= total:
             cut = _ulid_prefix(int(now * 1000) - after_ms)
             old = sorted(name for name, _entry in _iter_jobs(root) if name < cut)
-            _write_file_atomic(root + "/" + GC_QUEUE, "".join(n + "\n" for n in old).encode(), 0o600)
-            _write_json_atomic(root + "/" + GC_STATE, {"started_at": now, "offset": 0, "total": len(old)})
+            _write_file_atomic(
+                root + "/" + GC_QUEUE, "".join(n + "\n" for n in old).encode(), 0o600
+            )
+            _write_json_atomic(
+                root + "/" + GC_STATE, {"started_at": now, "offset": 0, "total": len(old)}
+            )
             return  # the listing is this call's share of the work
         with open(root + "/" + GC_QUEUE, "rb") as f:
             f.seek(offset * 27)  # 26 characters and a newline per id

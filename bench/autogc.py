@@ -30,7 +30,12 @@ sys.path.insert(0, REPO)
 
 import agent_exec  # noqa: E402
 
-CLI = [sys.executable, "-S", "-c", "import sys; sys.path.insert(0, %r); import agent_exec; agent_exec.cli()" % REPO]
+CLI = [
+    sys.executable,
+    "-S",
+    "-c",
+    "import sys; sys.path.insert(0, %r); import agent_exec; agent_exec.cli()" % REPO,
+]
 DAY_MS = 86400000
 
 
@@ -87,20 +92,35 @@ def main() -> int:
         for i in range(args.runs):
             pair = ((None, on), ("off", off))
             for gc_after, into in pair if i % 2 else pair[::-1]:  # alternate: drift hits both
-                seconds, answer = _call(root, gc_after, "run", "--snapshot-after", "0", "--", "true")
+                seconds, answer = _call(
+                    root, gc_after, "run", "--snapshot-after", "0", "--", "true"
+                )
                 if not answer.get("ok"):
                     raise SystemExit("run failed: %s" % answer)
                 into.append(seconds * 1000)
         after = sum(1 for n in os.listdir(root) if agent_exec.is_job_id(n))
         removed = before + 2 * args.runs - after
-        print("root of %d old jobs (made in %.1f s), %d runs of each kind" % (args.jobs, made_s, args.runs))
-        print("  run, AGENT_EXEC_GC_AFTER=off: mean %.2f ms, median %.2f ms, max %.2f ms"
-              % (statistics.mean(off), statistics.median(off), max(off)))
-        print("  run, automatic gc (30d):      mean %.2f ms, median %.2f ms, max %.2f ms"
-              % (statistics.mean(on), statistics.median(on), max(on)))
-        print("  cost of the automatic gc: %+.2f ms per run on average (median %+.2f ms); "
-              "%d old jobs removed" % (statistics.mean(on) - statistics.mean(off),
-                                       statistics.median(on) - statistics.median(off), removed))
+        print(
+            "root of %d old jobs (made in %.1f s), %d runs of each kind"
+            % (args.jobs, made_s, args.runs)
+        )
+        print(
+            "  run, AGENT_EXEC_GC_AFTER=off: mean %.2f ms, median %.2f ms, max %.2f ms"
+            % (statistics.mean(off), statistics.median(off), max(off))
+        )
+        print(
+            "  run, automatic gc (30d):      mean %.2f ms, median %.2f ms, max %.2f ms"
+            % (statistics.mean(on), statistics.median(on), max(on))
+        )
+        print(
+            "  cost of the automatic gc: %+.2f ms per run on average (median %+.2f ms); "
+            "%d old jobs removed"
+            % (
+                statistics.mean(on) - statistics.mean(off),
+                statistics.median(on) - statistics.median(off),
+                removed,
+            )
+        )
         # The step alone, as a run pays it: a fresh interpreter, one call, timed inside.
         code = (
             "import sys, time; sys.path.insert(0, %r); import agent_exec; "
@@ -113,8 +133,8 @@ def main() -> int:
             steps.append(float(out.stdout))
         print(
             "  the clean-up step alone (fresh interpreter, %d calls): mean %.2f ms, "
-            "median %.2f ms, max %.2f ms" % (len(steps), statistics.mean(steps),
-                                             statistics.median(steps), max(steps))
+            "median %.2f ms, max %.2f ms"
+            % (len(steps), statistics.mean(steps), statistics.median(steps), max(steps))
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

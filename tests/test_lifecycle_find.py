@@ -273,9 +273,7 @@ class OwnerTests(FindingTestCase):
 class KeyTests(FindingTestCase):
     def test_twenty_concurrent_runs_with_one_key_make_one_job(self):
         argv = CLI + ["run", "--snapshot-after", "0", "--key", "K", "--", "sleep", "30"]
-        procs = [
-            subprocess.Popen(argv, stdout=subprocess.PIPE, env=self.env()) for _ in range(20)
-        ]
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, env=self.env()) for _ in range(20)]
         answers = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
         jobs = job_ids_in(self.root)
         for jid in jobs:
@@ -395,7 +393,9 @@ class AutoGcTests(FindingTestCase):
             self.done(env=self.env(AGENT_EXEC_GC_AFTER="off"))
         self.assertIn(old, job_ids_in(self.root))
         before = job_ids_in(self.root)
-        r = self.fail_with("invalid_argument", "run", "--", "true", env=self.env(AGENT_EXEC_GC_AFTER="x"))
+        r = self.fail_with(
+            "invalid_argument", "run", "--", "true", env=self.env(AGENT_EXEC_GC_AFTER="x")
+        )
         self.assertIn("AGENT_EXEC_GC_AFTER", r["error"]["message"])
         self.assertEqual(job_ids_in(self.root), before)
 
