@@ -6463,7 +6463,7 @@ def _completion_words() -> dict:
 
 
 # Commands whose positional arguments are job ids, for the completion scripts.
-_TAKES_JOB_IDS = ("status", "tail", "wait", "read", "kill", "delete", "follow")
+_TAKES_JOB_IDS = ("status", "tail", "wait", "read", "kill", "delete", "follow", "tag")
 
 
 def _completion_script(shell: str) -> str:

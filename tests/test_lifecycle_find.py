@@ -377,6 +377,8 @@ class AutoGcTests(FindingTestCase):
         self.done(env=env)  # goes on with it: the old job goes
         self.assertTrue(wait_until(lambda: old not in job_ids_in(self.root), 5))
         self.assertIn(runner, job_ids_in(self.root))
+        self.done(env=env)  # at most one removal per run: this one examines the rest
+        self.assertIn(runner, job_ids_in(self.root))
         state = self.read_json(os.path.join(self.root, ".gc-state.json"))
         self.assertEqual(state["offset"], state["total"])
         # The sweep is done: the next one starts an hour later, not now.
