@@ -2890,6 +2890,7 @@ class _Supervisor:
             "progress": self._on_progress,
             "probe": self._on_probe,
             "flush": self._on_flush,
+            "auto_gc": self._on_auto_gc,
         }
         self.on_control = {"kill": self._on_kill, "send": self._on_send}
         self.input = _Input() if cfg.get("stdin_open") else None
@@ -2928,6 +2929,7 @@ class _Supervisor:
         self.state_writer.write()
         _send_ready(handshake_fd, {"ok": True})
         self._loop()
+        self._on_auto_gc()  # a job that ended before its timer: now, after its waiters woke
         return 0
 
     def _start(self) -> None:
@@ -2967,6 +2969,8 @@ class _Supervisor:
         progress_ms = cfg.get("progress_every_ms") or 0
         if progress_ms:
             self.timers.start("progress", progress_ms / 1000.0)
+        if cfg.get("auto_gc_after_ms"):
+            self.timers.start("auto_gc", AUTO_GC_DELAY_S)
 
     # -- the loop ----------------------------------------------------------
 
@@ -3069,6 +3073,14 @@ class _Supervisor:
         inodes = {i for i, p in by_inode.items() if p == port}
         tree = _descendants_of(os.getpid(), {self.tree.hook_pid} if self.tree.hook_pid else None)
         return any(inodes.intersection(_socket_inodes(pid)) for pid in tree)
+
+    def _on_auto_gc(self) -> None:
+        """One step of the root's automatic clean-up (see _auto_gc), once per job:
+        here, off run's path, so that it never delays run's answer."""
+        after_ms = self.cfg.pop("auto_gc_after_ms", None)
+        if after_ms:
+            self.timers.cancel("auto_gc")
+            _auto_gc(os.path.dirname(self.job_dir), after_ms)
 
     def _on_flush(self) -> None:
         """A partial line has been quiet for PARTIAL_FLUSH_S: give it its row."""
@@ -4084,7 +4096,6 @@ def cmd_run(o) -> dict:
     root = _root(o)
     _ensure_root(root)
     job_id = _start_job(root, spec)
-    _auto_gc(root)
     return _run_answer(o, root, job_id, spec)
 
 
@@ -4416,6 +4427,8 @@ _SUPERVISOR_KEYS = (
 def _supervisor_config(spec: dict, job_dir: str) -> dict:
     cfg = {key: spec[key] for key in _SUPERVISOR_KEYS}
     cfg["stdin_path"] = os.path.join(job_dir, STDIN_FILE) if spec["stdin"] is not None else None
+    # The supervisor runs the root's automatic clean-up (see _auto_gc).
+    cfg["auto_gc_after_ms"] = _gc_after_ms()
     return cfg
 
 
@@ -4750,7 +4763,6 @@ def _run_keyed(o) -> dict:
             job_id = _start_job(root, spec)
     finally:
         os.close(lock_fd)
-    _auto_gc(root)
     if job is None:
         out = _run_answer(o, root, job_id, spec)
         out["reused"] = False
@@ -4883,6 +4895,7 @@ def _job_holding(root: str, pids: list) -> "str | None":
 
 DEFAULT_GC_AFTER_MS = 30 * 86400000
 AUTO_GC_EVERY_S = 3600
+AUTO_GC_DELAY_S = 0.1  # after the job's start: its start-up goes first
 AUTO_GC_BATCH = 8  # job directories examined per call, at most
 AUTO_GC_REMOVALS = 1  # and removed: a removal is most of the cost (1-3 ms of I/O)
 AUTO_GC_BUDGET_S = 0.002
@@ -4920,14 +4933,18 @@ def _ulid_prefix(ms: int) -> str:
     return "".join(reversed(out))
 
 
-def _auto_gc(root: str) -> None:
+def _auto_gc(root: str, after_ms: "int | None" = -1) -> None:
     """One bounded step of the automatic clean-up; never fails the caller.
 
-    run calls it once its job runs (part of the answer's time, a few ms at
-    most); create and start are meant to call it too.
+    The supervisor of each job that run (or start) launches calls it, 0.1 s
+    after the job started or when the job is over if that is sooner: off
+    the path of run's answer.  A command that launches no supervisor
+    (create) calls it itself.  ``after_ms``: AGENT_EXEC_GC_AFTER as resolved
+    by the caller (None: off); by default read here.
     """
     try:
-        after_ms = _gc_after_ms()
+        if after_ms == -1:
+            after_ms = _gc_after_ms()
         if after_ms is not None:
             _auto_gc_step(root, after_ms)
     except (AgentExecError, OSError, ValueError) as e:
