@@ -8,9 +8,12 @@ It makes a root of N finished jobs that ended 60 days ago (one real job, its
 directory copied under old ids), then times `run --snapshot-after 0 -- true`
 in that root, interleaving runs with AGENT_EXEC_GC_AFTER=off (the floor) and
 with the default (30 days: every one of the N jobs is due).  The figure is
-the difference of the means: what a run pays on average for the clean-up,
-the sweep's start (one listing of the root) included.  It also reports the
-slowest run of each kind and how many jobs the runs removed.
+the difference of the means (and medians): what a run pays on average for
+the clean-up, the sweep's start (one listing of the root) included; the
+step is taken by each new job's supervisor, so run should pay nothing but
+the CPU it takes from the next call.  It also reports the slowest run of
+each kind, how many jobs the runs removed, and the step alone (one call of
+_auto_gc in a fresh interpreter, timed inside): what a supervisor spends.
 
 Standard library only; the root is a temporary directory, removed at the end.
 """
