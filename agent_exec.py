@@ -3784,9 +3784,10 @@ KEY_INSTEAD = Opt(
 
 def _id_or_key(o) -> "str | None":
     ids = getattr(o, "job_ids", None) if hasattr(o, "job_ids") else getattr(o, "job_id", None)
+    given = bool(ids) if isinstance(ids, list) else ids is not None  # "" is a (bad) id
     if getattr(o, "key", None) is not None:
-        return "give a job id or --key, not both" if ids else None
-    return None if ids else "give a job id (or a name, or --key KEY)"
+        return "give a job id or --key, not both" if given else None
+    return None if given else "give a job id (or a name, or --key KEY)"
 
 
 TAIL_LINES = Opt(
