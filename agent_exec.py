@@ -4681,14 +4681,29 @@ def _tag_pairs(texts, what: str) -> dict:
     return pairs
 
 
-def _job_tags(job: _Job) -> list:
-    """The job's tags now: its tags.json once `tag` wrote one, else meta.json's."""
-    try:
-        doc = _read_json(job.path(TAGS_FILE))
-    except (OSError, ValueError):
-        doc = job.meta
+def _job_tags(job: _Job, tagged: "set | None" = None) -> list:
+    """The job's tags now: its tags.json once `tag` wrote one, else meta.json's.
+
+    ``tagged``: the ids that have a tags.json (see _tagged_ids), so that a
+    walk over many jobs does not try to open one per job."""
+    doc = job.meta
+    if tagged is None or job.id in tagged:
+        try:
+            doc = _read_json(job.path(TAGS_FILE))
+        except (OSError, ValueError):
+            pass
     tags = doc.get("tags")
     return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+
+TAGGED_DIR = "tagged"  # <root>/tagged/<job id>: the jobs whose tags `tag` changed
+
+
+def _tagged_ids(root: str) -> set:
+    try:
+        return set(os.listdir(root + "/" + TAGGED_DIR))
+    except OSError:
+        return set()
 
 
 def _finding_spec(o, spec: dict) -> dict:
@@ -5050,12 +5065,12 @@ FINDING_FIELDS = (
 )
 
 
-def _finding_fields(job: _Job) -> dict:
+def _finding_fields(job: _Job, tagged: "set | None" = None) -> dict:
     meta = job.meta
     port = meta.get("port")
     return {
         "name": meta.get("name"),
-        "tags": _job_tags(job),
+        "tags": _job_tags(job, tagged),
         "owner": meta.get("owner"),
         "key": meta.get("key"),
         "port": port if isinstance(port, int) else None,
@@ -5977,7 +5992,8 @@ def cmd_list(o) -> dict:
     root = _root(o)
     out = {"root": root, "jobs": [], "truncated": False, "skipped": 0}
     _check_root(root)  # a root that is a file is refused here as by run
-    finding = _finding_filter(o)
+    tagged = _tagged_ids(root)
+    finding = _finding_filter(o, tagged)
     meta_filter = finding[0] if finding else None
     if not o.all and (finding is None or o.cwd is not None):
         try:
@@ -6011,11 +6027,11 @@ def cmd_list(o) -> dict:
         if o.limit and len(out["jobs"]) >= o.limit:
             out["truncated"] = True
             break
-        out["jobs"].append(_list_entry(job, lingering))
+        out["jobs"].append(_list_entry(job, lingering, tagged))
     return out
 
 
-def _list_entry(job: _Job, lingering: bool) -> dict:
+def _list_entry(job: _Job, lingering: bool, tagged: "set | None" = None) -> dict:
     meta = job.meta
     entry = {
         "job_id": job.id,
@@ -6032,11 +6048,11 @@ def _list_entry(job: _Job, lingering: bool) -> dict:
     if job.record.get("updated_at"):
         entry["updated_at"] = job.record["updated_at"]
     entry["lingering"] = lingering
-    entry.update(_finding_fields(job))
+    entry.update(_finding_fields(job, tagged))
     return entry
 
 
-def _finding_filter(o) -> "tuple | None":
+def _finding_filter(o, tagged: "set | None" = None) -> "tuple | None":
     """list --name/--tag/--owner/--mine/--key/--port: (a test of meta.json, a
     test of the job), or None when none is given."""
     owner = o.owner
@@ -6061,7 +6077,7 @@ def _finding_filter(o) -> "tuple | None":
 
     def on_job(job: _Job) -> bool:
         if patterns:
-            tags = _job_tags(job)
+            tags = _job_tags(job, tagged)
             if not all(_tag_matches(p, tags) for p in patterns):
                 return False
         if port:
@@ -6113,6 +6129,12 @@ def cmd_tag(o) -> dict:
         if tags != before:
             path = job.path(TAGS_FILE)
             try:
+                # First the marker that tells list to read this job's tags.json.
+                root = os.path.dirname(job.dir)
+                os.makedirs(root + "/" + TAGGED_DIR, 0o700, exist_ok=True)
+                os.close(
+                    os.open(root + "/" + TAGGED_DIR + "/" + job.id, os.O_WRONLY | os.O_CREAT, 0o600)
+                )
                 _write_json_atomic(path, {"tags": tags, "updated_at": _now()}, durable=True)
             except OSError as e:
                 raise AgentExecError("io_error", "cannot write %s: %s" % (path, e.strerror or e))
