@@ -26,7 +26,7 @@ File map (the sections, in order; each banner says what it owns):
     Small helpers        logging, time, durations, sizes, ULIDs, signal names
     Processes            /proc/<pid>/stat, the process table, descendants
     Files and locks      atomic JSON writes, fd reads, the job lock and its watchers
-    Job store            the root, _Job, _verdict, the walk over a root's jobs
+    Job store            the root, _Job, _verdict, the walk over a root's jobs, names and keys
     Logs                 tails, snapshots, cursors, read spans, UTF-8 edges
     Control protocol     caller -> live supervisor messages (framed JSON lines)
     Supervisor           the detached watcher, in parts around a small loop
