@@ -13,7 +13,7 @@ import threading
 import time
 import unittest
 
-from tests._jobs import JobsTestCase, LINUX, job_ids_in
+from tests._jobs import JobsTestCase, LINUX, free_port, job_ids_in
 from tests._procs import wait_until
 from tests._util import CLI, PY, REPO
 
@@ -128,6 +128,19 @@ class HousekeepingUnitTests(unittest.TestCase):
         self.assertGreater(agent_exec.new_ulid(now + 1), cut)
 
 
+class ToolArgumentTests(unittest.TestCase):
+    def test_status_wait_kill_take_a_key_instead_of_an_id(self):
+        o = agent_exec.options_from_arguments("status", {"key": "dev"})
+        self.assertEqual((o.key, o.job_id), ("dev", None))
+        self.assertIsNone(agent_exec._id_or_key(o))
+        o = agent_exec.options_from_arguments("wait", {"key": "dev"})
+        self.assertIsNone(agent_exec._id_or_key(o))
+        o = agent_exec.options_from_arguments("kill", {})
+        self.assertIn("--key", agent_exec._id_or_key(o))
+        o = agent_exec.options_from_arguments("wait", {"key": "k", "job_ids": ["web"]})
+        self.assertIn("not both", agent_exec._id_or_key(o))
+
+
 class FindingTestCase(JobsTestCase):
     def env(self, **extra):
         env = super().env(**extra)
@@ -225,6 +238,7 @@ class TagTests(FindingTestCase):
         self.fail_with("invalid_argument", "list", "--tag", "a*b")
         self.fail_with("invalid_argument", "tag", jid, "--add", "=v")
         self.fail_with("invalid_argument", "tag", jid, "--remove", "x y")
+        self.fail_with("job_not_found", "tag", "nosuchname", "--add", "x")
 
     def test_concurrent_tag_calls_lose_nothing(self):
         jid = self.sleeper()["job_id"]
@@ -357,6 +371,13 @@ class PortTests(FindingTestCase):
         self.usage_error("run", "--port", "0", "--", "true")
         self.usage_error("run", "--port", "x", "--", "true")
         self.usage_error("run", "--port", "auto", "--ready-port", "80", "--", "true")
+
+    def test_a_given_free_port(self):
+        port = free_port()
+        j = self.ok("run", "--port", str(port), "--", PY, "-c", PORT_ECHO)
+        self.addCleanup(self.kill_job, j["job_id"])
+        self.assertEqual((j["port"], j["ready"]), (port, True), j)
+        self.assertIn("port %d %d" % (port, port), j["snapshot"]["stdout_tail"])
 
     def test_a_given_port_is_reserved_while_its_job_runs(self):
         j = self.sleeper("--port", "auto")  # reserved, never listened on
