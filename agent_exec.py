@@ -26,7 +26,7 @@ File map (the sections, in order; each banner says what it owns):
     Small helpers        logging, time, durations, sizes, ULIDs, signal names
     Processes            /proc/<pid>/stat, the process table, descendants
     Files and locks      atomic JSON writes, fd reads, the job lock and its watchers
-    Job store            the root, _Job, _verdict, the walk over a root's jobs
+    Job store            the root, _Job, _verdict, the walk over a root's jobs, names and keys
     Logs                 tails, snapshots, cursors, read spans, UTF-8 edges
     Control protocol     caller -> live supervisor messages (framed JSON lines)
     Supervisor           the detached watcher, in parts around a small loop
@@ -175,7 +175,7 @@ ERROR_CODES = {
     # What run checks before it creates anything.
     "cwd_not_found": (1, False, "the working directory (or the current one) does not exist"),
     "command_not_found": (1, False, "run: the command is not an executable on the PATH"),
-    "port_in_use": (1, False, "run --ready-port: something already accepts on that port"),
+    "port_in_use": (1, False, "run --port/--ready-port: something already holds that port"),
     "invalid_state": (1, False, "the job is not in a state that allows this"),
     "input_full": (1, True, "send: the job has not read what was sent before; send later"),
     # The root, the machine, and agent-exec itself.
@@ -216,13 +216,17 @@ _FAILURE_END_REASONS = {
 class AgentExecError(Exception):
     """An expected failure: dispatch() makes it the JSON error envelope."""
 
-    def __init__(self, code: str, message: str, retryable: "bool | None" = None) -> None:
+    def __init__(
+        self, code: str, message: str, retryable: "bool | None" = None, details=None
+    ) -> None:
         super().__init__(message)
         exit_code, default_retryable, _meaning = ERROR_CODES[code]
         self.code = code
         self.message = message
         self.exit_code = exit_code
         self.retryable = default_retryable if retryable is None else retryable
+        # Extra fields of the error object (port_in_use: the holder's pid, job_id).
+        self.details = details
 
 
 class UsageError(AgentExecError):
@@ -1109,14 +1113,15 @@ def _is_symlink(entry) -> bool:
 
 
 def resolve_job(root: str, ident: str) -> str:
-    """Map a job id or an unambiguous prefix (>= 4 chars) to the full id.
+    """Map a job id, an unambiguous prefix (>= 4 chars) or a name to the full id.
 
-    Anything that is not shaped like (a prefix of) a ULID names no job, so an
-    argument can never become a path outside the root.
+    Anything that is not shaped like (a prefix of) a ULID is a name (see
+    _resolve_name), found through the root's index, so an argument can never
+    become a path outside the root.
     """
     text = str(ident).upper()
-    if not (MIN_PREFIX <= len(text) <= 26) or not all(c in _ULID_CHARS for c in text):
-        raise AgentExecError("job_not_found", "no job %r" % _short(ident))
+    if not _id_like(text):  # not an id: a name (run --name), the newest job with it
+        return _resolve_name(root, str(ident))
     if len(text) == 26:
         if is_job_id(text) and _is_job_dir(os.path.join(root, text)):
             return text
@@ -1146,6 +1151,116 @@ def _short(value: str, limit: int = 80) -> str:
 
 def _is_job_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path)
+
+
+# -- Names and keys: the root's indexes ---------------------------------------------
+#
+# run --name and run --key are found again through small indexes in the root,
+# so that resolving one costs a directory listing and a meta.json or two, not
+# a read of every job: <root>/names/<h>/<job id> and <root>/keys/<h>/<job id>
+# are empty files, <h> a hash of the name or key (any text becomes a safe file
+# name).  The entry is made right after the job directory and before its
+# meta.json, so every job with a name or key is in its index; an entry whose
+# job directory is gone (deleted, collected) is skipped and removed when met.
+# None of these names is a job id, so every walk over the root ignores them.
+
+_INDEX_DIRS = {"name": "names", "key": "keys"}
+NAME_MAX = 64
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _id_like(text: str) -> bool:
+    """True when ``text`` could name a job as its id or an id prefix.
+
+    resolve_job reads 4 to 26 Crockford characters, case folded, as an id
+    or a prefix; a ULID's first character is 0-7, so text that starts with
+    another character can never be the prefix of a job id.
+    """
+    t = text.upper()
+    return MIN_PREFIX <= len(t) <= 26 and t[0] <= "7" and _ULID_CHARS.issuperset(t)
+
+
+def _name_error(name: str) -> "str | None":
+    """Why ``name`` cannot be a job name (None when it can)."""
+    if not name or len(name) > NAME_MAX:
+        return "a job name has 1 to %d characters, got %d" % (NAME_MAX, len(name))
+    if not _NAME_CHARS.issuperset(name):
+        return "a job name has only letters, digits, '-', '_' and '.', got %r" % _short(name)
+    if name[0] == "-":
+        return "a job name may not start with '-' (it would read as an option): %r" % name
+    if _id_like(name):
+        return (
+            "%r reads as a job id prefix (4-26 characters of 0-9 A-Z, the first 0-7): "
+            "pick a name that no id can start with, e.g. one with a letter first" % name
+        )
+    return None
+
+
+def _index_dir(root: str, kind: str, value: str) -> str:
+    # zlib, not hashlib: hashlib loads OpenSSL (20-30 ms).  Two values that
+    # share a directory are told apart by their meta.json, so 64 bits do.
+    import zlib
+
+    data = value.encode("utf-8", "surrogatepass")
+    digest = "%08x%08x" % (zlib.crc32(data), zlib.adler32(data))
+    return root + "/" + _INDEX_DIRS[kind] + "/" + digest
+
+
+def _index_job(root: str, job_id: str, spec: dict) -> None:
+    """Enter a new job in the name and key indexes (before its meta.json exists)."""
+    for kind in _INDEX_DIRS:
+        value = spec.get(kind)
+        if not value:
+            continue
+        where = _index_dir(root, kind, value)
+        try:
+            os.makedirs(where, 0o700, exist_ok=True)
+            os.close(os.open(where + "/" + job_id, os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError as e:
+            raise AgentExecError("io_error", "cannot index %s %r: %s" % (kind, value, e.strerror))
+
+
+def _find_indexed(root: str, kind: str, value: str, accept=None) -> "_Job | None":
+    """The newest job whose meta.json says ``kind`` is ``value`` (and that
+    ``accept`` takes, when given); None when there is none."""
+    where = _index_dir(root, kind, value)
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return None
+    for job_id in sorted(names, reverse=True):
+        if not is_job_id(job_id):
+            continue
+        try:
+            job = load_job(root, job_id)
+        except AgentExecError:
+            if not os.path.lexists(root + "/" + job_id):
+                try:  # the job is gone: so is its entry
+                    os.unlink(where + "/" + job_id)
+                except OSError:
+                    pass
+            continue  # (or its meta.json is not written yet)
+        if job.meta.get(kind) == value and (accept is None or accept(job)):
+            return job
+    return None
+
+
+def _resolve_name(root: str, ident: str) -> str:
+    """resolve_job for what is not an id: the newest job with that name."""
+    if _name_error(ident) is not None:
+        raise AgentExecError("job_not_found", "no job %r" % _short(ident))
+    job = _find_indexed(root, "name", ident)
+    if job is None:
+        raise AgentExecError("job_not_found", "no job named %r in %s" % (ident, root))
+    return job.id
+
+
+def resolve_key(root: str, key: str) -> str:
+    """status/wait/kill --key KEY: the newest job started with that key, in any state."""
+    job = _find_indexed(root, "key", key)
+    if job is None:
+        raise AgentExecError("job_not_found", "no job with key %r in %s" % (_short(key), root))
+    return job.id
 
 
 # The result fields every answer about a terminal job carries, when known,
@@ -3076,6 +3191,7 @@ class _Supervisor:
             "flush": self._on_flush,
             "lease": self._on_lease,
             "sample": self._on_sample,
+            "auto_gc": self._on_auto_gc,
         }
         self.on_control = {
             "kill": self._on_kill,
@@ -3129,6 +3245,7 @@ class _Supervisor:
         self.state_writer.write()
         _send_ready(handshake_fd, {"ok": True})
         self._loop()
+        self._on_auto_gc()  # a job that ended before its timer: now, after its waiters woke
         return 0
 
     def _start(self) -> None:
@@ -3191,6 +3308,8 @@ class _Supervisor:
         if progress_ms:
             self.timers.start("progress", progress_ms / 1000.0)
         self._start_guards()
+        if cfg.get("auto_gc_after_ms"):
+            self.timers.start("auto_gc", AUTO_GC_DELAY_S)
 
     # -- the loop ----------------------------------------------------------
 
@@ -3295,6 +3414,14 @@ class _Supervisor:
         inodes = {i for i, p in by_inode.items() if p == port}
         tree = _descendants_of(os.getpid(), {self.tree.hook_pid} if self.tree.hook_pid else None)
         return any(inodes.intersection(_socket_inodes(pid)) for pid in tree)
+
+    def _on_auto_gc(self) -> None:
+        """One step of the root's automatic clean-up (see _auto_gc), once per job:
+        here, off run's path, so that it never delays run's answer."""
+        after_ms = self.cfg.pop("auto_gc_after_ms", None)
+        if after_ms:
+            self.timers.cancel("auto_gc")
+            _auto_gc(os.path.dirname(self.job_dir), after_ms)
 
     def _on_flush(self) -> None:
         """A partial line has been quiet for PARTIAL_FLUSH_S: give it its row."""
@@ -4116,6 +4243,9 @@ ERROR_FIELDS = (
     Field("code", {"enum": sorted(ERROR_CODES)}, True),
     Field("message", STR, True),
     Field("retryable", BOOL, True),
+    # port_in_use: who holds the port (the pid, and the job when it is one of the root's)
+    Field("pid", INT),
+    Field("job_id", STR),
 )
 
 # -- kinds of values --------------------------------------------------------------------
@@ -4153,6 +4283,16 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise ValueError("expected a TCP port 1-65535, got %r" % text)
     return port
+
+
+def _port_or_auto(text: str) -> "int | str":
+    """run --port: ``auto`` (agent-exec picks a free one) or a TCP port."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _port(text)
+    except ValueError:
+        raise ValueError("expected auto or a TCP port 1-65535, got %r" % _short(text))
 
 
 def _env_pair(text: str) -> str:
@@ -4204,6 +4344,10 @@ _KINDS = {
     "env_pairs": _Kind(_env_pair, "env", STRS, "append", metavar="KEY=VALUE"),
     "env_keys": _Kind(_env_key, "key", STRS, "append", metavar="KEY"),
     "job_id": _Kind(json=STR, positional=True),
+    # status, wait, kill: a job id (or name), or --key KEY instead of one
+    "job_id_or_key": _Kind(json=STR, nargs="?", positional=True),
+    "job_ids_or_key": _Kind(json=STRS, nargs="*", positional=True),
+    "port_or_auto": _Kind(_port_or_auto, "port", _NUMBER_OR_TEXT, metavar="auto|PORT"),
     "word": _Kind(json=STR, positional=True),
     "job_ids": _Kind(json=dict(STRS, minItems=1), nargs="+", positional=True),
     "argv": _Kind(json=dict(STRS, minItems=1), nargs="...", positional=True),
@@ -4221,10 +4365,28 @@ GLOBAL_OPTS = (
 _GLOBAL_HELP_IN_COMMAND = {"root": "jobs root"}
 
 # Options that several commands share.
-JOB_ID = Opt("job_id", "job_id", help="a job id, or a unique prefix of one (4+ characters)")
-JOB_IDS = Opt(
-    "job_ids", "job_ids", help="one or more job ids, or unique prefixes", metavar="job_id"
+JOB_ID = Opt(
+    "job_id", "job_id", help="a job id, a unique prefix of one (4+ characters), or a job name"
 )
+JOB_IDS = Opt(
+    "job_ids", "job_ids", help="one or more job ids, unique prefixes or names", metavar="job_id"
+)
+# status, wait, kill: the job id may be left out for --key KEY.
+JOB_ID_OR_KEY = JOB_ID._replace(kind="job_id_or_key", help=JOB_ID.help + "; or give --key")
+JOB_IDS_OR_KEY = JOB_IDS._replace(kind="job_ids_or_key", help=JOB_IDS.help + "; or give --key")
+KEY_INSTEAD = Opt(
+    "key", help="the newest job started with run --key KEY, instead of a job id", metavar="KEY"
+)
+
+
+def _id_or_key(o) -> "str | None":
+    ids = getattr(o, "job_ids", None) if hasattr(o, "job_ids") else getattr(o, "job_id", None)
+    given = bool(ids) if isinstance(ids, list) else ids is not None  # "" is a (bad) id
+    if getattr(o, "key", None) is not None:
+        return "give a job id or --key, not both" if given else None
+    return None if given else "give a job id (or a name, or --key KEY)"
+
+
 TAIL_LINES = Opt(
     "tail_lines", "count", DEFAULT_TAIL_LINES, "show the last N lines of each stream (default 50)"
 )
@@ -4282,10 +4444,13 @@ def _root(o) -> str:
     return resolve_root(getattr(o, "root", None))
 
 
-def _open_job(o, ident: str) -> _Job:
-    """The job that ``ident`` (an id or a prefix) names in the root of ``o``."""
+def _open_job(o, ident: "str | None") -> _Job:
+    """The job that ``ident`` (an id, a prefix or a name) names in the root of
+    ``o``; with no ident, the job of ``o.key`` (status/kill --key)."""
     root = _root(o)
     _check_root(root)
+    if ident is None and getattr(o, "key", None) is not None:
+        return load_job(root, resolve_key(root, o.key))
     return load_job(root, resolve_job(root, ident))
 
 
@@ -4380,6 +4545,8 @@ _JOB_CHECKS = (
     ),
     lambda o: "--pty-size goes with --pty" if o.pty_size and not o.pty else None,
     _notify_command_error,
+    lambda o: "--key-scope goes with --key" if o.key_scope and not o.key else None,
+    conflict("port", "ready_port", "--port already makes the job ready when it listens"),
 )
 
 _RUN_OPTS = (
@@ -4503,6 +4670,26 @@ _RUN_OPTS = (
         "(end the job once a stream has written more than SIZE)",
         choices=("truncate", "kill"),
     ),
+    # Finding the job again, single-flight and ports (see "Finding jobs again").
+    Opt("name", help="name the job (letters, digits, - _ .; at most 64)", metavar="NAME"),
+    Opt("tag", "strs", help="tag the job: KEY or KEY=VALUE (repeatable)", metavar="TAG"),
+    Opt("owner", help="who the job is for (default: $AGENT_EXEC_OWNER)", metavar="OWNER"),
+    Opt(
+        "key",
+        help="single-flight: if a job with KEY runs, start nothing and answer it (reused: true)",
+        metavar="KEY",
+    ),
+    Opt(
+        "key_scope",
+        "choice",
+        help="with --key: reuse a job that runs (default), or any job with the key",
+        choices=("running", "any"),
+    ),
+    Opt(
+        "port",
+        "port_or_auto",
+        help="give the job a TCP port as $PORT ('auto': a free one); ready when it listens",
+    ),
     Opt("command", "argv", help="the command and its arguments"),
 )
 
@@ -4557,6 +4744,8 @@ _RUN_OPTS = (
         CURSOR_FIELD,
         Field("ready", BOOL),
         Field("waiting_for_input", BOOL),
+        Field("reused", BOOL),
+        Field("port", {"type": ["integer", "null"], "minimum": 1, "maximum": 65535}),
     )
     + RESULT_FIELDS,
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
@@ -4567,10 +4756,19 @@ def cmd_run(o) -> dict:
     Nothing is created until every check has passed.  The answer comes once
     meta.json and state.json exist, after the snapshot wait (or --wait).
     """
+    if o.key is not None:
+        return _run_keyed(o)
     spec = _job_spec(o)
     root = _root(o)
     _ensure_root(root)
+    job_id = _start_job(root, spec)
+    return _run_answer(o, root, job_id, spec)
+
+
+def _start_job(root: str, spec: dict) -> str:
+    """Create the job of ``spec`` in ``root`` and launch its supervisor; its id."""
     job_id, job_dir = _create_job_dir(root)
+    _index_job(root, job_id, spec)
     meta = _meta_document(job_id, root, job_dir, spec)
     # meta.json appears already locked: no reader can see the job unlocked
     # (that is: lost) before its supervisor holds the lock.
@@ -4593,7 +4791,9 @@ def cmd_run(o) -> dict:
             _bare_state(job_id, "failed", "supervisor_failed", "the supervisor did not start"),
             durable=True,
         )
-    return _run_answer(o, root, job_id, spec)
+    if spec.get("port"):
+        _claim_port(root, spec["port"], job_id)
+    return job_id
 
 
 # run --wait --exit-code, for a job that did not end with an exit code of its
@@ -4646,7 +4846,7 @@ def _job_spec(o) -> dict:
     if o.ready_port:
         _refuse_port_in_use(o.ready_port)
     stdin = _job_stdin(o)
-    return {
+    spec = {
         "stdin": stdin,
         "stdin_open": bool(o.stdin_open),
         "pty": _pty_size(o),
@@ -4671,6 +4871,8 @@ def _job_spec(o) -> dict:
         "notify_timeout_ms": o.notify_timeout,
         **_guard_spec(o),
     }
+    spec.update(_finding_spec(o, spec))
+    return spec
 
 
 # --limit-mem below this is refused: no program starts in less.
@@ -4769,11 +4971,27 @@ def _job_stdin(o) -> "bytes | None":
     return data
 
 
-def _refuse_port_in_use(port: int) -> None:
-    """run --ready-port P while something already accepts on P: the job could
-    never be the one that answers, so nothing is created."""
+def _refuse_port_in_use(port: int, root: "str | None" = None) -> None:
+    """run --ready-port P (or --port P) while something already accepts on P: the
+    job could never be the one that answers, so nothing is created.
+
+    With ``root`` (run --port), a port that a live job of the root reserved
+    is taken too, listening or not; the error names the holder's pid and,
+    when a job of the root holds it, the job's id.
+    """
+    details = {}
     if not _probe_port(port):
-        return
+        held, job_id = _reserved_by(root, port) if root else (False, None)
+        if not held:
+            return
+        who = " (reserved by job %s)" % job_id if job_id else " (reserved by a run starting)"
+        if job_id:
+            details["job_id"] = job_id
+        raise AgentExecError(
+            "port_in_use",
+            "port %d is already in use%s: stop that job or pick another port" % (port, who),
+            details=details,
+        )
     holders = _port_holders(port)
     who = ""
     if holders:
@@ -4785,9 +5003,17 @@ def _refuse_port_in_use(port: int) -> None:
             except OSError:
                 names.append("pid %d" % pid)
         who = " by " + ", ".join(names)
+        details["pid"] = holders[0]
+    job_id = _job_holding(root, holders) if root else None
+    if job_id is None and root:
+        job_id = _reserved_by(root, port)[1]
+    if job_id:
+        who += " of job %s" % job_id
+        details["job_id"] = job_id
     raise AgentExecError(
         "port_in_use",
         "port %d is already in use%s: stop that process or pick another port" % (port, who),
+        details=details,
     )
 
 
@@ -4902,6 +5128,8 @@ def _meta_document(job_id: str, root: str, job_dir: str, spec: dict) -> dict:
     }
     meta.update(_guard_meta(spec))
     meta["definition"] = _definition(spec)
+    for key in _FINDING_META_KEYS:
+        meta[key] = spec.get(key)
     if spec["notify_command"] or spec["notify_file"]:
         meta["notification"] = {
             "notify_command": spec["notify_command"],
@@ -4963,34 +5191,41 @@ _SUPERVISOR_KEYS = (
 def _supervisor_config(spec: dict, job_dir: str) -> dict:
     cfg = {key: spec[key] for key in _SUPERVISOR_KEYS}
     cfg["stdin_path"] = os.path.join(job_dir, STDIN_FILE) if spec["stdin"] is not None else None
+    # The supervisor runs the root's automatic clean-up (see _auto_gc).
+    cfg["auto_gc_after_ms"] = _gc_after_ms()
     return cfg
 
 
-def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
-    """Watch the new job as asked (--snapshot-after, --wait, readiness), then answer."""
+def _run_answer(o, root: str, job_id: str, spec: dict, observed_ms: int = 0) -> dict:
+    """Watch the new job as asked (--snapshot-after, --wait, readiness), then answer.
+
+    ``observed_ms``: how long the job has run already (a job that run --key
+    reuses): the snapshot wait covers the job's first --snapshot-after ms.
+    """
     t_start = time.monotonic()
     job_dir = os.path.join(root, job_id)
     meta_path = os.path.join(job_dir, META)
     snapshot_after = min(o.snapshot_after, MAX_SNAPSHOT_AFTER_MS)
-    readiness = bool(o.ready_match or o.ready_port)
+    window = max(0, snapshot_after - observed_ms)
+    readiness = bool(spec["ready_match"] or spec["ready_port"])
     waiting = None
     if o.wait:
         _wait_lock(meta_path, None, _cancelled(o))
-    elif snapshot_after > 0 and (spec["stdin_open"] or spec["pty"]) and not readiness:
+    elif window > 0 and (spec["stdin_open"] or spec["pty"]) and not readiness:
         # A job whose stdin is open may stop to ask something: answer then,
         # with waiting_for_input, rather than at the end of the snapshot wait.
         job = load_job(root, job_id)
         watch = _LockWatch.acquire(meta_path)
         try:
-            deadline = time.monotonic() + snapshot_after / 1000.0
+            deadline = time.monotonic() + window / 1000.0
             waiting = _input_wanted(job, watch, deadline, _cancelled(o))
         finally:
             watch.release()
-    elif snapshot_after > 0:
+    elif window > 0:
         # With a readiness condition, answer as soon as the job is ready: the
         # supervisor lets go of ready.lock then (or when the job ends).
         lock = os.path.join(job_dir, READY_LOCK) if readiness else meta_path
-        _wait_lock(lock, snapshot_after / 1000.0, _cancelled(o))
+        _wait_lock(lock, window / 1000.0, _cancelled(o))
     waited_ms = int(round((time.monotonic() - t_start) * 1000))
     job = load_job(root, job_id)
     out = {"job_id": job_id, "state": job.state}
@@ -5015,6 +5250,8 @@ def _run_answer(o, root: str, job_id: str, spec: dict) -> dict:
         out["ready"] = bool(job.record.get("ready"))
     if waiting is not None:
         out["waiting_for_input"] = waiting and not job.terminal
+    if spec.get("port"):
+        out["port"] = spec["port"]
     out.update(job.result_fields())
     out.pop("duration_ms", None)
     out["elapsed_ms"] = int(round((time.monotonic() - o.started) * 1000))
@@ -5099,6 +5336,488 @@ def _bare_state(job_id: str, state: str, code: str, message: str) -> dict:
     return _state_document(job_id, state, _JobFacts(), failure={"code": code, "message": message})
 
 
+# ---- run: names, tags, owners, single-flight keys, ports, housekeeping ----------
+#
+# What lets an agent find its jobs again after it lost its handles, and the
+# guards around starting them.  Each is a field of meta.json (written once:
+# meta.json is also the job's lock, so it is never rewritten) except a job's
+# tags, which `tag` can change later: they live in meta.json at first and in
+# the job's tags.json once `tag` has changed them.
+
+# meta.json fields of this block, in this order (null when not given).
+_FINDING_META_KEYS = ("name", "tags", "owner", "key", "port")
+OWNER_MAX = 256
+KEY_MAX = 256
+TAG_KEY_MAX = 64
+TAG_VALUE_MAX = 256
+_TAG_KEY_CHARS = _NAME_CHARS | frozenset("/:")
+TAGS_FILE = "tags.json"  # a job's tags once `tag` changed them
+TAGS_LOCK = "tags.lock"  # held while `tag` reads, changes and writes them
+
+
+def _text_error(what: str, text: str, limit: int) -> "str | None":
+    """Why ``text`` cannot be an owner or a key (None when it can)."""
+    if not text:
+        return "%s needs a non-empty value" % what
+    if len(text) > limit:
+        return "%s takes at most %d characters, got %d" % (what, limit, len(text))
+    if not text.isprintable():
+        return "%s may not hold control characters: %r" % (what, _short(text))
+    return None
+
+
+def parse_tag(text: str) -> "tuple":
+    """A tag, ``KEY`` or ``KEY=VALUE``: (key, value or None); ValueError if malformed.
+
+    KEY: 1-64 letters, digits and ``- _ . / :``, not starting with ``-`` or
+    ``.``; VALUE: 1-256 printable characters, no ``*`` (the pattern character
+    of list --tag).
+    """
+    key, eq, value = str(text).partition("=")
+    if not key:
+        raise ValueError("a tag is KEY or KEY=VALUE, got %r" % _short(text))
+    if len(key) > TAG_KEY_MAX or not _TAG_KEY_CHARS.issuperset(key) or key[0] in "-.":
+        raise ValueError(
+            "a tag's key has 1-%d letters, digits, '-', '_', '.', '/' or ':' (not first "
+            "'-' or '.'), got %r" % (TAG_KEY_MAX, _short(key))
+        )
+    if not eq:
+        return key, None
+    if not value:
+        raise ValueError("tag %r has an empty value: write the key alone" % _short(text))
+    if len(value) > TAG_VALUE_MAX or not value.isprintable() or "*" in value:
+        raise ValueError(
+            "a tag's value has 1-%d printable characters and no '*', got %r"
+            % (TAG_VALUE_MAX, _short(value))
+        )
+    return key, value
+
+
+def parse_tag_pattern(text: str) -> "tuple":
+    """A list --tag pattern: (key, key_is_prefix, value or None, value_is_prefix).
+
+    ``KEY`` matches the tag KEY whatever its value; ``KEY=VALUE`` that value
+    only; ``P*`` every tag whose key starts with P (so ``ns.*`` matches
+    ``ns.a`` and ``ns.b=1``, not ``ns``); ``KEY=V*`` KEY with a value that
+    starts with V.  ``*`` is taken only at the end.
+    """
+    text = str(text)
+    star = text.endswith("*")
+    body = text[:-1] if star else text
+    key, eq, value = body.partition("=")
+    if star and not eq:
+        if body and (len(body) > TAG_KEY_MAX or not _TAG_KEY_CHARS.issuperset(body)):
+            raise ValueError("tag pattern %r: a key prefix is letters, digits, - _ . / :" % text)
+        return body, True, None, False
+    try:
+        key, value = parse_tag(body + ("" if not star else "x"))
+    except ValueError as e:
+        raise ValueError("tag pattern %r: %s" % (_short(text), e))
+    if star:
+        value = value[:-1]
+    return key, False, value, star
+
+
+def _tag_matches(pattern: tuple, tags: list) -> bool:
+    key, key_prefix, value, value_prefix = pattern
+    for tag in tags:
+        k, _, v = tag.partition("=")
+        if not (k.startswith(key) if key_prefix else k == key):
+            continue
+        if value is None or (v.startswith(value) if value_prefix else v == value):
+            return True
+    return False
+
+
+def _tag_list(pairs: dict) -> list:
+    """Tags as stored and answered: one ``KEY`` or ``KEY=VALUE`` per key, sorted by key."""
+    return [k if v is None else "%s=%s" % (k, v) for k, v in sorted(pairs.items())]
+
+
+def _tag_pairs(texts, what: str) -> dict:
+    """key -> value of ``texts`` (a later tag with the same key wins); invalid_argument."""
+    pairs = {}
+    for text in texts or ():
+        try:
+            key, value = parse_tag(text)
+        except ValueError as e:
+            raise AgentExecError("invalid_argument", "%s: %s" % (what, e))
+        pairs[key] = value
+    return pairs
+
+
+def _job_tags(job: _Job, tagged: "set | None" = None) -> list:
+    """The job's tags now: its tags.json once `tag` wrote one, else meta.json's.
+
+    ``tagged``: the ids that have a tags.json (see _tagged_ids), so that a
+    walk over many jobs does not try to open one per job."""
+    doc = job.meta
+    if tagged is None or job.id in tagged:
+        try:
+            doc = _read_json(job.path(TAGS_FILE))
+        except (OSError, ValueError):
+            pass
+    tags = doc.get("tags")
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+
+TAGGED_DIR = "tagged"  # <root>/tagged/<job id>: the jobs whose tags `tag` changed
+
+
+def _tagged_ids(root: str) -> set:
+    try:
+        return set(os.listdir(root + "/" + TAGGED_DIR))
+    except OSError:
+        return set()
+
+
+def _finding_spec(o, spec: dict) -> dict:
+    """run's name, tags, owner, key and port, checked (the port reserved)."""
+    if o.name is not None and _name_error(o.name):
+        raise AgentExecError("invalid_argument", "--name: " + _name_error(o.name))
+    owner, what = o.owner, "--owner"
+    if owner is None:
+        owner, what = os.environ.get("AGENT_EXEC_OWNER") or None, "$AGENT_EXEC_OWNER"
+    if owner is not None and _text_error(what, owner, OWNER_MAX):
+        raise AgentExecError("invalid_argument", _text_error(what, owner, OWNER_MAX))
+    if o.key is not None and _text_error("--key", o.key, KEY_MAX):
+        raise AgentExecError("invalid_argument", _text_error("--key", o.key, KEY_MAX))
+    _gc_after_ms()  # a bad AGENT_EXEC_GC_AFTER is refused before anything is created
+    out = {
+        "name": o.name,
+        "tags": _tag_list(_tag_pairs(o.tag, "--tag")),
+        "owner": owner,
+        "key": o.key,
+        "port": None,
+    }
+    if o.port is not None:
+        root = _root(o)
+        _ensure_root(root)
+        port = _pick_port(root) if o.port == "auto" else _reserve_port(root, o.port)
+        out["port"] = out["ready_port"] = port
+        spec["env"]["PORT"] = spec["env"]["AGENT_EXEC_PORT"] = str(port)
+    return out
+
+
+# -- single-flight: run --key ---------------------------------------------------------
+
+
+def _lock_file(path: str, blocking: bool = True) -> "int | None":
+    """An fd holding an exclusive flock on ``path`` (made if needed); None when
+    ``blocking`` is false and someone else holds it.  The caller closes it."""
+    try:
+        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot open lock %s: %s" % (path, e.strerror))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _run_keyed(o) -> dict:
+    """run --key: under the key's lock, answer the job that has the key, or start one.
+
+    The lock (<root>/keys/<h>.lock) is held from the look-up until the new
+    job's meta.json exists and its supervisor runs, so concurrent calls with
+    one key start one job; it is let go before the snapshot wait.
+    """
+    error = _text_error("--key", o.key, KEY_MAX)
+    if error:
+        raise AgentExecError("invalid_argument", error)
+    root = _root(o)
+    _ensure_root(root)
+    _gc_after_ms()
+    scope = o.key_scope or "running"
+    accept = (lambda job: job.state == "running") if scope == "running" else None
+    lock_fd = _lock_file(_index_dir(root, "key", o.key) + ".lock")
+    try:
+        job = _find_indexed(root, "key", o.key, accept)
+        if job is None:
+            spec = _job_spec(o)
+            job_id = _start_job(root, spec)
+    finally:
+        os.close(lock_fd)
+    if job is None:
+        out = _run_answer(o, root, job_id, spec)
+        out["reused"] = False
+        return out
+    meta = job.meta
+    seen = {
+        "ready_match": meta.get("ready_match"),
+        "ready_port": meta.get("ready_port"),
+        "stdin_open": bool(meta.get("stdin_open")),
+        "explicit_env": [],
+        "masks": [],
+        "port": meta.get("port"),
+    }
+    try:
+        observed_ms = int((time.time() - _parse_rfc3339(job.started_at())) * 1000)
+    except ValueError:
+        observed_ms = MAX_SNAPSHOT_AFTER_MS
+    out = _run_answer(o, root, job.id, seen, observed_ms=max(0, observed_ms))
+    out["reused"] = True
+    return out
+
+
+# -- ports: run --port --------------------------------------------------------------
+#
+# A port that run --port hands out is reserved in <root>/ports/<port>.json
+# (under <root>/ports/.lock) until its job is over: two `--port auto` at
+# once cannot get the same port, although neither job listens yet.  A
+# reservation names its job once the job exists; before that it is held by
+# the run that made it, for at most _PORT_HOLD_S.
+
+PORTS_DIR = "ports"
+_PORT_HOLD_S = 60.0
+
+
+def _reservation_path(root: str, port: int) -> str:
+    return "%s/%s/%d.json" % (root, PORTS_DIR, port)
+
+
+def _reserved_by(root: str, port: int) -> "tuple":
+    """(held, job id or None): whether a live job (or a run making one) holds ``port``."""
+    try:
+        res = _read_json(_reservation_path(root, port))
+    except (OSError, ValueError):
+        return False, None
+    job_id = res.get("job_id")
+    if isinstance(job_id, str) and is_job_id(job_id):
+        try:
+            job = load_job(root, job_id)
+        except AgentExecError:
+            return False, None
+        return not job.terminal, job_id
+    fresh = time.time() - (res.get("at") or 0) < _PORT_HOLD_S
+    return fresh and _is_alive(res.get("pid"), res.get("pid_start_time")), None
+
+
+def _write_reservation(root: str, port: int, job_id: "str | None") -> None:
+    doc = {"port": port, "job_id": job_id, "pid": os.getpid(), "at": time.time()}
+    doc["pid_start_time"] = _proc_start_time(os.getpid())
+    try:
+        _write_json_atomic(_reservation_path(root, port), doc)
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot reserve port %d: %s" % (port, e.strerror))
+
+
+def _reserve_port(root: str, port: int) -> int:
+    """run --port N: refuse a port that is taken (port_in_use), else reserve it."""
+    lock_fd = _lock_file("%s/%s/.lock" % (root, PORTS_DIR))
+    try:
+        _refuse_port_in_use(port, root)
+        _write_reservation(root, port, None)
+    finally:
+        os.close(lock_fd)
+    return port
+
+
+def _pick_port(root: str) -> int:
+    """run --port auto: a port of 127.0.0.1 that is free and not reserved, reserved."""
+    import socket
+
+    lock_fd = _lock_file("%s/%s/.lock" % (root, PORTS_DIR))
+    try:
+        for _ in range(100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))  # the kernel's choice of a free port
+                port = sock.getsockname()[1]
+            if not _reserved_by(root, port)[0] and not _probe_port(port):
+                _write_reservation(root, port, None)
+                return port
+    except OSError as e:
+        raise AgentExecError("io_error", "cannot find a free port: %s" % (e.strerror or e))
+    finally:
+        os.close(lock_fd)
+    raise AgentExecError("port_in_use", "no free port found on 127.0.0.1 in 100 tries")
+
+
+def _claim_port(root: str, port: int, job_id: str) -> None:
+    """The reservation of ``port`` names its job, now that the job exists."""
+    try:
+        _write_reservation(root, port, job_id)
+    except AgentExecError as e:
+        _log(1, "port %d: %s" % (port, e.message))
+
+
+def _job_holding(root: str, pids: list) -> "str | None":
+    """The running job of ``root`` whose tree holds one of ``pids`` (an error path)."""
+    if not pids or not os.path.isdir(root):
+        return None
+    for name, _entry in _iter_jobs(root):
+        try:
+            job = load_job(root, name)
+        except AgentExecError:
+            continue
+        if job.state == "running" and set(pids).intersection(_job_pids(job)):
+            return job.id
+    return None
+
+
+# -- housekeeping: the automatic gc of run (and create, start) ------------------------
+#
+# Terminal jobs older than AGENT_EXEC_GC_AFTER (default 30 days; "off": never)
+# are removed by run itself, a little at a time.  At most once an hour a sweep
+# starts: one listing of the root writes the ids created before the cut-off
+# (no other job can have finished before it) to <root>/.gc-queue, oldest
+# first, and <root>/.gc-state.json says how far the sweep got.  Each later
+# call examines at most AUTO_GC_BATCH of those jobs, removes at most
+# AUTO_GC_REMOVALS, and stops early after AUTO_GC_BUDGET_S, so a run pays a
+# bounded few milliseconds however large the root; once the queue is done, a
+# run pays one read of the state file.
+# A job is removed as gc removes it, and never while a process of it lives.
+
+DEFAULT_GC_AFTER_MS = 30 * 86400000
+AUTO_GC_EVERY_S = 3600
+AUTO_GC_DELAY_S = 0.1  # after the job's start: its start-up goes first
+AUTO_GC_BATCH = 8  # job directories examined per call, at most
+AUTO_GC_REMOVALS = 1  # and removed: a removal is most of the cost (1-3 ms of I/O)
+AUTO_GC_BUDGET_S = 0.002
+GC_STATE = ".gc-state.json"
+GC_QUEUE = ".gc-queue"
+GC_LOCK = ".gc.lock"
+
+
+def _gc_after_ms() -> "int | None":
+    """AGENT_EXEC_GC_AFTER as ms; None for off; invalid_argument when malformed."""
+    text = os.environ.get("AGENT_EXEC_GC_AFTER", "").strip()
+    if not text:
+        return DEFAULT_GC_AFTER_MS
+    if text.lower() == "off":
+        return None
+    try:
+        ms = parse_duration_ms(text)
+    except ValueError as e:
+        ms, why = 0, str(e)
+    else:
+        why = "0 would remove every finished job at once; to disable: off"
+    if ms <= 0:
+        raise AgentExecError(
+            "invalid_argument", "AGENT_EXEC_GC_AFTER=%r: %s (e.g. 30d, 12h, off)" % (text, why)
+        )
+    return ms
+
+
+def _ulid_prefix(ms: int) -> str:
+    """The 10 time characters of a ULID made at ``ms``: ids below it are older."""
+    out = []
+    for _ in range(10):
+        ms, r = divmod(ms, 32)
+        out.append(_CROCKFORD[r])
+    return "".join(reversed(out))
+
+
+def _auto_gc(root: str, after_ms: "int | None" = -1) -> None:
+    """One bounded step of the automatic clean-up; never fails the caller.
+
+    The supervisor of each job that run (or start) launches calls it, 0.1 s
+    after the job started or when the job is over if that is sooner: off
+    the path of run's answer.  A command that launches no supervisor
+    (create) calls it itself.  ``after_ms``: AGENT_EXEC_GC_AFTER as resolved
+    by the caller (None: off); by default read here.
+    """
+    try:
+        if after_ms == -1:
+            after_ms = _gc_after_ms()
+        if after_ms is not None:
+            _auto_gc_step(root, after_ms)
+    except (AgentExecError, OSError, ValueError) as e:
+        _log(1, "automatic gc: %s" % (getattr(e, "message", None) or e))
+
+
+def _gc_state(root: str) -> dict:
+    try:
+        return _read_json(root + "/" + GC_STATE)
+    except (OSError, ValueError):
+        return {}
+
+
+def _sweep_pending(state: dict, now: float) -> bool:
+    """True when a call has work: a sweep to go on with, or one to start."""
+    if (state.get("offset") or 0) < (state.get("total") or 0):
+        return True
+    return not 0 <= now - (state.get("started_at") or 0) < AUTO_GC_EVERY_S
+
+
+def _auto_gc_step(root: str, after_ms: int) -> None:
+    now = time.time()
+    if not _sweep_pending(_gc_state(root), now):
+        return  # the common case: one small read
+    lock_fd = _lock_file(root + "/" + GC_LOCK, blocking=False)
+    if lock_fd is None:
+        return  # another call is at it
+    try:
+        state = _gc_state(root)  # again, under the lock
+        if not _sweep_pending(state, now):
+            return
+        offset, total = state.get("offset") or 0, state.get("total") or 0
+        if offset >= total:
+            cut = _ulid_prefix(int(now * 1000) - after_ms)
+            old = sorted(name for name, _entry in _iter_jobs(root) if name < cut)
+            _write_file_atomic(
+                root + "/" + GC_QUEUE, "".join(n + "\n" for n in old).encode(), 0o600
+            )
+            _write_json_atomic(
+                root + "/" + GC_STATE, {"started_at": now, "offset": 0, "total": len(old)}
+            )
+            return  # the listing is this call's share of the work
+        with open(root + "/" + GC_QUEUE, "rb") as f:
+            f.seek(offset * 27)  # 26 characters and a newline per id
+            batch = f.read(AUTO_GC_BATCH * 27).decode("ascii", "replace").split()
+        t0 = time.monotonic()
+        processes = {}  # type: dict
+        done = removed = 0
+        for job_id in batch:
+            done += 1
+            if is_job_id(job_id) and _auto_gc_job(root, job_id, now, after_ms, processes):
+                removed += 1
+            if removed >= AUTO_GC_REMOVALS or time.monotonic() - t0 > AUTO_GC_BUDGET_S:
+                break
+        state["offset"] = offset + done if batch else total
+        _write_json_atomic(root + "/" + GC_STATE, state)
+    finally:
+        os.close(lock_fd)
+
+
+def _auto_gc_job(root: str, job_id: str, now: float, after_ms: int, processes: dict) -> bool:
+    """Remove one job if it is terminal, finished before the cut-off, and has no
+    live process (gc's own rules)."""
+    try:
+        job = load_job(root, job_id)
+    except AgentExecError:
+        return False
+    if not job.terminal:
+        return False
+    stamp = job.record.get("finished_at") or job.meta.get("created_at")
+    # RFC 3339 stamps of one format sort as text: no date parsing (whose
+    # import of calendar costs more than the rest of the step).
+    if not isinstance(stamp, str) or stamp >= _rfc3339(now - after_ms / 1000.0):
+        return False
+    if _lingering(job, processes):
+        return False
+    going = "%s/.deleting-%s-%s" % (root, job_id, os.urandom(4).hex())
+    try:
+        os.rename(job.dir, going)  # out of the job namespace at once, as _remove_job does
+    except OSError:
+        return False
+    try:  # a job directory holds files only: no need for shutil (5 ms to import)
+        for name in os.listdir(going):
+            os.unlink(going + "/" + name)
+        os.rmdir(going)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(going, ignore_errors=True)
+    return True
+
+
 # ---- status, tail ---------------------------------------------------------------
 
 # Lifecycle and guards, in status: the attempt, the last one's result, the
@@ -5155,6 +5874,28 @@ def _guard_fields(job: _Job) -> dict:
     return out
 
 
+# name, tags, owner, key and port of a job, in status and list entries.
+FINDING_FIELDS = (
+    Field("name", STR_OR_NULL, True),
+    Field("tags", STRS, True),
+    Field("owner", STR_OR_NULL, True),
+    Field("key", STR_OR_NULL, True),
+    Field("port", {"type": ["integer", "null"]}, True),
+)
+
+
+def _finding_fields(job: _Job, tagged: "set | None" = None) -> dict:
+    meta = job.meta
+    port = meta.get("port")
+    return {
+        "name": meta.get("name"),
+        "tags": _job_tags(job, tagged),
+        "owner": meta.get("owner"),
+        "key": meta.get("key"),
+        "port": port if isinstance(port, int) else None,
+    }
+
+
 RUSAGE_FIELDS = (
     Field("max_rss_kb", COUNT, True),
     Field("user_ms", COUNT, True),
@@ -5171,8 +5912,8 @@ RUSAGE_FIELDS = (
         "waiting_for_input. Cheap: call it whenever you need to know where a job is. "
         "Next: read for output, wait to block until the end."
     ),
-    opts=FORMAT_OPTS + (RENEW, JOB_ID),
-    checks=(_format_conflict,),
+    opts=FORMAT_OPTS + (RENEW, KEY_INSTEAD, JOB_ID_OR_KEY),
+    checks=(_format_conflict, _id_or_key),
     table=lambda answer, color: _status_table(answer, color),
     returns=JOB_HEAD
     + (Field("started_at", STR, True),)
@@ -5194,7 +5935,8 @@ RUSAGE_FIELDS = (
         Field("waiting_for_input", BOOL),
         Field("input_prompt", STR),
     )
-    + GUARD_FIELDS,
+    + GUARD_FIELDS
+    + FINDING_FIELDS,
     annotations={"readOnlyHint": True, "idempotentHint": True},
 )
 def cmd_status(o) -> dict:
@@ -5253,6 +5995,7 @@ def cmd_status(o) -> dict:
             if prompt is not None:
                 out["input_prompt"] = prompt
     out.update(_guard_fields(job))
+    out.update(_finding_fields(job))
     return out
 
 
@@ -5596,8 +6339,9 @@ def cmd_create(o) -> dict:
     spec = _job_spec(o)
     root = _root(o)
     _ensure_root(root)
-    # auto-gc: part A
+    _auto_gc(root)  # no supervisor comes to do it (see _auto_gc)
     job_id, job_dir = _create_job_dir(root)
+    _index_job(root, job_id, spec)  # its name and key find it before it starts
     meta = _meta_document(job_id, root, job_dir, spec)
     doc = _state_document(job_id, "created", _JobFacts())
     doc["job"]["started_at"] = None
@@ -5610,6 +6354,8 @@ def cmd_create(o) -> dict:
         _write_json_atomic(os.path.join(job_dir, META), meta, durable=True)
     except OSError as e:
         raise AgentExecError("io_error", "cannot record job %s: %s" % (job_id, e.strerror or e))
+    if spec.get("port"):
+        _claim_port(root, spec["port"], job_id)
     out = {"job_id": job_id, "state": "created", "created_at": meta["created_at"]}
     out.update(_Job(job_id, job_dir, meta, doc, "created", None).log_paths())
     if spec["explicit_env"]:
@@ -5637,7 +6383,6 @@ def cmd_start(o) -> dict:
     _check_root(root)
     job_id = resolve_job(root, o.job_id)
     meta_path = os.path.join(root, job_id, META)
-    # auto-gc: part A
     fd = _open_meta(meta_path)
     try:
         if not _lock_now(fd):  # a supervisor (or another start) holds it
@@ -5715,7 +6460,11 @@ def _attempt_config(o, job: _Job, attempt: int, check_port: bool = True) -> "tup
         _refuse_port_in_use(definition["ready_port"])
     cfg = {key: definition.get(key) for key in _SUPERVISOR_KEYS if key not in ("env", "secrets")}
     masks = definition.get("masks") or []
+    port = job.meta.get("port")
+    if isinstance(port, int):  # run --port: the same port for every attempt
+        env["PORT"] = env["AGENT_EXEC_PORT"] = str(port)
     cfg.update(env=env, secrets=[env[k] for k in masks if env.get(k)], attempt=attempt)
+    cfg["auto_gc_after_ms"] = _gc_after_ms()  # its supervisor takes a clean-up step
     has_stdin = definition.get("stdin")
     cfg["stdin_path"] = os.path.join(job.dir, STDIN_FILE) if has_stdin else None
     spec = {
@@ -5951,7 +6700,7 @@ def _keep_attempt(job: _Job, attempt: int) -> dict:
 
 
 def _wait_single_job_options(o) -> "str | None":
-    several = len(set(o.job_ids)) > 1 or o.any
+    several = len(set(o.job_ids or ())) > 1 or o.any
     if several and (o.match is not None or o.ready or o.cursor is not None or o.input):
         return "--match, --ready, --input and --cursor take a single job id"
     if o.input and (o.match is not None or o.ready):
@@ -6000,9 +6749,10 @@ _BRIEF = obj(
         ),
         PLAIN,
         RENEW,
-        JOB_IDS,
+        KEY_INSTEAD,
+        JOB_IDS_OR_KEY,
     ),
-    checks=(_wait_single_job_options, _wait_match_options),
+    checks=(_id_or_key, _wait_single_job_options, _wait_match_options),
     returns=(
         Field("job_id", STR),
         Field("state", JOB_STATE),
@@ -6030,10 +6780,12 @@ _BRIEF = obj(
     annotations={"readOnlyHint": True, "idempotentHint": True},
 )
 def cmd_wait(o) -> dict:
-    ids = list(dict.fromkeys(o.job_ids))
+    ids = list(dict.fromkeys(o.job_ids or ()))
     root = _root(o)
     _check_root(root)
     job_ids = [resolve_job(root, ident) for ident in ids]
+    if o.key is not None:
+        ids = job_ids = [resolve_key(root, o.key)]
     deadline = time.monotonic() + o.timeout_ms / 1000.0 if o.timeout_ms > 0 else None
     if getattr(o, "renew", False):
         for job_id in job_ids:
@@ -6491,8 +7243,10 @@ def _renew_in_passing(o, job: _Job) -> _Job:
             "TERM (default), INT, KILL, HUP, QUIT, USR1, USR2, STOP, CONT or WINCH, "
             "with or without SIG, or a number",
         ),
-        JOB_ID,
+        KEY_INSTEAD,
+        JOB_ID_OR_KEY,
     ),
+    checks=(_id_or_key,),
     returns=JOB_HEAD[:1]
     + (Field("signal", STR, True), JOB_HEAD[1], Field("sent", BOOL))
     + RESULT_FIELDS,
@@ -6793,6 +7547,7 @@ _LIST_ENTRY = obj(
         Field("lingering", BOOL, True),
     )
     + RESULT_FIELDS
+    + FINDING_FIELDS
 )
 
 
@@ -6826,9 +7581,27 @@ def _running_state_conflict(o) -> "str | None":
             "flag",
             help="only finished jobs whose processes still run (delete and gc refuse them)",
         ),
+        # Finding jobs again: each of these looks in every directory unless --cwd is given.
+        Opt("name", help="only jobs with this name", metavar="NAME"),
+        Opt(
+            "tag",
+            "strs",
+            help="only jobs with this tag: KEY, KEY=VALUE, PREFIX* or KEY=PREFIX* "
+            "(repeatable: all must match)",
+            metavar="TAG",
+        ),
+        Opt("owner", help="only jobs of this owner", metavar="OWNER"),
+        Opt("mine", "flag", help="only jobs whose owner is $AGENT_EXEC_OWNER"),
+        Opt("key", help="only jobs started with run --key KEY", metavar="KEY"),
+        Opt("port", "port", help="only the jobs that own this port (--port, or listening on it)"),
     )
     + FORMAT_OPTS,
-    checks=(conflict("cwd", "all"), _running_state_conflict, _format_conflict),
+    checks=(
+        conflict("cwd", "all"),
+        _running_state_conflict,
+        _format_conflict,
+        conflict("owner", "mine"),
+    ),
     table=lambda answer, color: _list_table(answer, color),
     returns=(
         Field("root", STR, True),
@@ -6843,8 +7616,10 @@ def cmd_list(o) -> dict:
     root = _root(o)
     out = {"root": root, "jobs": [], "truncated": False, "skipped": 0}
     _check_root(root)  # a root that is a file is refused here as by run
-    meta_filter = None
-    if not o.all:
+    tagged = _tagged_ids(root)
+    finding = _finding_filter(o, tagged)
+    meta_filter = finding[0] if finding else None
+    if not o.all and (finding is None or o.cwd is not None):
         try:
             want_cwd = os.path.realpath(o.cwd or os.getcwd())
         except OSError as e:
@@ -6854,8 +7629,8 @@ def cmd_list(o) -> dict:
                 "pass --cwd DIR, or --all" % e.strerror,
             )
 
-        def meta_filter(meta: dict) -> bool:
-            return meta.get("cwd") == want_cwd
+        def meta_filter(meta: dict, also=meta_filter) -> bool:
+            return meta.get("cwd") == want_cwd and (also is None or also(meta))
 
     if not os.path.isdir(root):
         return out
@@ -6868,17 +7643,19 @@ def cmd_list(o) -> dict:
             continue
         if job is None or (want_state and job.state != want_state):
             continue
+        if finding and not finding[1](job):
+            continue
         lingering = bool(_lingering(job, processes))
         if o.lingering and not lingering:
             continue
         if o.limit and len(out["jobs"]) >= o.limit:
             out["truncated"] = True
             break
-        out["jobs"].append(_list_entry(job, lingering))
+        out["jobs"].append(_list_entry(job, lingering, tagged))
     return out
 
 
-def _list_entry(job: _Job, lingering: bool) -> dict:
+def _list_entry(job: _Job, lingering: bool, tagged: "set | None" = None) -> dict:
     meta = job.meta
     entry = {
         "job_id": job.id,
@@ -6895,7 +7672,99 @@ def _list_entry(job: _Job, lingering: bool) -> dict:
     if job.record.get("updated_at"):
         entry["updated_at"] = job.record["updated_at"]
     entry["lingering"] = lingering
+    entry.update(_finding_fields(job, tagged))
     return entry
+
+
+def _finding_filter(o, tagged: "set | None" = None) -> "tuple | None":
+    """list --name/--tag/--owner/--mine/--key/--port: (a test of meta.json, a
+    test of the job), or None when none is given."""
+    owner = o.owner
+    if o.mine:
+        owner = os.environ.get("AGENT_EXEC_OWNER") or None
+        if owner is None:
+            raise UsageError("--mine needs $AGENT_EXEC_OWNER set (the owner run records)")
+    patterns = []
+    for text in o.tag or ():
+        try:
+            patterns.append(parse_tag_pattern(text))
+        except ValueError as e:
+            raise AgentExecError("invalid_argument", "--tag: %s" % e)
+    wanted = {"name": o.name, "owner": owner, "key": o.key}
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    if not (wanted or patterns or o.port):
+        return None
+    port = o.port
+
+    def on_meta(meta: dict) -> bool:
+        return all(meta.get(k) == v for k, v in wanted.items())
+
+    def on_job(job: _Job) -> bool:
+        if patterns:
+            tags = _job_tags(job, tagged)
+            if not all(_tag_matches(p, tags) for p in patterns):
+                return False
+        if port:
+            recorded = port in (job.meta.get("port"), job.meta.get("ready_port"))
+            return recorded or (job.state == "running" and port in _listening_ports(_job_pids(job)))
+        return True
+
+    return on_meta, on_job
+
+
+# ---- tag ----------------------------------------------------------------------------
+
+
+@command(
+    "tag",
+    "add or remove a job's tags",
+    opts=(
+        Opt("add", "strs", help="add TAG (KEY or KEY=VALUE; replaces KEY's value)", metavar="TAG"),
+        Opt(
+            "remove",
+            "strs",
+            help="remove the tag KEY (KEY=VALUE: only while it has that value)",
+            metavar="TAG",
+        ),
+        JOB_ID,
+    ),
+    returns=(Field("job_id", STR, True), Field("tags", STRS, True), Field("changed", BOOL, True)),
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
+)
+def cmd_tag(o) -> dict:
+    """Change a job's tags: removals first, then additions, under the job's tags.lock."""
+    adds = _tag_pairs(o.add, "--add")
+    removes = []
+    for text in o.remove or ():
+        try:
+            removes.append(parse_tag(text))
+        except ValueError as e:
+            raise AgentExecError("invalid_argument", "--remove: %s" % e)
+    job = _open_job(o, o.job_id)
+    lock_fd = _lock_file(job.path(TAGS_LOCK))
+    try:
+        before = _job_tags(job)
+        pairs = dict(parse_tag(t) for t in before)
+        for key, value in removes:
+            if key in pairs and (value is None or pairs[key] == value):
+                del pairs[key]
+        pairs.update(adds)
+        tags = _tag_list(pairs)
+        if tags != before:
+            path = job.path(TAGS_FILE)
+            try:
+                # First the marker that tells list to read this job's tags.json.
+                root = os.path.dirname(job.dir)
+                os.makedirs(root + "/" + TAGGED_DIR, 0o700, exist_ok=True)
+                os.close(
+                    os.open(root + "/" + TAGGED_DIR + "/" + job.id, os.O_WRONLY | os.O_CREAT, 0o600)
+                )
+                _write_json_atomic(path, {"tags": tags, "updated_at": _now()}, durable=True)
+            except OSError as e:
+                raise AgentExecError("io_error", "cannot write %s: %s" % (path, e.strerror or e))
+    finally:
+        os.close(lock_fd)
+    return {"job_id": job.id, "tags": tags, "changed": tags != before}
 
 
 # What delete and gc both answer: the jobs left alone and why, the bytes
@@ -7275,7 +8144,7 @@ def _completion_words() -> dict:
 
 
 # Commands whose positional arguments are job ids, for the completion scripts.
-_TAKES_JOB_IDS = ("status", "tail", "wait", "read", "kill", "delete", "follow")
+_TAKES_JOB_IDS = ("status", "tail", "wait", "read", "kill", "delete", "follow", "tag")
 
 
 def _completion_script(shell: str) -> str:
@@ -7946,7 +8815,9 @@ def _tool(cmd: _Command) -> dict:
         if x.default is not None and x.kind != "flag":
             prop["default"] = x.default
         props[x.name] = prop
-    required = [x.name for x in opts if _KINDS[x.kind].positional]
+    required = [
+        x.name for x in opts if _KINDS[x.kind].positional and _KINDS[x.kind].nargs not in ("?", "*")
+    ]
     schema = {"type": "object", "properties": props, "required": required}
     schema["additionalProperties"] = False
     tool = {"name": cmd.name, "description": cmd.help, "inputSchema": schema}
@@ -7976,14 +8847,19 @@ def options_from_arguments(name: str, arguments: dict, root: "str | None" = None
     for key, value in arguments.items():
         values[key] = _argument_value(opts[key], value)
     for x in opts.values():
-        if _KINDS[x.kind].positional and x.kind != "argv" and values.get(x.name) is None:
+        if _KINDS[x.kind].positional and not _optional(x) and values.get(x.name) is None:
             raise UsageError("%s: the argument %s is required" % (name, x.name))
     return types.SimpleNamespace(root=root, verbose=0, command_name=name, **values)
 
 
+def _optional(opt: Opt) -> bool:
+    """A positional that may be left out (the command's argv; a job id that --key replaces)."""
+    return opt.kind == "argv" or _KINDS[opt.kind].nargs in ("?", "*")
+
+
 def _argument_value(opt: Opt, value):
     kind = _KINDS[opt.kind]
-    many = kind.action == "append" or kind.nargs is not None
+    many = kind.action == "append" or kind.nargs in ("+", "*", "...")
     if many:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UsageError("argument %s: expected a list of strings" % opt.name)
@@ -9581,7 +10457,7 @@ def _refuse_nul(cmd: _Command, o) -> None:
     Job ids are left alone: an id with a NUL simply names no job.
     """
     for opt in GLOBAL_OPTS + cmd.opts:
-        if opt.kind in ("job_id", "job_ids"):
+        if opt.kind in ("job_id", "job_ids", "job_id_or_key", "job_ids_or_key"):
             continue
         value = getattr(o, opt.name, None)
         values = value if isinstance(value, list) else [value]
@@ -9630,7 +10506,10 @@ def dispatch(name: str, o) -> "tuple":
     except AgentExecError as e:
         if e.code != "usage_error":
             _log(2, "%s: %s" % (e.code, e.message))
-        return e.exit_code, _envelope_error(e.code, e.message, e.retryable)
+        envelope = _envelope_error(e.code, e.message, e.retryable)
+        if getattr(e, "details", None):
+            envelope["error"].update(e.details)
+        return e.exit_code, envelope
     except KeyboardInterrupt:
         return 1, _envelope_error("interrupted", "interrupted by the user", retryable=True)
     except Exception as e:

@@ -38,6 +38,7 @@ TOOL_NAMES = (
     "send",
     "screen",
     "list",
+    "tag",
     "delete",
     "gc",
     "schema",
@@ -235,7 +236,8 @@ class ToolListTests(unittest.TestCase):
                 self.assertEqual(set(props), {o.name for o in cmd.opts if "mcp" in o.fronts})
                 self.assertEqual(tools[name]["description"], cmd.help)
         self.assertNotIn("wait_poll_ms", tools["run"]["inputSchema"]["properties"])
-        self.assertEqual(tools["status"]["inputSchema"]["required"], ["job_id"])
+        self.assertEqual(tools["tail"]["inputSchema"]["required"], ["job_id"])
+        self.assertEqual(tools["status"]["inputSchema"]["required"], [])  # job_id or key
         self.assertEqual(tools["run"]["inputSchema"]["required"], ["command"])
         self.assertTrue(tools["status"]["annotations"]["readOnlyHint"])
         self.assertTrue(tools["kill"]["annotations"]["destructiveHint"])
@@ -254,7 +256,7 @@ class ToolListTests(unittest.TestCase):
         cases = (
             ("run", {"command": ["true"], "timeout": "5x"}, "invalid duration"),
             ("run", {"command": ["true"], "bogus": 1}, "unknown argument bogus"),
-            ("status", {}, "job_id is required"),
+            ("tail", {}, "job_id is required"),
             ("list", {"state": "sleeping"}, "invalid choice"),
             ("wait", {"job_ids": "ABCD"}, "list of strings"),
         )
