@@ -7718,6 +7718,11 @@ def _finding_filter(o, tagged: "set | None" = None) -> "tuple | None":
 @command(
     "tag",
     "add or remove a job's tags",
+    tool_help=(
+        "Add or remove tags of a job (KEY or KEY=VALUE) after it started, so that list "
+        "with tag finds it. Removals apply first. Use tags to mark what a job is for "
+        "(tag 'project=web', 'role=server')."
+    ),
     opts=(
         Opt("add", "strs", help="add TAG (KEY or KEY=VALUE; replaces KEY's value)", metavar="TAG"),
         Opt(
