@@ -5553,6 +5553,7 @@ def _run_keyed(o) -> dict:
         "ready_match": meta.get("ready_match"),
         "ready_port": meta.get("ready_port"),
         "stdin_open": bool(meta.get("stdin_open")),
+        "pty": meta.get("pty_size"),
         "explicit_env": [],
         "masks": [],
         "port": meta.get("port"),
