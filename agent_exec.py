@@ -5211,7 +5211,7 @@ def _run_answer(o, root: str, job_id: str, spec: dict, observed_ms: int = 0) -> 
     waiting = None
     if o.wait:
         _wait_lock(meta_path, None, _cancelled(o))
-    elif window > 0 and (spec["stdin_open"] or spec["pty"]) and not readiness:
+    elif window > 0 and (spec["stdin_open"] or spec.get("pty")) and not readiness:
         # A job whose stdin is open may stop to ask something: answer then,
         # with waiting_for_input, rather than at the end of the snapshot wait.
         job = load_job(root, job_id)
