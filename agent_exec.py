@@ -8836,26 +8836,56 @@ def options_from_arguments(name: str, arguments: dict, root: "str | None" = None
     """The options object of command ``name`` from a tool call's JSON arguments.
 
     Each value goes through its kind's parser, as on the command line, and
-    a missing one takes its default; an unknown or malformed argument is a
-    usage_error with the words the CLI would use.
+    a missing one (or null) takes its default; an unknown, malformed or
+    missing argument is a usage_error in the words argparse gives for the
+    same mistake on the command line (the CLI's flag names), from the same
+    Opts.  A wrong JSON type, which a command line cannot have, is said in
+    the same form.
     """
     import types
 
     cmd = COMMANDS[name]
+    prog = "%s %s" % (PROG, name)
     opts = {x.name: x for x in cmd.opts if "mcp" in x.fronts}
-    unknown = sorted(set(arguments) - set(opts))
+    unknown = [k for k in arguments if k not in opts]
     if unknown:
-        raise UsageError("%s: unknown argument %s" % (name, ", ".join(unknown)))
+        raise UsageError(_unrecognized(unknown, opts))
     values = {x.name: x.default for x in cmd.opts}
     for x in cmd.opts:
         if _KINDS[x.kind].action == "store_true" and x.default is None:
             values[x.name] = False
     for key, value in arguments.items():
-        values[key] = _argument_value(opts[key], value)
-    for x in opts.values():
-        if _KINDS[x.kind].positional and not _optional(x) and values.get(x.name) is None:
-            raise UsageError("%s: the argument %s is required" % (name, x.name))
+        if value is not None:
+            values[key] = _argument_value(opts[key], value, prog)
+    missing = [
+        _cli_name(x)
+        for x in opts.values()
+        if _KINDS[x.kind].positional and not _optional(x) and values.get(x.name) in (None, [])
+    ]
+    if missing:
+        raise UsageError("the following arguments are required: %s" % ", ".join(missing), "", prog)
     return types.SimpleNamespace(root=root, verbose=0, command_name=name, **values)
+
+
+def _cli_name(opt: Opt) -> str:
+    """How argparse names the option in a message: its flags, or a positional's metavar."""
+    if _KINDS[opt.kind].positional:
+        return opt.metavar or opt.name
+    return "/".join(_flags(opt))
+
+
+def _unrecognized(keys: list, opts: dict) -> str:
+    """argparse's "unrecognized arguments", with the CLI's "did you mean" (see _did_you_mean)."""
+    import difflib
+
+    words = ["--" + str(k).replace("_", "-") for k in keys]
+    message = "unrecognized arguments: %s" % " ".join(_short(w) for w in words)
+    known = sorted("--" + k.replace("_", "-") for k in opts)
+    close = sorted(k for k in known if k.startswith(words[0]))
+    close = close or difflib.get_close_matches(words[0], known, 1, 0.6)
+    if close:
+        message += " (did you mean %s?)" % " or ".join(close[:3])
+    return message
 
 
 def _optional(opt: Opt) -> bool:
@@ -8863,36 +8893,43 @@ def _optional(opt: Opt) -> bool:
     return opt.kind == "argv" or _KINDS[opt.kind].nargs in ("?", "*")
 
 
-def _argument_value(opt: Opt, value):
+def _argument_value(opt: Opt, value, prog: str = PROG):
     kind = _KINDS[opt.kind]
     many = kind.action == "append" or kind.nargs in ("+", "*", "...")
+    json_type = kind.json.get("type")
     if many:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UsageError("argument %s: expected a list of strings" % opt.name)
-        return [_parse_value(opt, kind, v) for v in value]
-    if kind.action == "store_true":
+            _wrong_type(opt, "a list of strings", value, prog)
+        return [_parse_value(opt, kind, v, prog) for v in value]
+    if json_type == "boolean":
         if not isinstance(value, bool):
-            raise UsageError("argument %s: expected true or false" % opt.name)
+            _wrong_type(opt, "true or false", value, prog)
         return value
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise UsageError("argument %s: expected a string or a number" % opt.name)
-    return _parse_value(opt, kind, value)
+    numbers = "integer" in (json_type if isinstance(json_type, list) else [json_type])
+    if isinstance(value, bool) or not isinstance(value, (str, int) if numbers else str):
+        _wrong_type(opt, "a string or a number" if numbers else "a string", value, prog)
+    return _parse_value(opt, kind, value, prog)
 
 
-def _parse_value(opt: Opt, kind: _Kind, value):
+def _wrong_type(opt: Opt, wanted: str, value, prog: str) -> None:
+    got = _short(json.dumps(value)) if not isinstance(value, str) else repr(_short(value))
+    raise UsageError("argument %s: expected %s, got %s" % (_cli_name(opt), wanted, got), "", prog)
+
+
+def _parse_value(opt: Opt, kind: _Kind, value, prog: str = PROG):
     if opt.choices and value not in opt.choices:
         raise UsageError(
             "argument %s: invalid choice: %r (choose from %s)"
-            % (opt.name, value, ", ".join(opt.choices))
+            % (_cli_name(opt), value, ", ".join(map(repr, opt.choices))),
+            "",
+            prog,
         )
     if kind.parse is None:
         return value if isinstance(value, str) else str(value)
     try:
         return kind.parse(str(value))
     except ValueError as e:
-        raise UsageError(
-            "argument %s: %s" % (_flags(opt)[-1] if not kind.positional else opt.name, e)
-        )
+        raise UsageError("argument %s: %s" % (_cli_name(opt), e), "", prog)
 
 
 # ==== Terminal screen ========================================================
@@ -10778,7 +10815,7 @@ def _mcp_lenient(name: str, arguments: dict) -> dict:
     taken as that list: a model's slip, with only one reading."""
     out = dict(arguments)
     for x in COMMANDS[name].opts:
-        if x.kind == "job_ids" and isinstance(out.get(x.name), str):
+        if x.kind in ("job_ids", "job_ids_or_key") and isinstance(out.get(x.name), str):
             out[x.name] = [out[x.name]]
     return out
 
@@ -11036,7 +11073,12 @@ class _McpServer:
         import threading
 
         name = params.get("name")
-        cmd = COMMANDS.get(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            raise _RpcError(
+                _RPC_INVALID_PARAMS,
+                "Invalid params: tools/call needs the tool's name as a string in params.name",
+            )
+        cmd = COMMANDS.get(name)
         if cmd is None or "mcp" not in cmd.fronts:
             raise _RpcError(_RPC_INVALID_PARAMS, "Unknown tool: %s" % _short(str(name)))
         arguments = params.get("arguments")
@@ -11079,13 +11121,8 @@ class _McpServer:
                         "stdin '-' (this command's own stdin) is the MCP transport here: "
                         "give the text itself",
                     )
-            except AgentExecError as e:
-                message = e.message
-                if message.startswith(
-                    "argument "
-                ):  # the words argparse gives, as the CLI says them
-                    message = "%s %s: %s" % (PROG, name, message)
-                code, envelope = e.exit_code, _envelope_error(e.code, message, e.retryable)
+            except AgentExecError as e:  # in the CLI's words (see options_from_arguments)
+                code, envelope = e.exit_code, _envelope_error(e.code, e.message, e.retryable)
             else:
                 bound_ms = self.bound(name, o, arguments)
                 if bound_ms is not None and _mcp_observes(name):
