@@ -4748,7 +4748,12 @@ _RUN_OPTS = (
         Field("port", {"type": ["integer", "null"], "minimum": 1, "maximum": 65535}),
     )
     + RESULT_FIELDS,
-    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+    annotations={
+        "readOnlyHint": False,
+        "destructiveHint": True,
+        "idempotentHint": False,
+        "openWorldHint": True,
+    },
 )
 def cmd_run(o) -> dict:
     """Start a job: check everything, create its directory, hand it to a supervisor.
@@ -5203,6 +5208,7 @@ def _run_answer(o, root: str, job_id: str, spec: dict, observed_ms: int = 0) -> 
     reuses): the snapshot wait covers the job's first --snapshot-after ms.
     """
     t_start = time.monotonic()
+    o.observed_job_id = job_id  # for a front end's progress reports while this blocks
     job_dir = os.path.join(root, job_id)
     meta_path = os.path.join(job_dir, META)
     snapshot_after = min(o.snapshot_after, MAX_SNAPSHOT_AFTER_MS)
@@ -5938,7 +5944,7 @@ RUSAGE_FIELDS = (
     )
     + GUARD_FIELDS
     + FINDING_FIELDS,
-    annotations={"readOnlyHint": True, "idempotentHint": True},
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_status(o) -> dict:
     job = _open_job(o, o.job_id)
@@ -6333,7 +6339,7 @@ def _definition(spec: dict) -> dict:
     opts=_CREATE_OPTS,
     checks=_JOB_CHECKS,
     returns=JOB_HEAD + LOG_PATH_FIELDS + (Field("created_at", STR, True), Field("env_vars", STRS)),
-    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False},
 )
 def cmd_create(o) -> dict:
     """Check everything as `run` does, record the job (state.json first, then meta.json)."""
@@ -6377,7 +6383,12 @@ def cmd_create(o) -> dict:
     checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
     exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
     returns=COMMANDS["run"].returns + _ATTEMPT_FIELDS,
-    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+    annotations={
+        "readOnlyHint": False,
+        "destructiveHint": True,
+        "idempotentHint": False,
+        "openWorldHint": True,
+    },
 )
 def cmd_start(o) -> dict:
     root = _root(o)
@@ -6547,7 +6558,12 @@ _RESTART_ROUNDS = 5
     checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
     exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
     returns=COMMANDS["run"].returns + _ATTEMPT_FIELDS,
-    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False},
+    annotations={
+        "readOnlyHint": False,
+        "destructiveHint": True,
+        "idempotentHint": False,
+        "openWorldHint": True,
+    },
 )
 def cmd_restart(o) -> dict:
     """End the current attempt, keep it as attempts/N/, start attempt N+1.
@@ -6778,7 +6794,7 @@ _BRIEF = obj(
     )
     + RESULT_FIELDS,
     variants=[{"required": ["job_id", "state"]}, {"required": ["jobs"]}],
-    annotations={"readOnlyHint": True, "idempotentHint": True},
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_wait(o) -> dict:
     ids = list(dict.fromkeys(o.job_ids or ()))
@@ -7104,7 +7120,7 @@ def _wait_output(
         Field("eof", BOOL, True),
     )
     + RESULT_FIELDS,
-    annotations={"readOnlyHint": True, "idempotentHint": True},
+    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_read(o) -> dict:
     job = _renew_in_passing(o, _open_job(o, o.job_id))
@@ -7381,7 +7397,12 @@ def _send_input_options(o) -> "str | None":
         Field("eof", BOOL, True),
         Field("size", obj((Field("cols", COUNT, True), Field("rows", COUNT, True)))),
     ),
-    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False},
+    annotations={
+        "readOnlyHint": False,
+        "destructiveHint": True,
+        "idempotentHint": False,
+        "openWorldHint": True,
+    },
 )
 def cmd_send(o) -> dict:
     """Hand bytes to the job's supervisor, which writes them as the job reads."""
@@ -7735,7 +7756,7 @@ def _finding_filter(o, tagged: "set | None" = None) -> "tuple | None":
         JOB_ID,
     ),
     returns=(Field("job_id", STR, True), Field("tags", STRS, True), Field("changed", BOOL, True)),
-    annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
+    annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True},
 )
 def cmd_tag(o) -> dict:
     """Change a job's tags: removals first, then additions, under the job's tags.lock."""
@@ -10772,7 +10793,12 @@ def _mcp_output_schema(cmd: _Command) -> dict:
     answer = _answer_schema(cmd)
     if cmd.name in ("wait", "read") or _mcp_observes(cmd.name):  # see after_call
         answer["properties"].update(_MCP_BOUND_FIELDS)
-    return {"type": "object", "definitions": defs, "anyOf": [answer, ref("error")]}
+    schema = {"type": "object", "$defs": defs, "anyOf": [answer, ref("error")]}
+    # $defs, not draft-07's definitions: 2025-11-25 reads a schema without
+    # $schema as JSON Schema 2020-12, which knows only $defs.  A $ref is a
+    # JSON pointer into the document, so a draft-07 reader (older revisions)
+    # resolves "#/$defs/..." just as well.
+    return json.loads(json.dumps(schema).replace('"#/definitions/', '"#/$defs/'))
 
 
 # The fields that the MCP front end adds to the answer of a bounded call that
@@ -10787,14 +10813,47 @@ def _mcp_observes(name: str) -> bool:
     return cmd is not None and any(opt.name == "snapshot_after" for opt in cmd.opts)
 
 
-def _mcp_tools(version: "str | None") -> list:
+# What an argument does over MCP where its CLI help is not true here (the
+# bounds of a call, the session's read position, no stdin of our own): by
+# (tool, argument), or (None, argument) for every tool that has it.  Formatted
+# with the bounds: default (ms) and cap (ms).
+_MCP_ARGUMENT_HELP = {
+    ("wait", "cursor"): "with match: search from this cursor (default: the start)",
+    ("wait", "timeout_ms"): "wait at most this long in this call (DURATION: a number is ms, or "
+    "250ms, 5s, 2m); 0 or absent: {default} ms; at most {cap} ms (AGENT_EXEC_MCP_MAX_WAIT_MS): "
+    "a longer wait is cut to that, never refused. When timed_out is true the job still runs: "
+    "call wait again",
+    ("read", "cursor"): "where to read from: the cursor of an earlier answer (c1.0.0: the start); "
+    "default: where this session's last read of this job ended (the start, the first time)",
+    ("read", "wait_ms"): "block until there is new output, the job ends, or this long passes "
+    "(DURATION); at most {cap} ms in this call",
+    (None, "snapshot_after"): "observe the job this long before answering (DURATION; at most "
+    "10000, and at most {cap} ms in this call; 0 = at once)",
+    (None, "wait"): "block until the job is terminal, at most {default} ms in this call: if it "
+    "still runs then, the answer's hint says to call wait",
+    (None, "shell"): "run /bin/sh -c STRING (pipes, redirections, &&) instead of command",
+    (None, "stdin"): "the job reads this text on its stdin, then EOF (default: /dev/null)",
+    ("send", "stdin"): "not over MCP ('-' is this server's stdin, the transport): use text",
+}
+# Defaults that differ over MCP (formatted as above).
+_MCP_ARGUMENT_DEFAULT = {("wait", "timeout_ms"): "{default}"}
+
+
+def _mcp_tools(version: "str | None", max_wait_ms: int = MCP_MAX_WAIT_MS) -> list:
     """tools/list: the declared tools, with a model-facing description, full
     annotations, and (where the revision has it) an outputSchema."""
+    bounds = {"default": min(MCP_DEFAULT_WAIT_MS, max_wait_ms), "cap": max_wait_ms}
     out = []
     for tool in tool_list():
         cmd = COMMANDS[tool["name"]]
         tool["description"] = cmd.tool_help or cmd.help
         schema = tool["inputSchema"]
+        for arg, prop in schema["properties"].items():
+            text = _MCP_ARGUMENT_HELP.get((cmd.name, arg), _MCP_ARGUMENT_HELP.get((None, arg)))
+            if text is not None:
+                prop["description"] = text.format(**bounds)
+            if (cmd.name, arg) in _MCP_ARGUMENT_DEFAULT:
+                prop["default"] = int(_MCP_ARGUMENT_DEFAULT[cmd.name, arg].format(**bounds))
         # `command` of run is not required: `shell` stands in for it.
         argv = {x.name for x in cmd.opts if x.kind == "argv"}
         schema["required"] = [n for n in schema["required"] if n not in argv]
@@ -10831,6 +10890,7 @@ class _McpCall:
         self.deadline = deadline
         self.flag = threading.Event()
         self.client_cancelled = False
+        self.stopping = False  # the server is ending (EOF, SIGTERM): not the bound
         self.done = False
         self.lock = threading.Lock()  # progress notifications and the answer
 
@@ -10841,6 +10901,7 @@ class _McpCall:
 
     def cancel(self, by_client: bool) -> None:
         self.client_cancelled = self.client_cancelled or by_client
+        self.stopping = self.stopping or not by_client
         self.flag.set()
 
 
@@ -11028,7 +11089,8 @@ class _McpServer:
             return {
                 "supportedVersions": list(MCP_STATELESS_VERSIONS),
                 "capabilities": {"tools": {"listChanged": False}},
-                "serverInfo": self.server_info(),
+                # No serverInfo here: DiscoverResult has none; stamp() puts it
+                # in _meta, where 2026-07-28 carries it on every result.
                 "instructions": _MCP_INSTRUCTIONS,
                 "ttlMs": _MCP_LIST_TTL_MS,
                 "cacheScope": "public",
@@ -11045,7 +11107,7 @@ class _McpServer:
         version = stateless or self.version
         if method == "tools/list":
             if version not in self._tools:
-                self._tools[version] = _mcp_tools(version)
+                self._tools[version] = _mcp_tools(version, self.max_wait_ms)
             result = {"tools": self._tools[version]}
             if stateless is not None:
                 result["ttlMs"] = _MCP_LIST_TTL_MS
@@ -11142,7 +11204,7 @@ class _McpServer:
                     ticker.start()
                 code, envelope = dispatch(name, o)
                 call.flag.set()  # the progress ticker stops
-                self.after_call(name, o, envelope, bound_ms)
+                self.after_call(name, o, envelope, bound_ms, call)
             result = {
                 "content": [{"type": "text", "text": _to_json(envelope)}],
                 "structuredContent": envelope,
@@ -11165,7 +11227,10 @@ class _McpServer:
 
     def bound(self, name: str, o, arguments: dict) -> "int | None":
         """Cap the call's blocking part (ms): wait, read's wait_ms, run's wait.
-        Longer requests are clamped, never refused; None: the call does not block."""
+        Longer requests are clamped, never refused; None: the call does not block.
+        A bound that is not what was asked (a longer wait, or none: the CLI's
+        0 = no limit) sets o.mcp_clamped_from, and the answer then says it
+        (wait_bound_ms, see after_call)."""
         cap = self.max_wait_ms
         default = min(MCP_DEFAULT_WAIT_MS, cap)
         if name == "wait":
@@ -11180,9 +11245,14 @@ class _McpServer:
                 o.wait_ms = cap
             return o.wait_ms
         if _mcp_observes(name):  # run, start, restart
+            bound = None
             if o.snapshot_after > cap:  # the snapshot wait is an observation too
-                o.snapshot_after = cap
-            return default if o.wait else None
+                o.mcp_clamped_from = o.snapshot_after
+                o.snapshot_after = bound = cap
+            if o.wait:  # no limit on the CLI
+                o.mcp_clamped_from = 0
+                bound = default
+            return bound
         return None
 
     def before_call(self, name: str, o, arguments: dict) -> None:
@@ -11199,7 +11269,12 @@ class _McpServer:
         if position is not None:
             o.cursor = position
 
-    def after_call(self, name: str, o, envelope: dict, bound_ms: "int | None") -> None:
+    def after_call(
+        self, name: str, o, envelope: dict, bound_ms: "int | None", call: "_McpCall | None" = None
+    ) -> None:
+        """The read position; and for a bounded call that ended with a job still
+        running, a hint that says why it ended and how to go on, and
+        wait_bound_ms when the bound is not what was asked."""
         if not envelope.get("ok"):
             return
         if name == "read":
@@ -11207,35 +11282,40 @@ class _McpServer:
                 self.read_positions[envelope["job_id"]] = parse_cursor(envelope["cursor"])
         if bound_ms is None:
             return
-        running = [j["job_id"] for j in envelope.get("jobs") or () if j["state"] == "running"]
-        if running and envelope.get("timed_out"):  # wait on several jobs
-            envelope["hint"] = "%s still running after this call's %d ms bound; call wait again" % (
-                ", ".join(running),
-                bound_ms,
+        stopping = call is not None and call.stopping
+        if stopping:  # EOF or SIGTERM ended the call early: the bound did not elapse
+            why = (
+                "this call ended early because the MCP server is stopping (end of input or SIGTERM)"
             )
+        else:
+            why = "this call's %d ms bound elapsed" % bound_ms
+        running = [j["job_id"] for j in envelope.get("jobs") or () if j["state"] == "running"]
+        if running and (envelope.get("timed_out") or stopping):  # wait on several jobs
+            envelope["hint"] = "%s still running: %s; call wait again to keep waiting" % (
+                ", ".join(running),
+                why,
+            )
+        elif envelope.get("state") != "running":
             return
-        if envelope.get("state") != "running":
+        elif name == "read" and (envelope.get("stdout") or envelope.get("stderr")):
             return
-        if name == "read" and (envelope.get("stdout") or envelope.get("stderr")):
-            return
-        if name == "wait" and not envelope.get("timed_out"):
+        elif name == "wait" and not (envelope.get("timed_out") or stopping):
             return  # it ended on readiness, a match or input, inside the bound
-        job = envelope.get("job_id")
-        how = {
-            "wait": "call wait again to keep waiting",
-            "read": "call read again (cursor %s) for its output" % envelope.get("cursor"),
-        }.get(
-            name,
-            "call wait to wait for its end, or read (cursor %s) for its output"
-            % envelope.get("cursor"),
-        )
-        envelope["hint"] = "the job %s is still running after this call's %d ms bound; %s" % (
-            job,
-            bound_ms,
-            how,
-        )
-        clamped = getattr(o, "mcp_clamped_from", None)
-        if clamped:
+        else:
+            how = {
+                "wait": "call wait again to keep waiting",
+                "read": "call read again (cursor %s) for its output" % envelope.get("cursor"),
+            }.get(
+                name,
+                "call wait to wait for its end, or read (cursor %s) for its output"
+                % envelope.get("cursor"),
+            )
+            envelope["hint"] = "the job %s is still running: %s; %s" % (
+                envelope.get("job_id"),
+                why,
+                how,
+            )
+        if getattr(o, "mcp_clamped_from", None) is not None:
             envelope["wait_bound_ms"] = bound_ms
 
     def progress(self, call: _McpCall, token, name: str, o, bound_ms: "int | None") -> None:
@@ -11253,7 +11333,11 @@ class _McpServer:
                 self.send({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
 
     def progress_message(self, name: str, o, seconds: int) -> str:
-        ids = list(getattr(o, "job_ids", None) or [getattr(o, "job_id", None)])
+        # run records the job it started on o (see _run_answer); start and
+        # restart name theirs in job_id.
+        ids = getattr(o, "job_ids", None) or [
+            getattr(o, "job_id", None) or getattr(o, "observed_job_id", None)
+        ]
         parts = []
         try:
             root = _root(o)

@@ -35,6 +35,7 @@ _ANNOTATIONS = frozenset(
         "examples",
         "format",
         "definitions",
+        "$defs",
         "readOnly",
         "writeOnly",
         "contentMediaType",
