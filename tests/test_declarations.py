@@ -239,7 +239,7 @@ class ToolListTests(unittest.TestCase):
         self.assertEqual(tools["tail"]["inputSchema"]["required"], ["job_id"])
         self.assertEqual(tools["status"]["inputSchema"]["required"], [])  # job_id or key
         self.assertEqual(tools["run"]["inputSchema"]["required"], ["command"])
-        self.assertTrue(tools["status"]["annotations"]["readOnlyHint"])
+        self.assertTrue(tools["tail"]["annotations"]["readOnlyHint"])
         self.assertTrue(tools["kill"]["annotations"]["destructiveHint"])
 
     def test_arguments_go_through_the_same_parsers(self):

@@ -246,9 +246,64 @@ class HandshakeTests(McpTestCase):
         self.assertEqual(run["properties"]["command"]["type"], "array")
         self.assertEqual(run["properties"]["shell"]["type"], "string")
         self.assertNotIn("command", run["required"])  # shell stands in for it
-        self.assertTrue(by_name["status"]["annotations"]["readOnlyHint"])
+        self.assertTrue(by_name["tail"]["annotations"]["readOnlyHint"])
         self.assertTrue(by_name["kill"]["annotations"]["destructiveHint"])
         self.assertFalse(by_name["kill"]["annotations"]["readOnlyHint"])
+
+    def test_annotations_are_true(self):
+        s = self.session()
+        hints = {t["name"]: t["annotations"] for t in s.request("tools/list")["result"]["tools"]}
+        # They run arbitrary commands (send types into one: ctrl-c, EOF).
+        for name in ("run", "start", "restart", "send"):
+            with self.subTest(tool=name):
+                self.assertTrue(hints[name]["destructiveHint"])
+                self.assertTrue(hints[name]["openWorldHint"])
+                self.assertFalse(hints[name]["idempotentHint"])
+        # renew in passing is a write: not read-only, but only additive.
+        for name in ("status", "read", "wait", "renew"):
+            with self.subTest(tool=name):
+                self.assertFalse(hints[name]["readOnlyHint"])
+                self.assertFalse(hints[name]["destructiveHint"])
+        for name in ("tail", "screen", "list", "schema"):
+            with self.subTest(tool=name):
+                self.assertTrue(hints[name]["readOnlyHint"])
+                self.assertFalse(hints[name]["openWorldHint"])
+        for name in ("kill", "delete", "gc", "create", "tag"):
+            with self.subTest(tool=name):
+                self.assertTrue(hints[name]["destructiveHint"])
+                self.assertFalse(hints[name]["readOnlyHint"])
+
+    def test_argument_descriptions_say_what_mcp_does(self):
+        s = self.session(AGENT_EXEC_MCP_MAX_WAIT_MS="30000")
+        props = {
+            t["name"]: t["inputSchema"]["properties"]
+            for t in s.request("tools/list")["result"]["tools"]
+        }
+        timeout = props["wait"]["timeout_ms"]
+        self.assertNotIn("no limit", timeout["description"])
+        self.assertIn("20000", timeout["description"])
+        self.assertIn("30000", timeout["description"])
+        self.assertEqual(timeout["default"], 20000)
+        self.assertIn("session", props["read"]["cursor"]["description"])
+        for name in ("run", "create"):
+            self.assertNotIn("--", props[name]["shell"]["description"])
+            self.assertIn("instead of command", props[name]["shell"]["description"])
+            self.assertNotIn("own stdin", props[name]["stdin"]["description"])
+
+    def test_output_schema_uses_defs(self):
+        s = self.session()
+        for t in s.request("tools/list")["result"]["tools"]:
+            text = json.dumps(t["outputSchema"])
+            self.assertIn("$defs", t["outputSchema"])
+            self.assertNotIn("#/definitions/", text)
+
+    def test_a_second_initialize_is_answered(self):
+        # As the MCP Python SDK does: it negotiates again, nothing else changes.
+        s = self.session("2025-06-18")
+        r = s.initialize("2025-03-26")["result"]
+        self.assertEqual(r["protocolVersion"], "2025-03-26")
+        tools = s.request("tools/list")["result"]["tools"]
+        self.assertNotIn("outputSchema", tools[0])  # the newly agreed revision
 
     def test_no_output_schema_before_2025_06_18(self):
         s = self.session("2025-03-26")
@@ -316,10 +371,67 @@ class ErrorPathTests(McpTestCase):
         self.assertIn("bogus", r["structuredContent"]["error"]["message"])
         r = s.call("status", {})
         self.assertTrue(r["isError"])
-        self.assertIn("job_id", r["structuredContent"]["error"]["message"])
+        self.assertIn("job id", r["structuredContent"]["error"]["message"])
         r = s.call("status", {"job_id": "nosuchjob"})
         self.assertTrue(r["isError"])
         self.assertEqual(r["structuredContent"]["error"]["code"], "job_not_found")
+
+    def test_argument_errors_in_the_cli_words(self):
+        s = self.session()
+        for name, args, argv in (
+            ("status", {}, ["status"]),
+            ("wait", {"job_ids": []}, ["wait"]),
+            ("wait", {}, ["wait"]),
+            ("delete", {"job_ids": []}, ["delete"]),
+            ("read", {}, ["read"]),
+            ("list", {"state": "bogus"}, ["list", "--state", "bogus"]),
+            ("wait", {"job_ids": ["abcd"], "stream": "x"}, ["wait", "--stream", "x", "abcd"]),
+            ("read", {"job_id": "abcd", "cursor": "zz"}, ["read", "--cursor", "zz", "abcd"]),
+        ):
+            with self.subTest(tool=name, args=args):
+                r = s.call(name, args)
+                self.assertTrue(r["isError"])
+                self.assertEqual(r["structuredContent"]["error"], self.cli(*argv).json["error"])
+        messages = {
+            "agent-exec delete: the following arguments are required: job_id": (
+                "delete",
+                {"job_ids": []},
+            ),
+            "agent-exec list: argument --state: invalid choice: 'bogus' (choose from 'created', "
+            "'running', 'exited', 'killed', 'failed', 'unknown')": ("list", {"state": "bogus"}),
+            # Unknown arguments: argparse's form, with the CLI's flag names.
+            "unrecognized arguments: --bogus": ("status", {"job_id": "abcd", "bogus": 1}),
+            "unrecognized arguments: --renw (did you mean --renew?)": (
+                "status",
+                {"job_id": "abcd", "renw": True},
+            ),
+            # A JSON type that no command line can have: the same form.
+            "agent-exec status: argument job_id: expected a string, got 5": (
+                "status",
+                {"job_id": 5},
+            ),
+            "agent-exec list: argument --all: expected true or false, got 1": (
+                "list",
+                {"all": 1},
+            ),
+            "agent-exec run: argument command: expected a list of strings, got 'ls'": (
+                "run",
+                {"command": "ls"},
+            ),
+        }
+        for message, (name, args) in messages.items():
+            with self.subTest(tool=name, args=args):
+                error = s.call(name, args)["structuredContent"]["error"]
+                self.assertEqual(error["code"], "usage_error")
+                self.assertEqual(error["message"], message)
+        # null is "not given"; one id for a list of them is that list.
+        r = s.call("list", {"all": True, "limit": None})
+        self.assertFalse(r["isError"], r)
+        r = s.call("wait", {"job_ids": "nosuchjob"})
+        self.assertEqual(r["structuredContent"]["error"]["code"], "job_not_found")
+        error = self.assert_error(s.request("tools/call", {"arguments": {}}), -32602)
+        self.assertIn("name", error["message"])
+        self.assert_error(s.request("tools/call", {"name": 5}), -32602)
 
     def test_stdin_dash_is_refused(self):
         # "-" is this command's own stdin: over MCP, the transport itself.
@@ -352,7 +464,9 @@ class StatelessTests(McpTestCase):
             r = s.request("server/discover", params)["result"]
             self.assertEqual(r["supportedVersions"], [MODERN])
             self.assertIn("tools", r["capabilities"])
-            self.assertEqual(r["serverInfo"]["name"], "agent-exec")
+            # DiscoverResult has no serverInfo: 2026-07-28 carries it in _meta.
+            self.assertNotIn("serverInfo", r)
+            self.assertEqual(r["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "agent-exec")
             self.assertEqual(r["resultType"], "complete")
             self.assertGreaterEqual(r["ttlMs"], 0)
             self.assertIn(r["cacheScope"], ("public", "private"))
@@ -539,6 +653,52 @@ class ToolCallTests(McpTestCase):
         self.assertEqual(r["state"], "running")
         self.assertIn("call wait", r["hint"])
 
+    def test_clamped_answers_say_how_to_continue(self):
+        s = self.session(AGENT_EXEC_MCP_MAX_WAIT_MS="1500")
+        jid = self.sleeper(s)
+        other = self.sleeper(s)
+        t0 = time.monotonic()
+        r = s.call("run", {"command": ["sleep", "30"], "snapshot_after": 100000})
+        r = r["structuredContent"]
+        self.assertLess(time.monotonic() - t0, 8)
+        self.assertEqual(r["state"], "running")
+        self.assertIn("still running", r["hint"])
+        self.assertIn("cursor", r["hint"])
+        self.assertEqual(r["wait_bound_ms"], 1500)
+        r = s.call("wait", {"job_ids": [jid, other], "timeout_ms": 600000})["structuredContent"]
+        self.assertTrue(r["timed_out"])
+        self.assertIn("call wait again", r["hint"])
+        self.assertEqual(r["wait_bound_ms"], 1500)
+        # Asked within the bound: nothing was clamped, so no wait_bound_ms.
+        r = s.call("wait", {"job_ids": [jid, other], "timeout_ms": 300})["structuredContent"]
+        self.assertIn("hint", r)
+        self.assertNotIn("wait_bound_ms", r)
+        # start observes like run.
+        created = s.call("create", {"command": ["sleep", "30"]})["structuredContent"]
+        r = s.call("start", {"job_id": created["job_id"], "wait": True})["structuredContent"]
+        self.assertEqual(r["state"], "running")
+        self.assertIn("call wait", r["hint"])
+        self.assertEqual(r["wait_bound_ms"], 1500)  # the default, 20 s, capped at 1.5 s
+        self.assertIn("1500 ms bound", r["hint"])
+
+    def test_run_wait_reports_progress(self):
+        s = self.session(AGENT_EXEC_MCP_MAX_WAIT_MS="3500")
+        code = "import time\nwhile True:\n    print('x' * 99, flush=True)\n    time.sleep(0.2)"
+        r = s.call(
+            "run",
+            {"command": [sys.executable, "-c", code], "wait": True},
+            meta={"progressToken": 9},
+        )["structuredContent"]
+        self.assertEqual(r["state"], "running")
+        progress = [n for n in s.notes if n.get("method") == "notifications/progress"]
+        self.assertGreaterEqual(len(progress), 2, s.notes)
+        last = progress[-1]["params"]["message"]
+        self.assertIn(r["job_id"], last)
+        self.assertIn("running", last)
+        seen = int(last.split(" stdout")[0].rsplit(" ", 1)[1])
+        self.assertGreater(seen, 0)
+        s.call("kill", {"job_id": r["job_id"], "signal": "KILL"})
+
     def test_progress_while_a_wait_blocks(self):
         s = self.session()
         jid = self.sleeper(s)
@@ -578,6 +738,25 @@ class LifetimeTests(McpTestCase):
         pid = self.read_state(jid)["pid"]
         self.assertTrue(pid_alive(pid))
         self.assertEqual(self.ok("status", jid)["state"], "running")
+
+    def test_an_early_end_does_not_claim_the_bound(self):
+        s = self.session()
+        jid = self.sleeper(s)
+        s.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 6,
+                "method": "tools/call",
+                "params": {"name": "wait", "arguments": {"job_ids": [jid], "timeout_ms": 50000}},
+            }
+        )
+        time.sleep(0.5)
+        s.proc.stdin.close()  # EOF: the server ends the wait and answers what it saw
+        r = s.answer(6)["result"]["structuredContent"]
+        self.assertEqual(r["state"], "running")
+        self.assertIn("stopping", r["hint"])
+        self.assertNotIn("bound elapsed", r["hint"])
+        self.assertEqual(s.close(), 0)
 
     def test_sigterm_exits_and_leaves_the_jobs(self):
         s = self.session()
@@ -641,7 +820,9 @@ class LifetimeTests(McpTestCase):
                 r = s.answer(rid, timeout=60)["result"]
                 self.assertFalse(r["isError"], r)
         self.assertEqual(zombies_of(s.proc.pid), [])
-        self.assertEqual(len(os.listdir(self.root)), n)
+        # The root holds other entries too (.gc-* files, names/, keys/, ...).
+        jobs = [e for e in os.listdir(self.root) if agent_exec.is_job_id(e)]
+        self.assertEqual(len(jobs), n)
         r = s.call("list", {"all": True, "limit": 0})["structuredContent"]
         self.assertEqual(len(r["jobs"]), n)
         self.assertEqual(s.close(), 0)
