@@ -10852,6 +10852,8 @@ def _mcp_tools(version: "str | None", max_wait_ms: int = MCP_MAX_WAIT_MS) -> lis
             text = _MCP_ARGUMENT_HELP.get((cmd.name, arg), _MCP_ARGUMENT_HELP.get((None, arg)))
             if text is not None:
                 prop["description"] = text.format(**bounds)
+            if prop.get("description", "").endswith("; or give --key"):  # a tool has no flags
+                prop["description"] = prop["description"][: -len("--key")] + "key"
             if (cmd.name, arg) in _MCP_ARGUMENT_DEFAULT:
                 prop["default"] = int(_MCP_ARGUMENT_DEFAULT[cmd.name, arg].format(**bounds))
         # `command` of run is not required: `shell` stands in for it.

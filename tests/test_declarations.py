@@ -255,8 +255,8 @@ class ToolListTests(unittest.TestCase):
     def test_bad_arguments_are_usage_errors_with_the_cli_words(self):
         cases = (
             ("run", {"command": ["true"], "timeout": "5x"}, "invalid duration"),
-            ("run", {"command": ["true"], "bogus": 1}, "unknown argument bogus"),
-            ("tail", {}, "job_id is required"),
+            ("run", {"command": ["true"], "bogus": 1}, "unrecognized arguments: --bogus"),
+            ("tail", {}, "the following arguments are required: job_id"),
             ("list", {"state": "sleeping"}, "invalid choice"),
             ("wait", {"job_ids": "ABCD"}, "list of strings"),
         )

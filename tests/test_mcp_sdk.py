@@ -62,7 +62,10 @@ class SdkTests(CLITestCase):
             run = tools["run"]
             self.assertEqual(run.input_schema["properties"]["command"]["type"], "array")
             self.assertTrue(run.output_schema)
-            self.assertTrue(tools["status"].annotations.read_only_hint)
+            self.assertTrue(tools["tail"].annotations.read_only_hint)
+            self.assertFalse(tools["status"].annotations.read_only_hint)  # renew: a write
+            self.assertTrue(tools["run"].annotations.destructive_hint)
+            self.assertTrue(tools["run"].annotations.open_world_hint)
 
         self.each_mode(body)
 
