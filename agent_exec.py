@@ -1892,6 +1892,7 @@ class _JobFacts:
         "supervisor_pid",
         "supervisor_start",
         "boot_id",
+        "stdin_target",
         # Lifecycle and guards (leases, limits, attempts).
         "end_cause",
         "limit",
@@ -1922,6 +1923,10 @@ class _JobFacts:
         self.supervisor_pid = None  # type: int | None
         self.supervisor_start = None  # type: str | None
         self.boot_id = None  # type: str | None
+        # The job's stdin as /proc/<pid>/fd names it: the --stdin-open pipe
+        # ("pipe:[ino]") or the --pty terminal ("/dev/pts/N"); "" otherwise.
+        # waiting_for_input looks for a process blocked reading just that.
+        self.stdin_target = ""  # type: str
         # The end_reason a lease or a limit chose when it ended the job, and
         # the limit's {name, value, measured}; the lease and the measures.
         self.end_cause = None  # type: str | None
@@ -1995,6 +2000,7 @@ def _state_document(
         doc[key] = counts.get(key, 0) if counts else 0
     doc["ready"] = facts.ready
     doc["ready_at"] = facts.ready_at
+    doc["stdin_target"] = facts.stdin_target
     if facts.rusage is not None:
         ru = facts.rusage
         rss = ru.ru_maxrss if _IS_LINUX else ru.ru_maxrss // 1024  # macOS counts bytes
@@ -3270,8 +3276,11 @@ class _Supervisor:
             raise
         try:
             if term is not None:
+                facts.stdin_target = os.ttyname(term.slave)
                 stdio = (out_w, out_w, out_w)
             else:
+                if self.input is not None:
+                    facts.stdin_target = "pipe:[%d]" % os.fstat(self.input.read_fd).st_ino
                 stdin = self.input.read_fd if self.input is not None else cfg.get("stdin_path")
                 stdio = (out_w, err_w, stdin)
             setup = _ChildSetup(
@@ -4398,7 +4407,7 @@ PLAIN = Opt(
     "plain",
     "flag",
     help="remove terminal escape sequences from the text, and reduce a line redrawn "
-    "with CR to what it shows (byte counts and cursors still count the raw bytes)",
+    "with CR to its last version (byte counts and cursors still count the raw bytes)",
 )
 _UNUSED_HELP = "accepted for old scripts; it has no effect"
 # The view for people, on the commands that have one (the CLI only).
@@ -4744,6 +4753,7 @@ _RUN_OPTS = (
         CURSOR_FIELD,
         Field("ready", BOOL),
         Field("waiting_for_input", BOOL),
+        Field("input_prompt", STR),
         Field("reused", BOOL),
         Field("port", {"type": ["integer", "null"], "minimum": 1, "maximum": 65535}),
     )
@@ -5256,6 +5266,10 @@ def _run_answer(o, root: str, job_id: str, spec: dict, observed_ms: int = 0) -> 
         out["ready"] = bool(job.record.get("ready"))
     if waiting is not None:
         out["waiting_for_input"] = waiting and not job.terminal
+        if out["waiting_for_input"]:
+            prompt = _input_prompt(job)
+            if prompt is not None:
+                out["input_prompt"] = _plain_text(prompt) if o.plain else prompt
     if spec.get("port"):
         out["port"] = spec["port"]
     out.update(job.result_fields())
@@ -5996,7 +6010,7 @@ def cmd_status(o) -> dict:
         if running and isinstance(record.get("pid"), int):
             pids.insert(0, record["pid"])
         out["ports"] = _listening_ports(pids)
-        out["waiting_for_input"] = running and _waiting_for_input(pids)
+        out["waiting_for_input"] = running and _waiting_for_input(pids, _stdin_target(job))
         if out["waiting_for_input"]:
             prompt = _input_prompt(job)
             if prompt is not None:
@@ -6018,28 +6032,57 @@ _WAIT_FDS_MAX = 64
 INPUT_PROMPT_MAX = 200
 
 
-def _waiting_for_input(pids: list) -> bool:
-    """True when one of ``pids`` is blocked reading its stdin, a pipe or a terminal.
+# Where a process sleeps (/proc/<pid>/wchan) when it is blocked reading a
+# pipe or a terminal: what is read when /proc/<pid>/syscall is not allowed.
+_INPUT_WCHANS = ("pipe_read", "pipe_wait", "wait_woken", "n_tty_read", "tty_read")
+
+
+def _stdin_target(job: _Job) -> "str | None":
+    """What the job's stdin is, as /proc/<pid>/fd shows it ("pipe:[123]",
+    "/dev/pts/4"), from state.json; "" for /dev/null or a file (it never
+    blocks); None for a job recorded before this was (any pipe or terminal)."""
+    target = job.record.get("stdin_target", None if "stdin_target" not in job.record else "")
+    return target if isinstance(target, str) or target is None else ""
+
+
+def _waiting_for_input(pids: list, stdin: "str | None" = None) -> bool:
+    """True when one of ``pids`` is blocked reading the job's stdin: the pipe
+    of --stdin-open or the terminal of --pty (``stdin``, see _stdin_target).
 
     Linux: /proc/<pid>/syscall names the call a blocked process sleeps in,
     and its arguments; /proc/<pid>/fd tells that the fd it waits on is the
-    process's stdin (the same pipe or terminal as its fd 0), not a socket or
-    a file.  A read(2) names its fd; a select(2) or poll(2) (a REPL with
-    readline, less, top) names a set of fds in its memory, read from
-    /proc/<pid>/mem where that is allowed, else only a select on fd 0 alone
-    (nfds 1) is recognised.  A stdin of /dev/null or a file never blocks, so
-    never counts.
+    job's stdin, not a socket, a file or a pipe between two of the job's
+    processes (`make | tee log` does not wait for input).  A read(2) names
+    its fd; a select(2) or poll(2) (a REPL with readline, less, top) names a
+    set of fds in its memory, read from /proc/<pid>/mem where that is
+    allowed, else only a select on fd 0 alone (nfds 1) is recognised.  Where
+    /proc/<pid>/syscall cannot be read, /proc/<pid>/wchan saying the process
+    sleeps in a pipe or terminal read, with the job's stdin as its fd 0,
+    counts.  A stdin of /dev/null or a file never blocks, so never counts.
     """
+    if stdin == "":
+        return False
     machine = os.uname().machine
     reads = _READ_SYSCALLS.get(machine, ())
     selects = _SELECT_SYSCALLS.get(machine, ())
     polls = _POLL_SYSCALLS.get(machine, ())
     for pid in pids:
         try:
+            fd0 = os.readlink("/proc/%d/fd/0" % pid)
+        except OSError:
+            fd0 = None
+        want = stdin if stdin is not None else fd0  # an older job: the process's own stdin
+        if not want or not want.startswith(("pipe:", "/dev/pts/", "/dev/tty")):
+            continue
+        try:
             with open("/proc/%d/syscall" % pid) as f:
                 fields = f.read().split()
             number, args = int(fields[0]), [int(a, 16) for a in fields[1:4]]
-        except (OSError, ValueError, IndexError):  # gone, not ours, or not in a call
+        except PermissionError:
+            if fd0 == want and _read_text("/proc/%d/wchan" % pid) in _INPUT_WCHANS:
+                return True
+            continue
+        except (OSError, ValueError, IndexError):  # gone, or not in a call
             continue
         if number in reads:
             fds = [args[0]]
@@ -6049,20 +6092,22 @@ def _waiting_for_input(pids: list) -> bool:
             fds = _polled_fds(pid, args[0], args[1])
         else:
             continue
-        try:
-            stdin = os.readlink("/proc/%d/fd/0" % pid)
-        except OSError:
-            continue
-        if not stdin.startswith(("pipe:", "/dev/pts/", "/dev/tty")):
-            continue
         for fd in fds:
             try:
                 target = os.readlink("/proc/%d/fd/%d" % (pid, fd))
             except OSError:
                 continue
-            if target == stdin or (target == "/dev/tty" and stdin.startswith("/dev/pts/")):
+            if target == want or (target == "/dev/tty" and want.startswith("/dev/pts/")):
                 return True
     return False
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _peek(pid: int, address: int, size: int) -> "bytes | None":
@@ -6884,7 +6929,7 @@ INPUT_POLL_S = 0.05
 def _input_wanted(job: _Job, watch: "_LockWatch", deadline, cancel=None) -> bool:
     """Sleep until the job waits for input (True), or it ends or time is up (False)."""
     while _IS_LINUX:
-        if _waiting_for_input(_job_pids(job)):
+        if _waiting_for_input(_job_pids(job), _stdin_target(job)):
             return True
         remaining = _remaining(deadline)
         step = INPUT_POLL_S if remaining is None else min(INPUT_POLL_S, remaining)
@@ -7151,6 +7196,13 @@ def cmd_read(o) -> dict:
     finally:
         if watch is not None:
             watch.release()
+    if o.plain:
+        out_data, new_out, out_more = _plain_span(
+            job, "stdout", out_pos, out_data, new_out, out_more, terminal
+        )
+        err_data, new_err, err_more = _plain_span(
+            job, "stderr", err_pos, err_data, new_err, err_more, terminal
+        )
     more = out_more or err_more
     out = {
         "job_id": job.id,
@@ -9678,12 +9730,10 @@ def _plain_text(text: str) -> str:
     Escape sequences go (CSI, OSC, DCS, SOS, PM, APC, charset designations,
     ESC x), and so does a sequence cut off at the end of ``text`` (a read
     chunk can end inside one; the cursor still counts its bytes).  A line
-    redrawn with CR shows what a terminal would: each redraw overwrites the
-    line from its first column, so a shorter redraw leaves the end of a
-    longer one visible, unless it erased it (ESC [K, as progress bars do).
-    BS steps back one character; other control characters go, except tab
-    and newline.  A line that ends with CR LF keeps its text.  Cursor
-    movement between lines is not followed: use ``screen`` for that.
+    redrawn with CR is reduced to its last version (see _plain_line).  BS
+    steps back one character; other control characters go, except tab and
+    newline.  A line that ends with CR LF keeps its text.  Cursor movement
+    between lines is not followed: use ``screen`` for that.
     """
     if _PLAIN_NEEDED.search(text) is None:
         return text
@@ -9733,20 +9783,19 @@ _PLAIN_REDRAWN = _LazyRegex(lambda: _compile("[\r\b\x01-\x03]"))
 
 
 def _plain_line(line: str) -> str:
-    """One line, with its CR, BS and erase markers applied."""
+    """One line reduced to its last version, with its BS and erase markers applied.
+
+    A line redrawn with CR is its last redraw: the text after the last CR
+    that is followed by anything (a CR that ends the line, as in CR LF or a
+    progress bar waiting for its next redraw, leaves the version before it).
+    """
     if not any(c in line for c in "\r\b\x01\x02\x03"):
         return line
+    if "\r" in line:
+        versions = [v for v in line.split("\r") if v]
+        line = versions[-1] if versions else ""
     if "\b" not in line and "\x02" not in line and "\x03" not in line:
-        # CR and erase-to-the-end only (most progress bars): whole pieces at once.
-        out = ""
-        for seg in line.split("\r"):
-            pos = 0
-            for k, part in enumerate(seg.split("\x01")):
-                if k:
-                    out = out[:pos]
-                out = out[:pos] + part + out[pos + len(part) :]
-                pos += len(part)
-        return out
+        return line.replace("\x01", "")  # erasing from the end of the text erases nothing
     cells = []  # type: list
     pos = 0
     for ch in line:
@@ -9769,6 +9818,38 @@ def _plain_line(line: str) -> str:
             pos += 1
     erased = "\x02" in line or "\x03" in line
     return "".join(cells).rstrip(" ") if erased else "".join(cells)
+
+
+# read --plain holds back an unfinished escape sequence at the end of a chunk
+# up to this long; a longer one (an endless OSC) is let go, as the raw read.
+_ESCAPE_HOLD_MAX = 256
+
+
+def _unfinished_escape(data: bytes) -> int:
+    """How many bytes at the end of ``data`` begin an escape sequence that is
+    not finished (0 when none)."""
+    esc = data.rfind(b"\x1b", max(0, len(data) - _ESCAPE_HOLD_MAX))
+    if esc < 0:
+        return 0
+    tail = data[esc:].decode("utf-8", "replace")
+    return len(data) - esc if _escape_regexes()[1].match(tail) else 0
+
+
+def _plain_span(job, stream: str, pos: int, data: bytes, new_pos: int, more: bool, terminal):
+    """read --plain: a chunk that ends inside an escape sequence ends before it
+    instead, so the next read starts at its ESC and no half of it shows as
+    text.  A chunk that is nothing but the start of one (a --max-bytes
+    smaller than the sequence) moves past the whole sequence, with no text."""
+    cut = _unfinished_escape(data)
+    if not cut:
+        return data, new_pos, more
+    if cut < len(data):
+        return data[:-cut], new_pos - cut, True
+    ahead, _end, _more = read_span(job, stream, pos, _ESCAPE_HOLD_MAX, terminal)
+    whole = _escape_regexes()[0].match(ahead.decode("latin-1"))  # one byte, one character
+    if whole is None:
+        return data, new_pos, more  # endless or not there yet: as the raw read
+    return b"", pos + whole.end(), True
 
 
 def _plain_snapshot(snap: dict) -> dict:

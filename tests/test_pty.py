@@ -237,6 +237,35 @@ class PtyTests(JobsTestCase):
         self.assertEqual((scr["cols"], scr["lines"]), (100, 30), scr)
         self.assertIn("100", scr["rows"])
 
+    @unittest.skipUnless(LINUX, "waiting_for_input reads /proc")
+    def test_a_pipe_inside_the_job_is_not_its_stdin(self):
+        # cat reads the pipe from sleep, not the job's stdin: nobody waits for input.
+        for opts in ((), ("--stdin-open",), ("--pty",)):
+            with self.subTest(opts=opts):
+                r = self.ok("run", *opts, "--snapshot-after", "1000", "--shell", "sleep 5 | cat")
+                self.addCleanup(self.kill_job, r["job_id"])
+                self.assertGreaterEqual(r["waited_ms"], 900, r)
+                self.assertIs(r.get("waiting_for_input", False), False, r)
+                self.assertIs(self.ok("status", r["job_id"])["waiting_for_input"], False)
+        r = self.ok("run", "--stdin-open", "--shell", "read x | cat")  # reads the job's stdin
+        self.addCleanup(self.kill_job, r["job_id"])
+        self.assertIs(r["waiting_for_input"], True, r)
+
+    def test_plain_reads_page_around_escape_sequences(self):
+        jid = self.ok("run", "--wait", "--shell", r'printf "abc\rX\n\033[31mhello\033[0m\n"')[
+            "job_id"
+        ]
+        cursor, texts = "c1.0.0", []
+        for _ in range(20):
+            r = self.ok("read", "--plain", "--max-bytes", "4", "--cursor", cursor, jid)
+            texts.append(r["stdout"])
+            cursor = r["cursor"]
+            if r["eof"]:
+                break
+        self.assertEqual("".join(texts), "abcX\nhello\n")  # no "31m" fragment
+        self.assertEqual(cursor, "c1.15.0")  # every raw byte counted
+        self.assertEqual(self.ok("read", "--cursor", cursor, jid)["stdout"], "")
+
     def test_bad_input(self):
         piped = self.start_bg("sleep", "30", opts=("--stdin-open",))
         for args in (("--keys", "enter"), ("--size", "80x24")):

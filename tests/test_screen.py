@@ -388,11 +388,12 @@ class PlainTextTests(unittest.TestCase):
         self.assertEqual(plain("ok\x1b]0;tit"), "ok")
         self.assertEqual(plain("ok\x1b"), "ok")
 
-    def test_cr_redraws_keep_what_the_line_shows(self):
+    def test_a_cr_redrawn_line_is_reduced_to_its_last_version(self):
         self.assertEqual(plain("10%\r20%\r100%\n"), "100%\n")
-        # A shorter redraw leaves the end of a longer one, as on a terminal ...
-        self.assertEqual(plain("downloading\rdone\n"), "doneloading\n")
-        # ... unless it erases the rest of the line, as progress bars do.
+        self.assertEqual(plain("downloading\rdone\n"), "done\n")  # shorter: still the last
+        self.assertEqual(plain("\x1b[32mgreen\x1b[0m 10%\r 99%\n"), " 99%\n")
+        self.assertEqual(plain("abc\rX"), "X")
+        self.assertEqual(plain("old\r\x1b[K"), "")  # the last version erased the line
         self.assertEqual(plain("downloading\rdone\x1b[K\n"), "done\n")
         self.assertEqual(plain("downloading\r\x1b[2Kdone\n"), "done\n")
         self.assertEqual(plain("abcdef\x1b[1K\n"), "\n")
