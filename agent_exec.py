@@ -3244,6 +3244,7 @@ class _Supervisor:
         except Exception as e:  # OSError from exec; ValueError, SubprocessError
             reason = getattr(e, "strerror", None) or e
             msg = "cannot start %s: %s" % (_short(self.cfg["argv"][0]), reason)
+            self._on_auto_gc()  # before the terminal state, as in _finish
             self._write_failed("spawn_failed", msg)
             _send_ready(handshake_fd, {"ok": True})
             self._after_terminal()
@@ -3251,7 +3252,6 @@ class _Supervisor:
         self.state_writer.write()
         _send_ready(handshake_fd, {"ok": True})
         self._loop()
-        self._on_auto_gc()  # a job that ended before its timer: now, after its waiters woke
         return 0
 
     def _start(self) -> None:
@@ -3669,6 +3669,10 @@ class _Supervisor:
         self.capture.flush_partials(None)
         for name in ("timeout", "progress", "probe", "lease", "sample"):
             self.timers.cancel(name)  # kill_after stays: it is for the descendants
+        # A job that ended before its clean-up timer takes the step now, before
+        # its terminal state: once a caller sees the job over, the supervisor
+        # writes nothing more in the root (a caller may remove it at once).
+        self._on_auto_gc()
         doc = self.state_writer.document(_end_state(self.facts))
         self.state_writer.write(doc, durable=True)
         self.final_doc = doc

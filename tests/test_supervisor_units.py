@@ -31,6 +31,7 @@ STATE_KEYS = {
     "supervisor_start_time",
     "control_protocol",
     "boot_id",
+    "stdin_target",
     "finished_at",
     "updated_at",
     "failure",
