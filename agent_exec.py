@@ -5743,7 +5743,7 @@ def _auto_gc(root: str, after_ms: "int | None" = -1) -> None:
     """One bounded step of the automatic clean-up; never fails the caller.
 
     The supervisor of each job that run (or start) launches calls it, 0.1 s
-    after the job started or when the job is over if that is sooner: off
+    after the job started or, if it is over sooner, before its terminal state: off
     the path of run's answer.  A command that launches no supervisor
     (create) calls it itself.  ``after_ms``: AGENT_EXEC_GC_AFTER as resolved
     by the caller (None: off); by default read here.
