@@ -5867,8 +5867,9 @@ GUARD_FIELDS = (
     Field("memory_peak_bytes", COUNT),
     Field("cpu_ms", COUNT),
     Field("limit", LIMIT),
-    Field("renewed", BOOL),
 )
+# status/read/wait --renew: whether the lease was renewed in passing (only with --renew).
+RENEWED = Field("renewed", BOOL)
 
 
 def _attempt_of(job: _Job) -> int:
@@ -5957,12 +5958,13 @@ RUSAGE_FIELDS = (
         Field("input_prompt", STR),
     )
     + GUARD_FIELDS
+    + (RENEWED,)
     + FINDING_FIELDS,
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_status(o) -> dict:
     job = _open_job(o, o.job_id)
-    job = _renew_in_passing(o, job)
+    job, renewed = _renew_in_passing(o, job)
     record = job.record
     running = job.state == "running"
     out = {"job_id": job.id, "state": job.state, "started_at": job.started_at()}
@@ -6016,6 +6018,8 @@ def cmd_status(o) -> dict:
             if prompt is not None:
                 out["input_prompt"] = prompt
     out.update(_guard_fields(job))
+    if renewed is not None:
+        out["renewed"] = renewed
     out.update(_finding_fields(job))
     return out
 
@@ -6836,12 +6840,25 @@ _BRIEF = obj(
         Field("first_job_id", STR_OR_NULL),
         Field("waiting_for_input", BOOL),
         Field("input_prompt", STR),
+        RENEWED,
     )
     + RESULT_FIELDS,
     variants=[{"required": ["job_id", "state"]}, {"required": ["jobs"]}],
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_wait(o) -> dict:
+    ticker = _LeaseTicker() if getattr(o, "renew", False) else None
+    try:
+        out = _wait_answer(o, ticker)
+    finally:
+        if ticker is not None:
+            ticker.stop()
+    if ticker is not None:
+        out["renewed"] = ticker.renewed
+    return out
+
+
+def _wait_answer(o, ticker: "_LeaseTicker | None") -> dict:
     ids = list(dict.fromkeys(o.job_ids or ()))
     root = _root(o)
     _check_root(root)
@@ -6849,9 +6866,8 @@ def cmd_wait(o) -> dict:
     if o.key is not None:
         ids = job_ids = [resolve_key(root, o.key)]
     deadline = time.monotonic() + o.timeout_ms / 1000.0 if o.timeout_ms > 0 else None
-    if getattr(o, "renew", False):
-        for job_id in job_ids:
-            _renew_in_passing(o, load_job(root, job_id))
+    if ticker is not None:
+        ticker.begin(root, job_ids)
     # A created job: wait for `start` first (then for its end, as asked).
     first = _wait_started(root, job_ids, deadline, _cancelled(o))
     if first is not None and first.state == "created":
@@ -7163,12 +7179,20 @@ def _wait_output(
         Field("cursor", STR, True),
         Field("more", BOOL, True),
         Field("eof", BOOL, True),
+        RENEWED,
     )
     + RESULT_FIELDS,
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_read(o) -> dict:
-    job = _renew_in_passing(o, _open_job(o, o.job_id))
+    job, renewed = _renew_in_passing(o, _open_job(o, o.job_id))
+    out = _read_answer(o, job)
+    if renewed is not None:
+        out["renewed"] = renewed
+    return out
+
+
+def _read_answer(o, job: _Job) -> dict:
     if job.state == "created":
         # Nothing has run: no output yet, and a cursor to read from later.
         out = {"job_id": job.id, "state": job.state, "stdout": "", "stderr": ""}
@@ -7285,12 +7309,75 @@ def _renew(job: _Job, lease_ms: "int | None") -> dict:
     }
 
 
-def _renew_in_passing(o, job: _Job) -> _Job:
-    """status/read/wait --renew: renew the lease first; the job as it is then."""
+def _renew_in_passing(o, job: _Job) -> "tuple":
+    """status/read/wait --renew: renew the lease first; (the job as it is then, renewed).
+
+    In passing means it never fails the call: a job without a lease, or one
+    that has ended, is answered as without --renew, with renewed false.
+    renewed is None without --renew (the answer then has no such field).
+    """
     if not getattr(o, "renew", False):
-        return job
-    _renew(job, None)
-    return job.reload()
+        return job, None
+    renewed = _try_renew(job)
+    return job.reload(), renewed
+
+
+def _try_renew(job: _Job) -> bool:
+    """Renew the job's lease if it has one and runs; whether it was renewed."""
+    if not (job.record.get("lease_ms") or job.meta.get("lease_ms")) or job.state != "running":
+        return False
+    try:
+        _renew(job, None)
+    except AgentExecError:
+        return False  # it ended meanwhile, or its supervisor did not answer
+    return True
+
+
+class _LeaseTicker:
+    """wait --renew: renew the waited jobs' leases while the wait blocks.
+
+    A thread renews each job that has a lease and runs, now and then every
+    third of its lease length, so an agent that waits keeps its job alive;
+    stop() ends it when the wait answers.  renewed: any renewal succeeded.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.renewed = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    def begin(self, root: str, job_ids: list) -> None:
+        leases = []
+        for job_id in job_ids:
+            job = load_job(root, job_id)
+            length = job.record.get("lease_ms") or job.meta.get("lease_ms")
+            if isinstance(length, int) and length > 0:
+                leases.append(length)
+            self.renewed = _try_renew(job) or self.renewed
+        if not leases:
+            return
+        every = max(0.05, min(leases) / 3000.0)
+
+        def tick() -> None:
+            while not self._stop.wait(every):
+                for job_id in job_ids:
+                    try:
+                        job = load_job(root, job_id)
+                    except AgentExecError:
+                        continue
+                    self.renewed = _try_renew(job) or self.renewed
+
+        import threading
+
+        self._thread = threading.Thread(target=tick, name="agent-exec-renew", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(RENEW_ANSWER_S + 1.0)
 
 
 # ---- kill -------------------------------------------------------------------------
