@@ -5867,6 +5867,7 @@ GUARD_FIELDS = (
     Field("memory_peak_bytes", COUNT),
     Field("cpu_ms", COUNT),
     Field("limit", LIMIT),
+    Field("env_not_stored", STRS),
 )
 # status/read/wait --renew: whether the lease was renewed in passing (only with --renew).
 RENEWED = Field("renewed", BOOL)
@@ -5893,6 +5894,11 @@ def _guard_fields(job: _Job) -> dict:
             out[key] = record[key]
     if isinstance(record.get("limit"), dict) and job.terminal:
         out["limit"] = record["limit"]
+    # The --env keys: their values live only in the running attempt's
+    # environment, never on disk; start/restart need them given again.
+    keys = (job.meta.get("definition") or {}).get("explicit_env_keys")
+    if isinstance(keys, list) and keys:
+        out["env_not_stored"] = keys
     return out
 
 
@@ -6387,7 +6393,9 @@ def _definition(spec: dict) -> dict:
     ),
     opts=_CREATE_OPTS,
     checks=_JOB_CHECKS,
-    returns=JOB_HEAD + LOG_PATH_FIELDS + (Field("created_at", STR, True), Field("env_vars", STRS)),
+    returns=JOB_HEAD
+    + LOG_PATH_FIELDS
+    + (Field("created_at", STR, True), Field("env_vars", STRS), Field("port", COUNT)),
     annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False},
 )
 def cmd_create(o) -> dict:
@@ -6416,6 +6424,8 @@ def cmd_create(o) -> dict:
     out.update(_Job(job_id, job_dir, meta, doc, "created", None).log_paths())
     if spec["explicit_env"]:
         out["env_vars"] = ["%s=<not stored>" % k for k, _v in spec["explicit_env"]]
+    if spec.get("port"):
+        out["port"] = spec["port"]
     return out
 
 
@@ -6536,6 +6546,7 @@ def _attempt_config(o, job: _Job, attempt: int, check_port: bool = True) -> "tup
         "missing": missing,
         "ready_match": definition.get("ready_match"),
         "ready_port": definition.get("ready_port"),
+        "port": port if isinstance(port, int) else None,  # answered like run's
     }
     return cfg, spec
 
