@@ -1593,6 +1593,23 @@ def _log_sizes(job: _Job) -> list:
     return [None if st is None else (st.st_size, st.st_ino) for st in _log_stats(job)]
 
 
+def _attempt_cursor(job: _Job, cursor: "tuple | None") -> "tuple":
+    """((stdout_pos, stderr_pos), reset) to read from, for a cursor given by the caller.
+
+    A cursor past the end of a log (more than the bytes written to that
+    stream in this attempt, dropped ones counted) came from an earlier
+    attempt (before a restart): it reads this attempt from its start, and
+    reset says so (the answer's cursor_reset).  No cursor: the start.
+    """
+    if cursor is None:
+        return (0, 0), False
+    dropped = job.dropped()
+    for stream, pos, st in zip(_STREAMS, cursor, _log_stats(job)):
+        if pos > dropped[stream + "_dropped_bytes"] + (st.st_size if st is not None else 0):
+            return (0, 0), True
+    return tuple(cursor), False
+
+
 def job_cursor(job: _Job) -> str:
     """A cursor just past everything the logs hold right now."""
     dropped = job.dropped()
@@ -5871,6 +5888,8 @@ GUARD_FIELDS = (
 )
 # status/read/wait --renew: whether the lease was renewed in passing (only with --renew).
 RENEWED = Field("renewed", BOOL)
+# read/wait --match: the cursor given was of an earlier attempt (see _attempt_cursor).
+CURSOR_RESET = Field("cursor_reset", BOOL)
 
 
 def _attempt_of(job: _Job) -> int:
@@ -6852,6 +6871,7 @@ _BRIEF = obj(
         Field("waiting_for_input", BOOL),
         Field("input_prompt", STR),
         RENEWED,
+        CURSOR_RESET,
     )
     + RESULT_FIELDS,
     variants=[{"required": ["job_id", "state"]}, {"required": ["jobs"]}],
@@ -7084,9 +7104,12 @@ def _wait_match(
     pending = {"stdout": b"", "stderr": b""}  # a line still being written
     watch = ready_watch = None
     ready_lock = os.path.join(root, job_id, READY_LOCK)
+    reset = None  # whether the cursor was of an earlier attempt (see _attempt_cursor)
     try:
         while True:
             job = load_job(root, job_id)
+            if reset is None:
+                (pos["stdout"], pos["stderr"]), reset = _attempt_cursor(job, start)
             before = _log_sizes(job)  # before reading: see _wait_output
             hit = _scan_for_match(job, regex, streams, pos, pending)
             is_ready = ready and job.record.get("ready") is True
@@ -7102,6 +7125,8 @@ def _wait_match(
                     out["match"] = {"stream": hit[0], "line": hit[1], "cursor": cursor}
                 out["timed_out"] = hit is None and not is_ready and not job.terminal
                 out["cursor"] = cursor
+                if reset:
+                    out["cursor_reset"] = True
                 return out
             if watch is None:
                 watch = _LockWatch.acquire(job.path(META))
@@ -7191,6 +7216,7 @@ def _wait_output(
         Field("more", BOOL, True),
         Field("eof", BOOL, True),
         RENEWED,
+        CURSOR_RESET,
     )
     + RESULT_FIELDS,
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
@@ -7209,7 +7235,7 @@ def _read_answer(o, job: _Job) -> dict:
         out = {"job_id": job.id, "state": job.state, "stdout": "", "stderr": ""}
         out.update(cursor=make_cursor(0, 0), more=False, eof=False)
         return out
-    out_pos, err_pos = o.cursor if o.cursor is not None else (0, 0)
+    (out_pos, err_pos), reset = _attempt_cursor(job, o.cursor)
     deadline = time.monotonic() + o.wait_ms / 1000.0
     cancel = _cancelled(o)
     watch = None
@@ -7250,6 +7276,8 @@ def _read_answer(o, job: _Job) -> dict:
     }
     if o.plain:  # the cursor above counts the raw bytes
         out["stdout"], out["stderr"] = _plain_text(out["stdout"]), _plain_text(out["stderr"])
+    if reset:
+        out["cursor_reset"] = True
     if out["eof"]:
         # The last read carries the result, so no status call is needed.
         out.update(job.result_fields())
