@@ -1214,6 +1214,9 @@ def _index_job(root: str, job_id: str, spec: dict) -> None:
             continue
         where = _index_dir(root, kind, value)
         try:
+            # makedirs gives its mode to the leaf only: names/ (or keys/)
+            # first, private like the root's other directories.
+            os.makedirs(os.path.dirname(where), 0o700, exist_ok=True)
             os.makedirs(where, 0o700, exist_ok=True)
             os.close(os.open(where + "/" + job_id, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as e:
@@ -3066,6 +3069,9 @@ class _Notifier:
             event["failure"] = doc["failure"]
         if doc.get("limit"):
             event["limit"] = doc["limit"]  # which limit ended the job, its value, the measure
+        # Which attempt ended (2 and up after restarts): the job id is the same.
+        attempt = doc.get("attempt") or self.cfg.get("attempt") or 1
+        event["attempt"] = attempt if isinstance(attempt, int) else 1
         return event
 
     def _run_command(self, argv: list, payload: str, event_path: str) -> dict:
@@ -4305,7 +4311,10 @@ def _positive_duration(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    port = _nonneg_int(text)
+    try:
+        port = _nonneg_int(text)
+    except ValueError:
+        port = 0  # not a number: the same message as for a number out of range
     if not 1 <= port <= 65535:
         raise ValueError("expected a TCP port 1-65535, got %r" % text)
     return port
@@ -5003,6 +5012,15 @@ def _job_stdin(o) -> "bytes | None":
     return data
 
 
+def _reserving_job_pid(root: str, job_id: str) -> "int | None":
+    """The main pid (state.json) of the job that reserved a port, if known."""
+    try:
+        pid = load_job(root, job_id).record.get("pid")
+    except AgentExecError:
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
 def _refuse_port_in_use(port: int, root: "str | None" = None) -> None:
     """run --ready-port P (or --port P) while something already accepts on P: the
     job could never be the one that answers, so nothing is created.
@@ -5019,6 +5037,10 @@ def _refuse_port_in_use(port: int, root: "str | None" = None) -> None:
         who = " (reserved by job %s)" % job_id if job_id else " (reserved by a run starting)"
         if job_id:
             details["job_id"] = job_id
+            pid = _reserving_job_pid(root, job_id)
+            if pid is not None:  # the job's main pid: it holds the port, not listening yet
+                details["pid"] = pid
+                who = " (reserved by job %s, pid %d)" % (job_id, pid)
         raise AgentExecError(
             "port_in_use",
             "port %d is already in use%s: stop that job or pick another port" % (port, who),
@@ -5963,7 +5985,7 @@ RUSAGE_FIELDS = (
     checks=(_format_conflict, _id_or_key),
     table=lambda answer, color: _status_table(answer, color),
     returns=JOB_HEAD
-    + (Field("started_at", STR, True),)
+    + (Field("started_at", STR_OR_NULL, True),)
     + RESULT_FIELDS
     + DROPPED_FIELDS
     + (
@@ -5992,7 +6014,9 @@ def cmd_status(o) -> dict:
     job, renewed = _renew_in_passing(o, job)
     record = job.record
     running = job.state == "running"
-    out = {"job_id": job.id, "state": job.state, "started_at": job.started_at()}
+    # A created job has not started: started_at is null (created_at is in meta.json).
+    started = job.started_at() if job.state != "created" else None
+    out = {"job_id": job.id, "state": job.state, "started_at": started}
     out.update(job.result_fields())
     if record.get("pid") is not None:
         out["pid"] = record["pid"]
@@ -6009,7 +6033,7 @@ def cmd_status(o) -> dict:
         if size:
             last = st.st_mtime if last is None else max(last, st.st_mtime)
     out["last_output_at"] = _rfc3339(last) if last is not None else None
-    if out["last_output_at"] is not None and out["last_output_at"] < out["started_at"]:
+    if out["last_output_at"] is not None and out["last_output_at"] < (started or ""):
         # A file's mtime comes from a coarser clock than time.time() (the
         # kernel's tick): output of the job's first milliseconds can look
         # older than the job.  Never report it so (same format: text order
@@ -7739,7 +7763,7 @@ def cmd_screen(o) -> dict:
 _LIST_ENTRY = obj(
     JOB_HEAD
     + (
-        Field("started_at", STR, True),
+        Field("started_at", STR_OR_NULL, True),
         Field("command", STRS, True),
         Field("cwd", STR, True),
         Field("updated_at", STR),
@@ -7860,7 +7884,7 @@ def _list_entry(job: _Job, lingering: bool, tagged: "set | None" = None) -> dict
     entry = {
         "job_id": job.id,
         "state": job.state,
-        "started_at": job.started_at(),
+        "started_at": job.started_at() if job.state != "created" else None,
         "command": meta.get("command"),
         "cwd": meta.get("cwd"),
         "ready": job.record.get("ready"),
@@ -10382,7 +10406,9 @@ def _state_colour(entry: dict) -> str:
 
 
 def _ago(stamp: "str | None", now: float) -> str:
-    """'3m ago' for an RFC 3339 time."""
+    """'3m ago' for an RFC 3339 time ('-' for none: a created job has not started)."""
+    if not stamp:
+        return "-"
     try:
         ms = (now - _parse_rfc3339(stamp)) * 1000
         return (_human_span(ms) if ms >= 60000 else "%ds" % (ms // 1000)) + " ago"
@@ -10407,6 +10433,8 @@ def _human_span(ms: float) -> str:
 def _duration(entry: dict, now: float) -> str:
     start = entry.get("started_at")
     end = entry.get("finished_at")
+    if not start:
+        return "-"  # created, not started
     try:
         until = _parse_rfc3339(end) if end else now
         return _human_span((until - _parse_rfc3339(start)) * 1000)
