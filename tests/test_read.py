@@ -151,10 +151,11 @@ class ReadTests(JobsTestCase):
         self.fail_with("job_not_found", "read", "0123456789ABCDEFGHJKMNPQRS")
         self.fail_with("job_not_found", "read", "../etc")
 
-    def test_cursor_past_the_end_reads_nothing(self):
+    def test_cursor_past_the_end_reads_from_the_start(self):
+        # Past the end of the logs: a cursor of an earlier attempt (restart).
         job = self.bytes_job(b"abc\n")
         j = self.okv("read", "--cursor", "c1.ff.ff", job)
-        self.assertEqual((j["stdout"], j["stderr"]), ("", ""))
+        self.assertEqual((j["stdout"], j["stderr"], j["cursor_reset"]), ("abc\n", "", True))
         self.assertIs(j["more"], False)
 
 
