@@ -1603,14 +1603,33 @@ def _attempt_cursor(job: _Job, cursor: "tuple | None") -> "tuple":
     stream in this attempt, dropped ones counted) came from an earlier
     attempt (before a restart): it reads this attempt from its start, and
     reset says so (the answer's cursor_reset).  No cursor: the start.
+
+    Only after a restart (attempt 2 and up): before one, no cursor can be of
+    another attempt, and a log that --max-output has just compacted can look
+    shorter than it is until state.json counts the dropped bytes; for the
+    same reason a cursor past the end is looked at again with a fresh
+    state.json before it is reset.  Otherwise the cursor is read as given
+    (past the end: nothing new yet).
     """
     if cursor is None:
         return (0, 0), False
+    if _attempt_of(job) < 2 or not _past_logs_end(job, cursor):
+        return tuple(cursor), False
+    try:
+        job = job.reload()
+    except AgentExecError:
+        return tuple(cursor), False
+    if not _past_logs_end(job, cursor):
+        return tuple(cursor), False
+    return (0, 0), True
+
+
+def _past_logs_end(job: _Job, cursor: tuple) -> bool:
     dropped = job.dropped()
     for stream, pos, st in zip(_STREAMS, cursor, _log_stats(job)):
         if pos > dropped[stream + "_dropped_bytes"] + (st.st_size if st is not None else 0):
-            return (0, 0), True
-    return tuple(cursor), False
+            return True
+    return False
 
 
 def job_cursor(job: _Job) -> str:

@@ -151,12 +151,13 @@ class ReadTests(JobsTestCase):
         self.fail_with("job_not_found", "read", "0123456789ABCDEFGHJKMNPQRS")
         self.fail_with("job_not_found", "read", "../etc")
 
-    def test_cursor_past_the_end_reads_from_the_start(self):
-        # Past the end of the logs: a cursor of an earlier attempt (restart).
+    def test_cursor_past_the_end_reads_nothing(self):
+        # Before any restart (see test_lifecycle_run's AttemptCursorTests for after one).
         job = self.bytes_job(b"abc\n")
         j = self.okv("read", "--cursor", "c1.ff.ff", job)
-        self.assertEqual((j["stdout"], j["stderr"], j["cursor_reset"]), ("abc\n", "", True))
+        self.assertEqual((j["stdout"], j["stderr"]), ("", ""))
         self.assertIs(j["more"], False)
+        self.assertNotIn("cursor_reset", j)
 
 
 class LongPollTests(JobsTestCase):
