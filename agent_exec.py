@@ -1214,6 +1214,9 @@ def _index_job(root: str, job_id: str, spec: dict) -> None:
             continue
         where = _index_dir(root, kind, value)
         try:
+            # makedirs gives its mode to the leaf only: names/ (or keys/)
+            # first, private like the root's other directories.
+            os.makedirs(os.path.dirname(where), 0o700, exist_ok=True)
             os.makedirs(where, 0o700, exist_ok=True)
             os.close(os.open(where + "/" + job_id, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as e:
@@ -1591,6 +1594,42 @@ def _log_stats(job: _Job) -> list:
 def _log_sizes(job: _Job) -> list:
     """(size, inode) of each log, to see them change (see _wait_output)."""
     return [None if st is None else (st.st_size, st.st_ino) for st in _log_stats(job)]
+
+
+def _attempt_cursor(job: _Job, cursor: "tuple | None") -> "tuple":
+    """((stdout_pos, stderr_pos), reset) to read from, for a cursor given by the caller.
+
+    A cursor past the end of a log (more than the bytes written to that
+    stream in this attempt, dropped ones counted) came from an earlier
+    attempt (before a restart): it reads this attempt from its start, and
+    reset says so (the answer's cursor_reset).  No cursor: the start.
+
+    Only after a restart (attempt 2 and up): before one, no cursor can be of
+    another attempt, and a log that --max-output has just compacted can look
+    shorter than it is until state.json counts the dropped bytes; for the
+    same reason a cursor past the end is looked at again with a fresh
+    state.json before it is reset.  Otherwise the cursor is read as given
+    (past the end: nothing new yet).
+    """
+    if cursor is None:
+        return (0, 0), False
+    if _attempt_of(job) < 2 or not _past_logs_end(job, cursor):
+        return tuple(cursor), False
+    try:
+        job = job.reload()
+    except AgentExecError:
+        return tuple(cursor), False
+    if not _past_logs_end(job, cursor):
+        return tuple(cursor), False
+    return (0, 0), True
+
+
+def _past_logs_end(job: _Job, cursor: tuple) -> bool:
+    dropped = job.dropped()
+    for stream, pos, st in zip(_STREAMS, cursor, _log_stats(job)):
+        if pos > dropped[stream + "_dropped_bytes"] + (st.st_size if st is not None else 0):
+            return True
+    return False
 
 
 def job_cursor(job: _Job) -> str:
@@ -3049,6 +3088,9 @@ class _Notifier:
             event["failure"] = doc["failure"]
         if doc.get("limit"):
             event["limit"] = doc["limit"]  # which limit ended the job, its value, the measure
+        # Which attempt ended (2 and up after restarts): the job id is the same.
+        attempt = doc.get("attempt") or self.cfg.get("attempt") or 1
+        event["attempt"] = attempt if isinstance(attempt, int) else 1
         return event
 
     def _run_command(self, argv: list, payload: str, event_path: str) -> dict:
@@ -4292,7 +4334,10 @@ def _positive_duration(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    port = _nonneg_int(text)
+    try:
+        port = _nonneg_int(text)
+    except ValueError:
+        port = 0  # not a number: the same message as for a number out of range
     if not 1 <= port <= 65535:
         raise ValueError("expected a TCP port 1-65535, got %r" % text)
     return port
@@ -4990,6 +5035,15 @@ def _job_stdin(o) -> "bytes | None":
     return data
 
 
+def _reserving_job_pid(root: str, job_id: str) -> "int | None":
+    """The main pid (state.json) of the job that reserved a port, if known."""
+    try:
+        pid = load_job(root, job_id).record.get("pid")
+    except AgentExecError:
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
 def _refuse_port_in_use(port: int, root: "str | None" = None) -> None:
     """run --ready-port P (or --port P) while something already accepts on P: the
     job could never be the one that answers, so nothing is created.
@@ -5006,6 +5060,10 @@ def _refuse_port_in_use(port: int, root: "str | None" = None) -> None:
         who = " (reserved by job %s)" % job_id if job_id else " (reserved by a run starting)"
         if job_id:
             details["job_id"] = job_id
+            pid = _reserving_job_pid(root, job_id)
+            if pid is not None:  # the job's main pid: it holds the port, not listening yet
+                details["pid"] = pid
+                who = " (reserved by job %s, pid %d)" % (job_id, pid)
         raise AgentExecError(
             "port_in_use",
             "port %d is already in use%s: stop that job or pick another port" % (port, who),
@@ -5871,8 +5929,12 @@ GUARD_FIELDS = (
     Field("memory_peak_bytes", COUNT),
     Field("cpu_ms", COUNT),
     Field("limit", LIMIT),
-    Field("renewed", BOOL),
+    Field("env_not_stored", STRS),
 )
+# status/read/wait --renew: whether the lease was renewed in passing (only with --renew).
+RENEWED = Field("renewed", BOOL)
+# read/wait --match: the cursor given was of an earlier attempt (see _attempt_cursor).
+CURSOR_RESET = Field("cursor_reset", BOOL)
 
 
 def _attempt_of(job: _Job) -> int:
@@ -5896,6 +5958,11 @@ def _guard_fields(job: _Job) -> dict:
             out[key] = record[key]
     if isinstance(record.get("limit"), dict) and job.terminal:
         out["limit"] = record["limit"]
+    # The --env keys: their values live only in the running attempt's
+    # environment, never on disk; start/restart need them given again.
+    keys = (job.meta.get("definition") or {}).get("explicit_env_keys")
+    if isinstance(keys, list) and keys:
+        out["env_not_stored"] = keys
     return out
 
 
@@ -5941,7 +6008,7 @@ RUSAGE_FIELDS = (
     checks=(_format_conflict, _id_or_key),
     table=lambda answer, color: _status_table(answer, color),
     returns=JOB_HEAD
-    + (Field("started_at", STR, True),)
+    + (Field("started_at", STR_OR_NULL, True),)
     + RESULT_FIELDS
     + DROPPED_FIELDS
     + (
@@ -5961,15 +6028,18 @@ RUSAGE_FIELDS = (
         Field("input_prompt", STR),
     )
     + GUARD_FIELDS
+    + (RENEWED,)
     + FINDING_FIELDS,
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_status(o) -> dict:
     job = _open_job(o, o.job_id)
-    job = _renew_in_passing(o, job)
+    job, renewed = _renew_in_passing(o, job)
     record = job.record
     running = job.state == "running"
-    out = {"job_id": job.id, "state": job.state, "started_at": job.started_at()}
+    # A created job has not started: started_at is null (created_at is in meta.json).
+    started = job.started_at() if job.state != "created" else None
+    out = {"job_id": job.id, "state": job.state, "started_at": started}
     out.update(job.result_fields())
     if record.get("pid") is not None:
         out["pid"] = record["pid"]
@@ -5986,7 +6056,7 @@ def cmd_status(o) -> dict:
         if size:
             last = st.st_mtime if last is None else max(last, st.st_mtime)
     out["last_output_at"] = _rfc3339(last) if last is not None else None
-    if out["last_output_at"] is not None and out["last_output_at"] < out["started_at"]:
+    if out["last_output_at"] is not None and out["last_output_at"] < (started or ""):
         # A file's mtime comes from a coarser clock than time.time() (the
         # kernel's tick): output of the job's first milliseconds can look
         # older than the job.  Never report it so (same format: text order
@@ -6020,6 +6090,8 @@ def cmd_status(o) -> dict:
             if prompt is not None:
                 out["input_prompt"] = prompt
     out.update(_guard_fields(job))
+    if renewed is not None:
+        out["renewed"] = renewed
     out.update(_finding_fields(job))
     return out
 
@@ -6387,7 +6459,9 @@ def _definition(spec: dict) -> dict:
     ),
     opts=_CREATE_OPTS,
     checks=_JOB_CHECKS,
-    returns=JOB_HEAD + LOG_PATH_FIELDS + (Field("created_at", STR, True), Field("env_vars", STRS)),
+    returns=JOB_HEAD
+    + LOG_PATH_FIELDS
+    + (Field("created_at", STR, True), Field("env_vars", STRS), Field("port", COUNT)),
     annotations={"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False},
 )
 def cmd_create(o) -> dict:
@@ -6416,6 +6490,8 @@ def cmd_create(o) -> dict:
     out.update(_Job(job_id, job_dir, meta, doc, "created", None).log_paths())
     if spec["explicit_env"]:
         out["env_vars"] = ["%s=<not stored>" % k for k, _v in spec["explicit_env"]]
+    if spec.get("port"):
+        out["port"] = spec["port"]
     return out
 
 
@@ -6536,6 +6612,7 @@ def _attempt_config(o, job: _Job, attempt: int, check_port: bool = True) -> "tup
         "missing": missing,
         "ready_match": definition.get("ready_match"),
         "ready_port": definition.get("ready_port"),
+        "port": port if isinstance(port, int) else None,  # answered like run's
     }
     return cfg, spec
 
@@ -6840,12 +6917,26 @@ _BRIEF = obj(
         Field("first_job_id", STR_OR_NULL),
         Field("waiting_for_input", BOOL),
         Field("input_prompt", STR),
+        RENEWED,
+        CURSOR_RESET,
     )
     + RESULT_FIELDS,
     variants=[{"required": ["job_id", "state"]}, {"required": ["jobs"]}],
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_wait(o) -> dict:
+    ticker = _LeaseTicker() if getattr(o, "renew", False) else None
+    try:
+        out = _wait_answer(o, ticker)
+    finally:
+        if ticker is not None:
+            ticker.stop()
+    if ticker is not None:
+        out["renewed"] = ticker.renewed
+    return out
+
+
+def _wait_answer(o, ticker: "_LeaseTicker | None") -> dict:
     ids = list(dict.fromkeys(o.job_ids or ()))
     root = _root(o)
     _check_root(root)
@@ -6853,9 +6944,8 @@ def cmd_wait(o) -> dict:
     if o.key is not None:
         ids = job_ids = [resolve_key(root, o.key)]
     deadline = time.monotonic() + o.timeout_ms / 1000.0 if o.timeout_ms > 0 else None
-    if getattr(o, "renew", False):
-        for job_id in job_ids:
-            _renew_in_passing(o, load_job(root, job_id))
+    if ticker is not None:
+        ticker.begin(root, job_ids)
     # A created job: wait for `start` first (then for its end, as asked).
     first = _wait_started(root, job_ids, deadline, _cancelled(o))
     if first is not None and first.state == "created":
@@ -7061,9 +7151,12 @@ def _wait_match(
     pending = {"stdout": b"", "stderr": b""}  # a line still being written
     watch = ready_watch = None
     ready_lock = os.path.join(root, job_id, READY_LOCK)
+    reset = None  # whether the cursor was of an earlier attempt (see _attempt_cursor)
     try:
         while True:
             job = load_job(root, job_id)
+            if reset is None:
+                (pos["stdout"], pos["stderr"]), reset = _attempt_cursor(job, start)
             before = _log_sizes(job)  # before reading: see _wait_output
             hit = _scan_for_match(job, regex, streams, pos, pending)
             is_ready = ready and job.record.get("ready") is True
@@ -7079,6 +7172,8 @@ def _wait_match(
                     out["match"] = {"stream": hit[0], "line": hit[1], "cursor": cursor}
                 out["timed_out"] = hit is None and not is_ready and not job.terminal
                 out["cursor"] = cursor
+                if reset:
+                    out["cursor_reset"] = True
                 return out
             if watch is None:
                 watch = _LockWatch.acquire(job.path(META))
@@ -7167,18 +7262,27 @@ def _wait_output(
         Field("cursor", STR, True),
         Field("more", BOOL, True),
         Field("eof", BOOL, True),
+        RENEWED,
+        CURSOR_RESET,
     )
     + RESULT_FIELDS,
     annotations={"readOnlyHint": False, "destructiveHint": False, "idempotentHint": True},
 )
 def cmd_read(o) -> dict:
-    job = _renew_in_passing(o, _open_job(o, o.job_id))
+    job, renewed = _renew_in_passing(o, _open_job(o, o.job_id))
+    out = _read_answer(o, job)
+    if renewed is not None:
+        out["renewed"] = renewed
+    return out
+
+
+def _read_answer(o, job: _Job) -> dict:
     if job.state == "created":
         # Nothing has run: no output yet, and a cursor to read from later.
         out = {"job_id": job.id, "state": job.state, "stdout": "", "stderr": ""}
         out.update(cursor=make_cursor(0, 0), more=False, eof=False)
         return out
-    out_pos, err_pos = o.cursor if o.cursor is not None else (0, 0)
+    (out_pos, err_pos), reset = _attempt_cursor(job, o.cursor)
     deadline = time.monotonic() + o.wait_ms / 1000.0
     cancel = _cancelled(o)
     watch = None
@@ -7219,6 +7323,8 @@ def cmd_read(o) -> dict:
     }
     if o.plain:  # the cursor above counts the raw bytes
         out["stdout"], out["stderr"] = _plain_text(out["stdout"]), _plain_text(out["stderr"])
+    if reset:
+        out["cursor_reset"] = True
     if out["eof"]:
         # The last read carries the result, so no status call is needed.
         out.update(job.result_fields())
@@ -7289,12 +7395,75 @@ def _renew(job: _Job, lease_ms: "int | None") -> dict:
     }
 
 
-def _renew_in_passing(o, job: _Job) -> _Job:
-    """status/read/wait --renew: renew the lease first; the job as it is then."""
+def _renew_in_passing(o, job: _Job) -> "tuple":
+    """status/read/wait --renew: renew the lease first; (the job as it is then, renewed).
+
+    In passing means it never fails the call: a job without a lease, or one
+    that has ended, is answered as without --renew, with renewed false.
+    renewed is None without --renew (the answer then has no such field).
+    """
     if not getattr(o, "renew", False):
-        return job
-    _renew(job, None)
-    return job.reload()
+        return job, None
+    renewed = _try_renew(job)
+    return job.reload(), renewed
+
+
+def _try_renew(job: _Job) -> bool:
+    """Renew the job's lease if it has one and runs; whether it was renewed."""
+    if not (job.record.get("lease_ms") or job.meta.get("lease_ms")) or job.state != "running":
+        return False
+    try:
+        _renew(job, None)
+    except AgentExecError:
+        return False  # it ended meanwhile, or its supervisor did not answer
+    return True
+
+
+class _LeaseTicker:
+    """wait --renew: renew the waited jobs' leases while the wait blocks.
+
+    A thread renews each job that has a lease and runs, now and then every
+    third of its lease length, so an agent that waits keeps its job alive;
+    stop() ends it when the wait answers.  renewed: any renewal succeeded.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.renewed = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    def begin(self, root: str, job_ids: list) -> None:
+        leases = []
+        for job_id in job_ids:
+            job = load_job(root, job_id)
+            length = job.record.get("lease_ms") or job.meta.get("lease_ms")
+            if isinstance(length, int) and length > 0:
+                leases.append(length)
+            self.renewed = _try_renew(job) or self.renewed
+        if not leases:
+            return
+        every = max(0.05, min(leases) / 3000.0)
+
+        def tick() -> None:
+            while not self._stop.wait(every):
+                for job_id in job_ids:
+                    try:
+                        job = load_job(root, job_id)
+                    except AgentExecError:
+                        continue
+                    self.renewed = _try_renew(job) or self.renewed
+
+        import threading
+
+        self._thread = threading.Thread(target=tick, name="agent-exec-renew", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(RENEW_ANSWER_S + 1.0)
 
 
 # ---- kill -------------------------------------------------------------------------
@@ -7617,7 +7786,7 @@ def cmd_screen(o) -> dict:
 _LIST_ENTRY = obj(
     JOB_HEAD
     + (
-        Field("started_at", STR, True),
+        Field("started_at", STR_OR_NULL, True),
         Field("command", STRS, True),
         Field("cwd", STR, True),
         Field("updated_at", STR),
@@ -7738,7 +7907,7 @@ def _list_entry(job: _Job, lingering: bool, tagged: "set | None" = None) -> dict
     entry = {
         "job_id": job.id,
         "state": job.state,
-        "started_at": job.started_at(),
+        "started_at": job.started_at() if job.state != "created" else None,
         "command": meta.get("command"),
         "cwd": meta.get("cwd"),
         "ready": job.record.get("ready"),
@@ -10260,7 +10429,9 @@ def _state_colour(entry: dict) -> str:
 
 
 def _ago(stamp: "str | None", now: float) -> str:
-    """'3m ago' for an RFC 3339 time."""
+    """'3m ago' for an RFC 3339 time ('-' for none: a created job has not started)."""
+    if not stamp:
+        return "-"
     try:
         ms = (now - _parse_rfc3339(stamp)) * 1000
         return (_human_span(ms) if ms >= 60000 else "%ds" % (ms // 1000)) + " ago"
@@ -10285,6 +10456,8 @@ def _human_span(ms: float) -> str:
 def _duration(entry: dict, now: float) -> str:
     start = entry.get("started_at")
     end = entry.get("finished_at")
+    if not start:
+        return "-"  # created, not started
     try:
         until = _parse_rfc3339(end) if end else now
         return _human_span((until - _parse_rfc3339(start)) * 1000)

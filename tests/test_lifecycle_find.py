@@ -174,6 +174,9 @@ class NameTests(FindingTestCase):
         self.assertEqual(self.ok("kill", "web")["job_id"], second)
         self.assertEqual(self.ok("wait", "web")["job_id"], second)
         self.assertEqual(self.ok("read", "web")["job_id"], second)
+        self.done("--name", "x", "--key", "k")
+        for index in ("names", "keys"):  # private, like the root's other directories
+            self.assertEqual(os.stat(os.path.join(self.root, index)).st_mode & 0o777, 0o700)
 
     def test_names_and_ids_coexist(self):
         jid = self.done("--name", "build")
@@ -383,7 +386,11 @@ class PortTests(FindingTestCase):
         j = self.sleeper("--port", "auto")  # reserved, never listened on
         e = self.fail_with("port_in_use", "run", "--port", str(j["port"]), "--", "true")
         self.assertEqual(e["error"]["job_id"], j["job_id"])
-        self.assertEqual(self.ok("status", j["job_id"])["port"], j["port"])
+        st = self.ok("status", j["job_id"])
+        self.assertEqual(st["port"], j["port"])
+        self.assertEqual(e["error"]["pid"], st["pid"])  # the reserving job's main pid
+        e = self.usage_error("list", "--port", "abc")
+        self.assertIn("expected a TCP port 1-65535", e.json["error"]["message"])
 
 
 class AutoGcTests(FindingTestCase):

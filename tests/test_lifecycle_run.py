@@ -70,7 +70,7 @@ class LeaseTests(JobsTestCase):
         self.assertFalse(os.path.exists(self.root) and os.listdir(self.root))
         jid = self.start_bg("sleep", "30")
         self.fail_with("invalid_state", "renew", jid)
-        self.fail_with("invalid_state", "status", "--renew", jid)
+        self.assertFalse(self.ok("status", "--renew", jid)["renewed"])  # in passing: no error
         leased = self.start_bg("sleep", "30", opts=("--lease", "5s"))
         self.fail_with("invalid_argument", "renew", "--lease", "0", leased)
         done = self.start("true", opts=("--lease", "5s"))
@@ -305,6 +305,95 @@ class RestartTests(JobsTestCase):
         self.assertEqual(r["previous"]["signal"], "SIGKILL")
         r = self.ok("restart", "--signal", "INT", "--snapshot-after", "0", jid)
         self.assertEqual(r["previous"]["signal"], "SIGINT")
+
+
+class RenewInPassingTests(JobsTestCase):
+    def test_renew_in_passing_never_fails_the_call(self):
+        plain = self.start_bg("sleep", "30")
+        self.assertEqual(self.ok("status", "--renew", plain)["renewed"], False)
+        self.assertEqual(self.ok("read", "--renew", plain)["renewed"], False)
+        w = self.ok("wait", "--renew", "--timeout-ms", "1", plain)
+        self.assertEqual((w["timed_out"], w["renewed"]), (True, False))
+        self.assertNotIn("renewed", self.ok("status", plain))
+        self.fail_with("invalid_state", "renew", plain)  # renew itself still refuses
+        leased = self.start_bg("sleep", "30", opts=("--lease", "20s"))
+        self.assertEqual(self.ok("status", "--renew", leased)["renewed"], True)
+        self.ok("kill", leased)
+        self.wait_job(leased)
+        st = self.ok("status", "--renew", leased)  # ended: answered as without --renew
+        self.assertEqual((st["state"], st["renewed"]), ("killed", False))
+        r = self.ok("read", "--renew", leased)
+        self.assertEqual((r["eof"], r["renewed"]), (True, False))
+        self.assertEqual(self.ok("wait", "--renew", leased)["renewed"], False)
+
+    def test_a_blocking_wait_renew_keeps_renewing(self):
+        jid = self.start_bg("sleep", "30", opts=("--lease", "1500ms"))
+        t0 = time.monotonic()
+        w = self.ok("wait", "--renew", "--timeout-ms", "4500", jid)
+        self.assertGreaterEqual(time.monotonic() - t0, 4.0)
+        self.assertEqual((w["state"], w["timed_out"], w["renewed"]), ("running", True, True), w)
+        self.assertEqual(self.ok("status", jid)["state"], "running")
+
+
+class AttemptCursorTests(JobsTestCase):
+    def test_a_cursor_of_an_earlier_attempt_reads_the_new_attempt(self):
+        flag = os.path.join(self.tmp, "short")
+        script = 'if [ -e "$1" ]; then echo short; else seq 1 100; fi'
+        jid = self.start("/bin/sh", "-c", script, "sh", flag)
+        self.wait_job(jid)
+        first = self.ok("read", jid)
+        self.assertTrue(first["stdout"].endswith("100\n"))
+        self.assertNotIn("cursor_reset", first)
+        old = first["cursor"]
+        with open(flag, "w"):
+            pass
+        self.ok("restart", "--wait", jid)
+        r = self.ok("read", "--cursor", old, jid)
+        self.assertEqual((r["stdout"], r["cursor_reset"]), ("short\n", True), r)
+        self.assertNotIn("cursor_reset", self.ok("read", "--cursor", r["cursor"], jid))
+        w = self.ok("wait", "--match", "short", "--cursor", old, "--timeout-ms", "5000", jid)
+        self.assertEqual((w["matched"], w["cursor_reset"]), (True, True), w)
+        self.assertEqual(w["match"]["line"], "short")
+
+
+class AttemptAnswerTests(JobsTestCase):
+    def test_create_start_restart_answer_port_and_status_names_env_not_stored(self):
+        c = self.ok("create", "--port", "auto", "--env", "A=secret", "--", "sleep", "30")
+        jid = c["job_id"]
+        self.addCleanup(self.kill_job, jid)
+        self.assertIsInstance(c["port"], int)
+        st = self.ok("status", jid)
+        self.assertIsNone(st["started_at"])
+        self.assertIsNone(self.ok("list")["jobs"][0]["started_at"])
+        self.assertIn("created", self.cli("list", "-H").stdout)
+        s = self.ok("start", "--snapshot-after", "0", jid)
+        self.assertEqual(s["port"], c["port"])
+        self.assertIn("never stored", s["note"])
+        st = self.ok("status", jid)
+        self.assertEqual(st["env_not_stored"], ["A"])
+        self.assertTimestamp(st["started_at"])
+        r = self.ok("restart", "--snapshot-after", "0", "--env", "A=again", jid)
+        self.assertEqual((r["port"], r["attempt"]), (c["port"], 2))
+        self.assertNotIn("env_not_stored", self.ok("status", self.start_bg("true")))
+
+    def test_completion_events_carry_the_attempt(self):
+        events = os.path.join(self.tmp, "events.jsonl")
+        jid = self.start("true", opts=("--notify-file", events))
+        self.wait_job(jid)
+        self.ok("restart", "--wait", jid)
+
+        def lines():
+            try:
+                with open(events) as f:
+                    return [json.loads(line) for line in f if line.strip()]
+            except OSError:
+                return []
+
+        for _ in range(200):
+            if len(lines()) >= 2:
+                break
+            time.sleep(0.05)
+        self.assertEqual([e["attempt"] for e in lines()], [1, 2])
 
 
 class PureTests(unittest.TestCase):

@@ -152,10 +152,12 @@ class ReadTests(JobsTestCase):
         self.fail_with("job_not_found", "read", "../etc")
 
     def test_cursor_past_the_end_reads_nothing(self):
+        # Before any restart (see test_lifecycle_run's AttemptCursorTests for after one).
         job = self.bytes_job(b"abc\n")
         j = self.okv("read", "--cursor", "c1.ff.ff", job)
         self.assertEqual((j["stdout"], j["stderr"]), ("", ""))
         self.assertIs(j["more"], False)
+        self.assertNotIn("cursor_reset", j)
 
 
 class LongPollTests(JobsTestCase):
