@@ -4583,6 +4583,15 @@ def _notify_command_error(o) -> "str | None":
     return None
 
 
+def _exit_code_needs_wait(o) -> "str | None":
+    return "--exit-code goes with --wait" if o.exit_code and not o.wait else None
+
+
+def _passed_on_exit_status(o, answer: dict) -> int:
+    """run, start, restart: --wait --exit-code exits as the job did (see _job_exit_status)."""
+    return _job_exit_status(answer) if o.exit_code else 0
+
+
 # The checks of a job's definition: run's, and create's (which records one).
 _JOB_CHECKS = (
     _needs_command,
@@ -4768,9 +4777,8 @@ _RUN_OPTS = (
         "kill."
     ),
     opts=_RUN_OPTS,
-    checks=_JOB_CHECKS
-    + (lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
-    exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
+    checks=_JOB_CHECKS + (_exit_code_needs_wait,),
+    exit_status=_passed_on_exit_status,
     examples=(
         ("agent-exec run -- make test", "everything after -- is the command, word for word"),
         (
@@ -6505,8 +6513,8 @@ def cmd_create(o) -> dict:
         "wait, status."
     ),
     opts=_START_OPTS,
-    checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
-    exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
+    checks=(_exit_code_needs_wait,),
+    exit_status=_passed_on_exit_status,
     returns=COMMANDS["run"].returns + _ATTEMPT_FIELDS,
     annotations={
         "readOnlyHint": False,
@@ -6681,8 +6689,8 @@ _RESTART_ROUNDS = 5
         ),
     )
     + _START_OPTS,
-    checks=(lambda o: "--exit-code goes with --wait" if o.exit_code and not o.wait else None,),
-    exit_status=lambda o, answer: _job_exit_status(answer) if o.exit_code else 0,
+    checks=(_exit_code_needs_wait,),
+    exit_status=_passed_on_exit_status,
     returns=COMMANDS["run"].returns + _ATTEMPT_FIELDS,
     annotations={
         "readOnlyHint": False,
