@@ -303,7 +303,10 @@ class RestartTests(JobsTestCase):
         r = self.ok("restart", "--kill-after", "500ms", "--snapshot-after", "0", jid)
         self.assertLess(time.monotonic() - t0, 10)
         self.assertEqual(r["previous"]["signal"], "SIGKILL")
-        r = self.ok("restart", "--signal", "INT", "--snapshot-after", "0", jid)
+        # With time to die of it: the job's own --kill-after is 0 (KILL at once).
+        r = self.ok(
+            "restart", "--signal", "INT", "--kill-after", "5s", "--snapshot-after", "0", jid
+        )
         self.assertEqual(r["previous"]["signal"], "SIGINT")
 
 
