@@ -473,6 +473,25 @@ def parse_keys(spec: str) -> bytes:
     return b"".join(out)
 
 
+def _compile(pattern: "str | bytes"):
+    import re
+
+    return re.compile(pattern)
+
+
+class _LazyRegex:
+    """A regex compiled on first use (re's import is not free at start-up)."""
+
+    def __init__(self, make):
+        self._make = make
+        self._re = None
+
+    def __getattr__(self, name):
+        if self._re is None:
+            self._re = self._make()
+        return getattr(self._re, name)
+
+
 def new_ulid(now: "float | None" = None) -> str:
     """A new ULID: 26 Crockford base32 characters that sort by creation time."""
     ms = int((time.time() if now is None else now) * 1000)
@@ -2573,7 +2592,7 @@ class _Capture:
         if lines:
             text = lines.decode("utf-8", "replace")
             if "\r\n" in text:  # a terminal's line ends: $ must match before them
-                text = text.replace("\r\n", "\n")
+                text = _CR_LF_RE.sub("\n", text)
             if self.ready_re.search(text):
                 self.on_ready()
 
@@ -2713,6 +2732,8 @@ class _Input:
         self.buffer = bytearray()
         self.eof = False  # close once the buffer is written
         self.closed = False
+        self.lost = 0  # bytes given up when a write failed
+        self.lost_why = ""
 
     def after_spawn(self) -> None:
         if self.read_fd is not None:
@@ -2732,7 +2753,15 @@ class _Input:
             }
         self.buffer += data
         self.eof = eof
+        lost = self.lost
         self.write()
+        if self.lost > lost:
+            return {
+                "ok": False,
+                "code": "invalid_state",
+                "message": "the job's stdin is closed (%s): %d bytes were not delivered"
+                % (self.lost_why, self.lost - lost),
+            }
         return {"ok": True, "accepted_bytes": len(data), "buffered_bytes": len(self.buffer)}
 
     def wants_write(self) -> bool:
@@ -2745,7 +2774,9 @@ class _Input:
                 n = os.write(self.fd, self.buffer)
             except BlockingIOError:
                 return
-            except OSError:  # EPIPE: the workload closed its stdin
+            except OSError as e:  # EPIPE: the workload closed its stdin; EIO: hung up
+                self.lost += len(self.buffer)
+                self.lost_why = e.strerror or str(e)
                 self.buffer.clear()
                 self.close()
                 return
@@ -2766,6 +2797,10 @@ class _Input:
 _APP_CURSOR_KEYS = tuple((b"\x1b[" + k, b"\x1bO" + k) for k in (b"A", b"B", b"C", b"D", b"H", b"F"))
 
 
+# CSI ? Pm h / CSI ? Pm l: a program sets or resets private modes.
+_PRIVATE_MODE_RE = _LazyRegex(lambda: _compile(b"\x1b\\[\\?([0-9;]*)([hl])"))
+
+
 class _Terminal:
     """The pseudo-terminal of a run --pty job.
 
@@ -2780,18 +2815,46 @@ class _Terminal:
     def __init__(self, job_dir: str, cols: int, rows: int) -> None:
         self.job_dir = job_dir
         self.master, self.slave = os.openpty()  # both close-on-exec (PEP 446)
-        self.cols, self.rows = cols, rows
-        self.set_size(cols, rows)
-        os.set_blocking(self.master, False)
+        try:
+            # Our own copy of the master for resizing: the capture closes its
+            # fd at the terminal's EOF, and its number may then be reused.
+            self.ctl = os.dup(self.master)
+            self.cols, self.rows = cols, rows
+            self.set_size(cols, rows)
+            os.set_blocking(self.master, False)
+        except BaseException:
+            os.close(self.master)
+            os.close(self.slave)
+            raise
         # Whether the program asked for application cursor keys (DECCKM):
         # `send --keys up` must then type ESC O A rather than ESC [ A.
         self.app_cursor = False
+        self.mode_carry = b""  # a mode sequence cut by the end of a read
+
+    def slave_name(self) -> "str | None":
+        """The slave's name as /proc/<pid>/fd shows it; None when it has none
+        (a devpts of another mount, as in some sandboxes)."""
+        try:
+            return os.readlink("/proc/self/fd/%d" % self.slave)
+        except OSError:
+            pass
+        try:
+            return os.ttyname(self.slave)
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        if self.ctl is not None:
+            os.close(self.ctl)
+            self.ctl = None
 
     def set_size(self, cols: int, rows: int) -> None:
         import struct
         import termios
 
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        if self.ctl is None:
+            raise OSError(_EIO, "the terminal is closed")
+        fcntl.ioctl(self.ctl, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.cols, self.rows = cols, rows
 
     def resize(self, cols: int, rows: int, at: int) -> None:
@@ -2812,11 +2875,18 @@ class _Terminal:
             _log(1, "cannot record the resize: %s" % e)
 
     def watch(self, data: bytes) -> None:
-        """Follow the program's cursor-key mode in what it writes."""
-        if b"\x1b[?1" in data:
-            on, off = data.rfind(b"\x1b[?1h"), data.rfind(b"\x1b[?1l")
-            if on != off:  # both -1: another private mode (1049, 1000, ...)
-                self.app_cursor = on > off
+        """Follow the program's cursor-key mode (DECSET/DECRST 1) in what it writes."""
+        if self.mode_carry:
+            data = self.mode_carry + data
+            self.mode_carry = b""
+        if b"\x1b[?" not in data:
+            return
+        for params, final in _PRIVATE_MODE_RE.findall(data):
+            if b"1" in params.split(b";"):
+                self.app_cursor = final == b"h"
+        tail = data.rfind(b"\x1b", max(0, len(data) - 16))
+        if tail >= 0 and _PRIVATE_MODE_RE.match(data, tail) is None:
+            self.mode_carry = data[tail:]  # perhaps the start of one: kept for the next read
 
     def keys(self, data: bytes) -> bytes:
         """Typed keys as the program's current cursor-key mode wants them."""
@@ -3251,13 +3321,11 @@ class _Supervisor:
         self.last_sample_write = 0.0  # monotonic time the sampler last wrote state.json
         # run --pty: the terminal, whose master side is both the output read
         # as stdout and the input `send` types into.
+        # Made in _start, so that a failure (no pty left) is the job's spawn_failed.
         self.pty = None  # type: _Terminal | None
-        if cfg.get("pty"):
-            self.pty = _Terminal(job_dir, cfg["pty"]["cols"], cfg["pty"]["rows"])
-            self.capture.pty = self.pty
-            self.input = _Input(self.pty.master)  # type: _Input | None
-        else:
-            self.input = _Input() if cfg.get("stdin_open") else None
+        self.input = None  # type: _Input | None
+        if not cfg.get("pty") and cfg.get("stdin_open"):
+            self.input = _Input()
         self.terminal = False  # the terminal state is written
         self.final_doc = None  # type: dict | None  (that state, for the events)
         self.wake_r = None  # type: int | None  (readable after a SIGCHLD)
@@ -3300,8 +3368,12 @@ class _Supervisor:
         """Open the logs, start the workload on two pipes (or a terminal), set the timers."""
         cfg = self.cfg
         facts = self.facts
-        term = self.pty
         self.capture.open_logs()
+        if cfg.get("pty"):
+            self.pty = _Terminal(self.job_dir, cfg["pty"]["cols"], cfg["pty"]["rows"])
+            self.capture.pty = self.pty
+            self.input = _Input(self.pty.master)
+        term = self.pty
         if term is not None:
             # A terminal merges the two streams: the workload's 0, 1 and 2 are
             # all its slave side, and what it writes is read from the master
@@ -3318,7 +3390,7 @@ class _Supervisor:
             raise
         try:
             if term is not None:
-                facts.stdin_target = os.ttyname(term.slave)
+                facts.stdin_target = term.slave_name()  # None: any terminal will do
                 stdio = (out_w, out_w, out_w)
             else:
                 if self.input is not None:
@@ -3637,8 +3709,14 @@ class _Supervisor:
             # and an end of file is the terminal's EOF character (ctrl-d),
             # which the program reads as one at the start of a line.  The
             # terminal itself stays open: closing it would hang the job up.
-            data = self.pty.keys(data) if msg.get("keys") else data
-            data, eof = (data + b"\x04" if eof else data), False
+            if msg.get("keys"):
+                self.capture.drain_available()  # a mode switch not read yet counts
+                data = self.pty.keys(data)
+            if eof:
+                # A ctrl-d after text with no newline only ends that text's
+                # read(); a second one, now at the start of a line, is the EOF.
+                data += b"\x04\x04" if data and not data.endswith((b"\n", b"\r")) else b"\x04"
+            eof = False
         if self.input is None:
             answer = {"ok": False, "code": "invalid_state", "message": "no open stdin"}
         elif self.terminal or self.facts.wait_status is not None:
@@ -3652,6 +3730,8 @@ class _Supervisor:
         cols, rows = msg.get("cols"), msg.get("rows")
         if self.pty is None:
             answer = {"ok": False, "code": "invalid_state", "message": "the job has no terminal"}
+        elif self.terminal or self.facts.wait_status is not None:
+            answer = {"ok": False, "code": "invalid_state", "message": "the job has ended"}
         elif not (
             type(cols) is int
             and type(rows) is int
@@ -3708,6 +3788,8 @@ class _Supervisor:
         if self.input is not None:
             self.input.close()  # nobody reads it any more
         self.capture.final_drain()
+        if self.pty is not None:
+            self.pty.close()  # no resize after the end
         self.capture.flush_partials(None)
         for name in ("timeout", "progress", "probe", "lease", "sample"):
             self.timers.cancel(name)  # kill_after stays: it is for the descendants
@@ -6164,7 +6246,8 @@ def _waiting_for_input(pids: list, stdin: "str | None" = None) -> bool:
             number, args = int(fields[0]), [int(a, 16) for a in fields[1:4]]
         except PermissionError:
             if fd0 == want and _read_text("/proc/%d/wchan" % pid) in _INPUT_WCHANS:
-                return True
+                if not _other_streams(pid, want):  # then the sleep can only be on stdin
+                    return True
             continue
         except (OSError, ValueError, IndexError):  # gone, or not in a call
             continue
@@ -6183,6 +6266,23 @@ def _waiting_for_input(pids: list, stdin: "str | None" = None) -> bool:
                 continue
             if target == want or (target == "/dev/tty" and want.startswith("/dev/pts/")):
                 return True
+    return False
+
+
+def _other_streams(pid: int, stdin: str) -> bool:
+    """True when ``pid`` holds a pipe, socket or terminal other than ``stdin``:
+    a sleep in a pipe or terminal read may then be on that one."""
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return True
+    for fd in fds:
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target != stdin and target.startswith(("pipe:", "socket:", "/dev/pts/", "/dev/tty")):
+            return True
     return False
 
 
@@ -7114,6 +7214,9 @@ def _compile_regex(pattern: str, option: str):
         raise UsageError("%s: invalid regular expression %r: %s" % (option, _short(pattern), e))
 
 
+_CR_LF_RE = _LazyRegex(lambda: _compile("\r+\n"))
+
+
 def _match_line(regex, data: bytes) -> "tuple | None":
     """The first line of ``data`` that ``regex`` matches: (text, end offset).
 
@@ -7125,7 +7228,9 @@ def _match_line(regex, data: bytes) -> "tuple | None":
     # A line may end in \r\n (a terminal's, a Windows program's): its $ is
     # before the \r, so the search runs on the text with LF line ends, and
     # the offset is found again in the raw text by counting lines.
-    text = raw.replace("\r\n", "\n") if "\r\n" in raw else raw
+    # (On a terminal a program's own CR LF arrives as CR CR LF: every CR
+    # before a LF goes.)
+    text = _CR_LF_RE.sub("\n", raw) if "\r\n" in raw else raw
     m = regex.search(text)
     while m:
         start = text.rfind("\n", 0, m.start()) + 1
@@ -7667,8 +7772,12 @@ def cmd_send(o) -> dict:
     data = _send_data(o)
     keys = o.keys or b""  # parsed already (the "keys" kind)
     if data or keys or o.eof or o.size is None:
+        accepted = 0
+        if data and keys:  # the text as it is; only the named keys follow the terminal's mode
+            accepted = _send_bytes(job, data, False, False).get("accepted_bytes", 0)
+            data = b""
         answer = _send_bytes(job, data + keys, bool(o.eof), bool(keys))
-        out["accepted_bytes"] = answer.get("accepted_bytes", 0)
+        out["accepted_bytes"] = accepted + answer.get("accepted_bytes", 0)
         out["buffered_bytes"] = answer.get("buffered_bytes", 0)
     else:  # --size alone
         out["accepted_bytes"] = out["buffered_bytes"] = 0
@@ -9932,25 +10041,6 @@ def _plain_text(text: str) -> str:
     if _PLAIN_REDRAWN.search(text) is None:
         return text
     return "\n".join(_plain_line(line) for line in text.split("\n"))
-
-
-def _compile(pattern: "str | bytes"):
-    import re
-
-    return re.compile(pattern)
-
-
-class _LazyRegex:
-    """A regex compiled on first use (re's import is not free at start-up)."""
-
-    def __init__(self, make):
-        self._make = make
-        self._re = None
-
-    def __getattr__(self, name):
-        if self._re is None:
-            self._re = self._make()
-        return getattr(self._re, name)
 
 
 # Anything --plain changes; the text's own \x01-\x03 (the erase markers are

@@ -160,6 +160,13 @@ class PtyTests(JobsTestCase):
         w = self.wait_done(jid)
         self.assertEqual((w["state"], w["exit_code"]), ("exited", 0), w)
         self.assertEqual(self.stdout_of(jid), "hi\r\nhi\r\n")  # echo, then cat's copy
+        # After text with no newline, --eof still ends the input (two ctrl-d).
+        jid = self.start_bg("cat", opts=("--pty",))
+        self.ok("send", "--text", "abc", "--eof", jid)
+        w = self.wait_done(jid)
+        self.assertEqual((w["state"], w["exit_code"]), ("exited", 0), w)
+        self.assertIn("abc", self.stdout_of(jid))
+        self.fail_with("invalid_state", "send", "--size", "40x10", jid)  # over: no resize
 
     def test_timeouts_and_readiness_work_as_on_any_job(self):
         r = self.ok("run", "--pty", "--timeout", "300ms", "--wait", "--", "sleep", "30")

@@ -441,6 +441,7 @@ class MatchLineTests(unittest.TestCase):
             (b">>> 2+2\r\n4\r\n>>> ", 12),
             (b"a\nb\r\n4\r\nz", 8),
             (b"x\r\ny\r\n4", 7),
+            (b"x\r\r\n4\r\r\nz\n", 8),  # a program's CR LF through a terminal's ONLCR
         ):
             with self.subTest(data=data):
                 self.assertEqual(agent_exec._match_line(regex, data), ("4", offset))
