@@ -342,3 +342,17 @@ def zombies():
 print(json.dumps({"answers": answers, "finals": finals, "children": children(),
                   "zombies": zombies()}))
 """
+
+
+def curses_box_rows(rows=24):
+    """The screen that the tests' curses programs draw: a title, a 5x20 box at
+    row 2, column 10 with "hello curses" inside, and "corner" at the bottom
+    right (each test adds what else its program draws)."""
+    want = [""] * rows
+    want[0] = "curses test"
+    want[2] = " " * 10 + "\u250c" + "\u2500" * 18 + "\u2510"
+    want[3] = want[5] = " " * 10 + "\u2502" + " " * 18 + "\u2502"
+    want[4] = " " * 10 + "\u2502  hello curses    \u2502"
+    want[6] = " " * 10 + "\u2514" + "\u2500" * 18 + "\u2518"
+    want[23] = " " * 70 + "corner"
+    return want

@@ -178,6 +178,18 @@ class McpTestCase(CLITestCase):
         self.assertIsInstance(answer["error"]["message"], str)
         return answer["error"]
 
+    def send_wait(self, s, request_id, job_id, **arguments):
+        """Send a `wait` tools/call for one job without waiting for its answer."""
+        arguments = dict(arguments, job_ids=[job_id])
+        s.send(
+            {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "method": "tools/call",
+                "params": {"name": "wait", "arguments": arguments},
+            }
+        )
+
     def sleeper(self, s, seconds=30):
         r = s.call("run", {"command": ["sleep", str(seconds)], "snapshot_after": 0})
         self.assertFalse(r["isError"], r)
@@ -586,14 +598,7 @@ class ToolCallTests(McpTestCase):
     def test_two_requests_in_flight(self):
         s = self.session()
         jid = self.sleeper(s)
-        s.send(
-            {
-                "jsonrpc": "2.0",
-                "id": "slow",
-                "method": "tools/call",
-                "params": {"name": "wait", "arguments": {"job_ids": [jid], "timeout_ms": 4000}},
-            }
-        )
+        self.send_wait(s, "slow", jid, timeout_ms=4000)
         t0 = time.monotonic()
         r = s.call("status", {"job_id": jid})
         self.assertLess(time.monotonic() - t0, 3.0)
@@ -606,14 +611,7 @@ class ToolCallTests(McpTestCase):
     def test_cancel_ends_the_wait_not_the_job(self):
         s = self.session()
         jid = self.sleeper(s)
-        s.send(
-            {
-                "jsonrpc": "2.0",
-                "id": 77,
-                "method": "tools/call",
-                "params": {"name": "wait", "arguments": {"job_ids": [jid]}},
-            }
-        )
+        self.send_wait(s, 77, jid)
         time.sleep(0.5)
         s.notify("notifications/cancelled", {"requestId": 77, "reason": "user"})
         t0 = time.monotonic()
@@ -723,14 +721,7 @@ class LifetimeTests(McpTestCase):
     def test_eof_exits_and_leaves_the_jobs(self):
         s = self.session()
         jid = self.sleeper(s)
-        s.send(
-            {
-                "jsonrpc": "2.0",
-                "id": 5,
-                "method": "tools/call",
-                "params": {"name": "wait", "arguments": {"job_ids": [jid]}},
-            }
-        )
+        self.send_wait(s, 5, jid)
         time.sleep(0.3)
         t0 = time.monotonic()
         self.assertEqual(s.close(), 0)
@@ -742,14 +733,7 @@ class LifetimeTests(McpTestCase):
     def test_an_early_end_does_not_claim_the_bound(self):
         s = self.session()
         jid = self.sleeper(s)
-        s.send(
-            {
-                "jsonrpc": "2.0",
-                "id": 6,
-                "method": "tools/call",
-                "params": {"name": "wait", "arguments": {"job_ids": [jid], "timeout_ms": 50000}},
-            }
-        )
+        self.send_wait(s, 6, jid, timeout_ms=50000)
         time.sleep(0.5)
         s.proc.stdin.close()  # EOF: the server ends the wait and answers what it saw
         r = s.answer(6)["result"]["structuredContent"]
@@ -761,14 +745,7 @@ class LifetimeTests(McpTestCase):
     def test_sigterm_exits_and_leaves_the_jobs(self):
         s = self.session()
         jid = self.sleeper(s)
-        s.send(
-            {
-                "jsonrpc": "2.0",
-                "id": 5,
-                "method": "tools/call",
-                "params": {"name": "wait", "arguments": {"job_ids": [jid]}},
-            }
-        )
+        self.send_wait(s, 5, jid)
         time.sleep(0.3)
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
@@ -781,14 +758,7 @@ class LifetimeTests(McpTestCase):
         jid = self.sleeper(s)
         ids = ["w%d" % i for i in range(6)]
         for rid in ids:
-            s.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid,
-                    "method": "tools/call",
-                    "params": {"name": "wait", "arguments": {"job_ids": [jid], "timeout_ms": 1500}},
-                }
-            )
+            self.send_wait(s, rid, jid, timeout_ms=1500)
         for rid in ids:
             self.assertTrue(s.answer(rid)["result"]["structuredContent"]["timed_out"])
         # Left: the main thread and the one watcher parked on the job's lock

@@ -7,6 +7,7 @@ import time
 import unittest
 
 from tests._jobs import LINUX, PY, JobsTestCase
+from tests._procs import curses_box_rows
 
 # Prints what the workload sees of its terminal, on stdout and on stderr.
 SHOW_TERMINAL = (
@@ -221,13 +222,7 @@ class PtyTests(JobsTestCase):
     def test_a_curses_program_on_the_screen(self):
         jid = self.start_bg(PY, "-c", CURSES_PROGRAM, opts=("--pty", "--pty-size", "80x24"))
         scr = self.screen_until(jid, lambda a: a["cursor"] == {"row": 20, "col": 7})
-        want = [""] * 24
-        want[0] = "curses test"
-        want[2] = " " * 10 + "\u250c" + "\u2500" * 18 + "\u2510"
-        want[3] = want[5] = " " * 10 + "\u2502" + " " * 18 + "\u2502"
-        want[4] = " " * 10 + "\u2502  hello curses    \u2502"
-        want[6] = " " * 10 + "\u2514" + "\u2500" * 18 + "\u2518"
-        want[23] = " " * 70 + "corner"
+        want = curses_box_rows()
         self.assertEqual(scr["rows"], want, scr)
         self.assertIs(scr["alt_screen"], True)
         log_cursor = scr["log_cursor"]
