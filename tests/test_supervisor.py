@@ -326,8 +326,10 @@ class SupervisorLostTests(JobsTestCase):
             universal_newlines=True,
         )
         self.addCleanup(lambda: waiter.poll() is None and waiter.kill())
-        # The waiter must be parked on the job before the fault.
-        time.sleep(0.4)
+        # The waiter must be parked on the job before the fault: one of its
+        # threads blocked in flock(2) (a loaded machine may take a while to
+        # start the interpreter and compile the script).
+        self.assertTrue(wait_until(lambda: _in_flock(waiter.pid), 15, 0.02), "waiter never parked")
         self.assertIsNone(waiter.poll(), "wait returned while the job ran")
         woke = {}
 
@@ -1194,6 +1196,27 @@ class ClockTests(JobsTestCase):
         self.assertGreaterEqual(s["duration_ms"], 450, s)
         self.assertLess(s["duration_ms"], 10000, s)
         self.assertLess(took, 20.0)
+
+
+# flock(2), by machine: where a `wait` parks on the job's lock.
+_FLOCK_SYSCALL = {"x86_64": 73, "aarch64": 32}
+
+
+def _in_flock(pid):
+    """True when a thread of ``pid`` is blocked in flock(2) (Linux); elsewhere
+    True after a fixed wait, as the test did before."""
+    number = _FLOCK_SYSCALL.get(os.uname().machine)
+    if not os.path.isdir("/proc/%d/task" % pid) or number is None:
+        time.sleep(0.4)
+        return True
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/syscall" % (pid, tid)) as f:
+                if f.read().split()[:1] == [str(number)]:
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 if __name__ == "__main__":
